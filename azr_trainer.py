@@ -1,0 +1,394 @@
+"""The training loop: supervised next-token steps, optional self-play steps, evaluation,
+checkpoints and exact resume.
+
+One supervised step: sample B random windows of T+1 tokens from the book, predict tokens 1..T
+from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, AdamW step. The learning rate
+warms up linearly (Adam's moment estimates are noisy in the first steps) and then follows a
+cosine down to a tenth of its peak (Loshchilov & Hutter 2017).
+
+Every `selfplay_every` supervised steps, one self-play step (selfplay.py) lets the model learn
+from rewards on its own generations. Every `eval_every` steps we measure the validation loss in
+**bits per byte**: total cross-entropy in bits over the bytes of text it covers. Unlike
+per-token loss it does not depend on the tokenizer, so models with different vocabularies compare.
+
+Exact resume: a checkpoint holds everything the future depends on — weights, AdamW moments,
+step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and resuming
+reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
+"""
+
+import json
+import math
+import time
+import uuid
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from hardware import autocast, pick_device, pick_precision
+from store import (CorruptFile, NotFound, StoreError, atomic_write, load_tensors, load_weights, save_tensors,
+                   weights_of, write_json)
+from tokenizer import Tokenizer, prepare_tokens
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 0  # 0 = the model's max_seq_len
+    learning_rate: float = 2e-3  # small models tolerate (and want) a high peak lr
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 1337
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    selfplay_every: int = 0  # 0 = self-play off
+    val_fraction: float = 0.1
+
+    def validate(self):
+        checks = [
+            (1 <= self.steps <= 10_000_000, "steps must be between 1 and 10,000,000"),
+            (1 <= self.batch_size <= 4096, "batch_size must be between 1 and 4096"),
+            (0 <= self.seq_len <= 8192, "seq_len must be between 0 (= max_seq_len) and 8192"),
+            (0 < self.learning_rate <= 1, "learning_rate must be in (0, 1]; try 1e-3"),
+            (0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]"),
+            (0 <= self.warmup_steps, "warmup_steps must be >= 0"),
+            (0 <= self.weight_decay <= 1, "weight_decay must be in [0, 1]"),
+            (0 < self.grad_clip, "grad_clip must be > 0"),
+            (1 <= self.grad_accum <= 1024, "grad_accum must be between 1 and 1024"),
+            (1 <= self.eval_every, "eval_every must be >= 1"),
+            (1 <= self.eval_batches <= 1000, "eval_batches must be between 1 and 1000"),
+            (1 <= self.checkpoint_every, "checkpoint_every must be >= 1"),
+            (1 <= self.keep_checkpoints <= 100, "keep_checkpoints must be between 1 and 100"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto, fp32, bf16 or fp16"),
+            (0 <= self.selfplay_every <= 100_000, "selfplay_every must be >= 0 (0 = off)"),
+            (0.01 <= self.val_fraction <= 0.5, "val_fraction must be between 0.01 and 0.5"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        if set(d) - known:
+            raise ValueError(f"unknown training options: {sorted(set(d) - known)}")
+        return cls(**d).validate()
+
+
+class Stopped(Exception):
+    """Raised inside the loop when should_stop() says so; the run is checkpointed first."""
+
+
+# ----------------------------------------------------------------------------- entry points
+
+
+def train(store, name, books, tc, on_event=None, should_stop=None):
+    """Start a new run of `tc.steps` steps on `books` (names or paths). Returns a summary."""
+    tc.validate()
+    run = {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
+           "base_steps": store.lineage(name)["steps"], "started": time.time()}
+    trainer = Trainer(store, name, run)
+    return trainer.run(on_event, should_stop)
+
+
+def resume(store, name, on_event=None, should_stop=None):
+    """Continue the last unfinished run of `name` from its newest good checkpoint."""
+    path = store.checkpoint_dir(name) / "run.json"
+    if not path.exists():
+        raise NotFound(f"model {name!r} has no run to resume; start one with train")
+    run = json.loads(path.read_text())
+    if run["status"] == "done":
+        raise StoreError(f"the last run of {name!r} finished; start a new one with train")
+    trainer = Trainer(store, name, run)
+    trainer.restore_latest()
+    return trainer.run(on_event, should_stop)
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, store, name, run):
+        self.store, self.name, self.run_info = store, name, run
+        self.tc = tc = TrainConfig.from_dict(run["config"])
+        self.device = pick_device(tc.device)
+        self.precision = pick_precision(self.device, tc.precision)
+        self.model = store.load_model(name, self.device)
+        self.cfg = self.model.config
+        self.T = min(tc.seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.tok, self.data, self.book_refs = load_books(store, name, run["books"], tc.val_fraction)
+        short = min(len(d) for d in self.data.values())
+        if short <= self.T + 1:
+            raise StoreError(f"the book is too short: its validation split has {short} tokens but one "
+                             f"window needs {self.T + 1}; give a longer book or a smaller seq_len")
+        self.byte_len = torch.from_numpy(self.tok.byte_lengths())
+        self.optimizer = make_optimizer(self.model, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        torch.manual_seed(tc.seed)  # dropout noise; restored from checkpoints on resume
+        self.batch_gen = torch.Generator().manual_seed(tc.seed)
+        self.selfplay = None
+        if tc.selfplay_every:
+            from selfplay import SelfPlay  # only needed when the stage is on
+            self.selfplay = SelfPlay(self)
+        self.ckpt_dir = store.checkpoint_dir(name)
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.best_bpb = store.lineage(name)["best_val_bpb"]
+
+    # data ----------------------------------------------------------------------
+    def get_batch(self, split="train"):
+        """B random windows -> x, y (B, T): y is x shifted left by one token."""
+        data = self.data[split]
+        ix = torch.randint(len(data) - self.T - 1, (self.tc.batch_size,), generator=self.batch_gen).numpy()
+        rows = data[ix[:, None] + np.arange(self.T + 1)].astype(np.int64)  # (B, T+1)
+        xy = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
+
+    # the loop ------------------------------------------------------------------
+    def run(self, on_event=None, should_stop=None):
+        emit = on_event or (lambda e: None)
+        tc = self.tc
+        self._write_run("running")
+        metrics = open(self.store.model_dir(self.name) / "metrics.jsonl", "a", encoding="utf-8")
+        emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
+              "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()}})
+        t_start, step_start = time.time(), self.step
+        try:
+            while self.step < tc.steps:
+                if should_stop and should_stop():
+                    raise Stopped()
+                t0 = time.time()
+                row = self.train_step()
+                self.step += 1
+                dt = time.time() - t0
+                row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
+                           tokens_per_s=round(tc.batch_size * tc.grad_accum * self.T / dt, 1))
+                if self.selfplay and self.step % tc.selfplay_every == 0:
+                    row["selfplay"] = self.selfplay.step()
+                if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                    row.update(self.evaluate())
+                    self.best_bpb = min(self.best_bpb or math.inf, row["val_bpb"])
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                done = self.step - step_start
+                row["eta_s"] = round((time.time() - t_start) / done * (tc.steps - self.step), 1)
+                emit({"type": "step", "total": tc.steps, **row})
+                if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                    self.save_checkpoint()
+        except Stopped:
+            self.save_checkpoint()
+            self._finish("stopped")
+            emit({"type": "stopped", "step": self.step, "total": tc.steps})
+            return self.summary("stopped")
+        except Exception as e:
+            self._write_run("failed", error=str(e))
+            emit({"type": "failed", "step": self.step, "error": str(e)})
+            raise
+        finally:
+            metrics.close()
+        self._finish("done")
+        emit({"type": "done", "step": self.step, "total": tc.steps, "best_val_bpb": self.best_bpb})
+        return self.summary("done")
+
+    def train_step(self):
+        """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
+        model, tc = self.model, self.tc
+        model.train()
+        lr = lr_at(self.step, tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for _ in range(tc.grad_accum):
+            x, y = self.get_batch("train")
+            with autocast(self.device, self.precision):
+                _, loss = model(x, y)
+            self.scaler.scale(loss / tc.grad_accum).backward()
+            total += loss.item() / tc.grad_accum
+        self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm.item(), 4)}
+
+    @torch.no_grad()
+    def evaluate(self, max_windows=None):
+        """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split."""
+        n = max_windows or self.tc.eval_batches * self.tc.batch_size
+        return evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision)
+
+    # checkpoints ---------------------------------------------------------------
+    def save_checkpoint(self):
+        """model + AdamW state + RNGs + step, in one safetensors file, written atomically."""
+        tensors = {f"model.{k}": v for k, v in weights_of(self.model).items()}
+        opt = self.optimizer.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.batch"] = self.batch_gen.get_state()
+        if self.device.type == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
+                "param_groups": opt["param_groups"], "best_val_bpb": self.best_bpb}
+        if self.selfplay:
+            sp_tensors, meta["selfplay"] = self.selfplay.state()
+            tensors.update({f"selfplay.{k}": v for k, v in sp_tensors.items()})
+        save_tensors(self.ckpt_dir / f"step_{self.step:08d}.safetensors", tensors, meta)
+        for old in sorted(self.ckpt_dir.glob("step_*.safetensors"))[: -self.tc.keep_checkpoints]:
+            old.unlink()
+        self._write_run(self.run_info["status"])
+
+    def restore_latest(self):
+        """Load the newest checkpoint that passes its checksum, falling back to older ones."""
+        errors = []
+        for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
+            try:
+                tensors, meta = load_tensors(path)
+            except CorruptFile as e:
+                errors.append(str(e))
+                continue
+            self._restore(tensors, meta)
+            return {"step": self.step, "path": path.name, "skipped": errors}
+        if errors:
+            raise CorruptFile("every checkpoint is damaged: " + "; ".join(errors))
+        return {"step": 0, "path": None, "skipped": []}  # stopped before the first checkpoint
+
+    def _restore(self, tensors, meta):
+        load_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("opt."):
+                _, i, key = k.split(".", 2)
+                state.setdefault(int(i), {})[key] = v.to(self.device) if key != "step" else v
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        self.batch_gen.set_state(tensors["rng.batch"])
+        if "rng.cuda" in tensors and self.device.type == "cuda":
+            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step, self.best_bpb = meta["step"], meta["best_val_bpb"]
+        if self.selfplay and "selfplay" in meta:
+            self.selfplay.load_state({k[9:]: v for k, v in tensors.items() if k.startswith("selfplay.")}, meta["selfplay"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self):
+        """Drop this run's metric lines past the restored step: the resumed run rewrites them."""
+        path = self.store.model_dir(self.name) / "metrics.jsonl"
+        if not path.exists():
+            return
+        keep = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash
+            if not (row.get("run") == self.run_info["run_id"] and row.get("step", 0) > self.step):
+                keep.append(line)
+        atomic_write(path, "".join(line + "\n" for line in keep))
+
+    # bookkeeping -----------------------------------------------------------------
+    def _write_run(self, status, **extra):
+        self.run_info.update(status=status, step=self.step, **extra)
+        write_json(self.ckpt_dir / "run.json", self.run_info)
+
+    def _finish(self, status):
+        """Save the weights as the model's current state and record the run in its lineage."""
+        self.store.save_weights(self.name, self.model)
+        lin = self.store.lineage(self.name)
+        runs = [r for r in lin["runs"] if r["run_id"] != self.run_info["run_id"]]
+        runs.append({"run_id": self.run_info["run_id"], "books": self.book_refs, "steps": self.step,
+                     "status": status, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                     "selfplay_every": self.tc.selfplay_every})
+        known = {b["sha256"] for b in lin["books"]}
+        books = lin["books"] + [b for b in self.book_refs if b["sha256"] not in known]
+        self.store.update_lineage(self.name, runs=runs, books=books, best_val_bpb=self.best_bpb,
+                                  steps=self.run_info["base_steps"] + self.step)
+        if status == "done":
+            self.store.save_version(self.name, note=f"run {self.run_info['run_id']}: {self.step} steps")
+        self._write_run(status)
+
+    def summary(self, status):
+        return {"status": status, "step": self.step, "total": self.tc.steps, "best_val_bpb": self.best_bpb,
+                "device": str(self.device), "precision": self.precision}
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def lr_at(step, tc):
+    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
+    peak, floor = tc.learning_rate, tc.learning_rate * tc.min_lr_ratio
+    if step < tc.warmup_steps:
+        return peak * (step + 1) / tc.warmup_steps
+    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model, tc):
+    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains pulls them
+    towards 0, which only hurts (they are few and do not overfit)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+@torch.no_grad()
+def evaluate_bpb(model, data, byte_len, T, n_windows, device, precision="fp32", batch_size=16):
+    """Cross-entropy over up to n_windows evenly spaced, non-overlapping windows of `data`.
+    bits/byte = (sum of losses in nats) / ln 2 / (bytes of text those target tokens spell)."""
+    model.eval()
+    n_windows = max(1, min(n_windows, (len(data) - 1) // T))
+    starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
+    nats, n_tokens, n_bytes = 0.0, 0, 0
+    for i in range(0, n_windows, batch_size):
+        s = starts[i:i + batch_size]
+        rows = torch.from_numpy(data[s[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
+        x, y = rows[:, :-1], rows[:, 1:]
+        with autocast(device, precision):
+            logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
+        nats += loss.item()
+        n_tokens += y.numel()
+        n_bytes += byte_len[y.cpu()].sum().item()
+    model.train()
+    return {"val_loss": round(nats / n_tokens, 5), "val_ppl": round(math.exp(nats / n_tokens), 3),
+            "val_bpb": round(nats / math.log(2) / max(n_bytes, 1), 5)}
+
+
+def load_books(store, name, books, val_fraction=0.1):
+    """Books -> (tokenizer, {train, val} memmaps, [{name, sha256}]). The first run trains the
+    model's tokenizer on its books; later runs reuse it (the embeddings are tied to its ids)."""
+    if not books:
+        raise StoreError("give at least one book to train on")
+    resolved = [store.resolve_book(b) for b in books]
+    texts = {f"{n}-{sha[:8]}": text for n, text, sha in resolved}
+    tok = store.tokenizer(name)
+    if tok is None:
+        cfg = store.config(name)
+        tok = Tokenizer.train(texts.values(), cfg.vocab_size)
+        tok.save(store.model_dir(name) / "tokenizer.json")
+    data = prepare_tokens(tok, texts, store.home / "cache" / "tokens", val_fraction)
+    return tok, data, [{"name": n, "sha256": sha} for n, _, sha in resolved]
+
+
+def unigram_bpb(data, byte_len):
+    """The baseline a model must beat: bits/byte of val under token frequencies counted on
+    train (add-one smoothed) — what you get knowing which tokens are common, but no context."""
+    V = len(byte_len)
+    counts = np.bincount(np.asarray(data["train"]), minlength=V)[:V] + 1.0
+    logp = np.log2(counts / counts.sum())
+    val = np.asarray(data["val"])
+    return float(-logp[val].sum() / byte_len.numpy()[val].sum())

@@ -1,0 +1,332 @@
+"""The model store: every model, book and version on disk, written so that nothing is ever lost.
+
+    <home>/models/<name>/config.json        the ModelConfig
+                         model.safetensors  the current weights (sha256 of the tensors inside)
+                         tokenizer.json     the BPE trained on the model's first books
+                         lineage.json       parent, books (with sha256), runs, steps: genealogy
+                         metrics.jsonl      one line per training step / evaluation
+                         versions/vNNN/     a snapshot per finished run, for rollback
+                         adapters/<a>/      LoRA adapters trained on top of this model
+    <home>/checkpoints/<name>/              training state for exact resume (see azr_trainer)
+    <home>/books/<book>.txt + .json         cleaned UTF-8 text + how it was read
+
+Three rules keep it safe. Names are checked against one pattern (no '/', '..' or NUL can reach
+the file system). Every write goes to a temp file first and is moved into place with os.replace,
+which is atomic: a crash leaves the old file or the new one, never half of one. Weights are
+safetensors (raw tensors + a JSON header), never pickle, so loading a file cannot run code; a
+sha256 of the tensor bytes in the header catches files that were truncated or corrupted.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from model import GPT, ModelConfig, param_count
+from tokenizer import BookError, Tokenizer, read_book
+
+NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PROJECT_DIR = Path(__file__).resolve().parent
+
+
+class StoreError(ValueError):
+    """A request the store cannot satisfy; the message says why."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class CorruptFile(StoreError):
+    pass
+
+
+def check_name(name, what="model"):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+        raise StoreError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-'")
+    return name
+
+
+def home_dir(home=None):
+    return Path(home or os.environ.get("AZR_HOME") or PROJECT_DIR).resolve()
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+def atomic_write(path, data):
+    """Write bytes or str to path via temp file + os.replace; an error leaves the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path, obj):
+    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def tensors_sha256(tensors):
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        h.update(k.encode())
+        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_tensors(path, tensors, meta=None):
+    """safetensors file with our JSON metadata and a checksum of the tensors, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header = {"meta": json.dumps(meta or {}), "sha256": tensors_sha256(tensors)}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_tensors(path):
+    """-> (tensors, meta). CorruptFile if the file is truncated, garbled or fails its checksum."""
+    path = Path(path)
+    if not path.exists():
+        raise NotFound(f"{path.name} not found")
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFile(f"{path} is damaged (truncated or not a safetensors file): {e}") from e
+    if header.get("sha256") != tensors_sha256(tensors):
+        raise CorruptFile(f"{path} failed its checksum: the file was corrupted after it was written")
+    return tensors, json.loads(header.get("meta", "{}"))
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+class Store:
+    def __init__(self, home=None):
+        self.home = home_dir(home)
+        for d in ("models", "checkpoints", "books"):
+            (self.home / d).mkdir(parents=True, exist_ok=True)
+
+    # paths -------------------------------------------------------------------
+    def model_dir(self, name, must_exist=True):
+        d = self.home / "models" / check_name(name)
+        if must_exist and not (d / "config.json").exists():
+            raise NotFound(f"no model named {name!r}; create it first (see `python cli.py list`)")
+        return d
+
+    def checkpoint_dir(self, name):
+        return self.home / "checkpoints" / check_name(name)
+
+    def book_path(self, name):
+        return self.home / "books" / f"{check_name(name, 'book')}.txt"
+
+    # models ------------------------------------------------------------------
+    def create_model(self, name, cfg, seed=0, parent=None):
+        d = self.model_dir(name, must_exist=False)
+        if (d / "config.json").exists():
+            raise StoreError(f"a model named {name!r} already exists; pick another name or delete it")
+        cfg.validate()
+        torch.manual_seed(seed)
+        model = GPT(cfg)
+        d.mkdir(parents=True, exist_ok=True)
+        self.save_weights(name, model)
+        write_json(d / "lineage.json", {
+            "name": name, "created": _now(), "parent": parent, "books": [], "runs": [],
+            "steps": 0, "best_val_bpb": None, "versions": [],
+        })
+        write_json(d / "config.json", cfg.to_dict())  # written last: it marks the model as complete
+        return model
+
+    def config(self, name):
+        return ModelConfig.from_dict(read_json(self.model_dir(name) / "config.json"))
+
+    def load_model(self, name, device="cpu", version=None):
+        cfg = self.config(name)
+        d = self.model_dir(name)
+        path = d / "versions" / version / "model.safetensors" if version else d / "model.safetensors"
+        tensors, _ = load_tensors(path)
+        model = GPT(cfg)
+        load_weights(model, tensors)
+        return model.to(device)
+
+    def save_weights(self, name, model, extra_meta=None):
+        save_tensors(self.model_dir(name, must_exist=False) / "model.safetensors", weights_of(model), extra_meta)
+
+    def tokenizer(self, name):
+        """The model's tokenizer, or None before its first training run."""
+        p = self.model_dir(name) / "tokenizer.json"
+        return Tokenizer.load(p) if p.exists() else None
+
+    def lineage(self, name):
+        return read_json(self.model_dir(name) / "lineage.json")
+
+    def update_lineage(self, name, **changes):
+        lin = self.lineage(name)
+        lin.update(changes)
+        write_json(self.model_dir(name) / "lineage.json", lin)
+        return lin
+
+    def info(self, name):
+        d = self.model_dir(name)
+        cfg, lin = self.config(name), self.lineage(name)
+        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+        return {
+            "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
+            "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
+            "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
+            "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
+        }
+
+    def list_models(self):
+        names = sorted(p.parent.name for p in (self.home / "models").glob("*/config.json"))
+        return [self.info(n) for n in names if NAME_RE.fullmatch(n)]
+
+    def delete_model(self, name):
+        d = self.model_dir(name)
+        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+        (d / "config.json").unlink()  # first: a half-deleted model no longer counts as a model
+        shutil.rmtree(d)
+
+    def list_adapters(self, name):
+        d = self.model_dir(name) / "adapters"
+        return sorted(p.parent.name for p in d.glob("*/adapter_config.json")) if d.exists() else []
+
+    # versions ----------------------------------------------------------------
+    def save_version(self, name, note=""):
+        """Snapshot the current weights as the next version vNNN; returns its name."""
+        d = self.model_dir(name)
+        lin = self.lineage(name)
+        version = f"v{len(lin.get('versions', [])) + 1:03d}"
+        vdir = d / "versions" / version
+        vdir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(d / "model.safetensors", vdir / ".model.tmp")
+        os.replace(vdir / ".model.tmp", vdir / "model.safetensors")
+        entry = {"version": version, "date": _now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
+        self.update_lineage(name, versions=lin.get("versions", []) + [entry])
+        return version
+
+    def rollback(self, name, version):
+        d = self.model_dir(name)
+        lin = self.lineage(name)
+        entry = next((v for v in lin.get("versions", []) if v["version"] == version), None)
+        if entry is None:
+            raise NotFound(f"model {name!r} has no version {version!r}; versions: {[v['version'] for v in lin.get('versions', [])]}")
+        load_tensors(d / "versions" / version / "model.safetensors")  # verify before replacing
+        shutil.copyfile(d / "versions" / version / "model.safetensors", d / ".model.rollback.tmp")
+        os.replace(d / ".model.rollback.tmp", d / "model.safetensors")
+        return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)
+
+    # metrics -----------------------------------------------------------------
+    def metrics(self, name, since_line=0):
+        p = self.model_dir(name) / "metrics.jsonl"
+        if not p.exists():
+            return []
+        with open(p, encoding="utf-8") as f:
+            lines = f.readlines()[since_line:]
+        return [json.loads(line) for line in lines if line.strip()]
+
+    # books -------------------------------------------------------------------
+    def add_book(self, name, data, filename="book.txt"):
+        """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info."""
+        path = self.book_path(name)
+        if path.exists():
+            raise StoreError(f"a book named {name!r} already exists; delete it first or pick another name")
+        book = read_book(data, filename)
+        text = book.text.encode("utf-8")
+        info = {"name": name, "filename": os.path.basename(filename), "bytes": len(data),
+                "text_bytes": len(text), "sha256": hashlib.sha256(text).hexdigest(), **book.report(),
+                "added": _now()}
+        atomic_write(path, text)
+        write_json(path.with_suffix(".json"), info)
+        return info
+
+    def book_info(self, name):
+        path = self.book_path(name)
+        if not path.exists():
+            raise NotFound(f"no book named {name!r}; upload it first (known: {[b['name'] for b in self.list_books()]})")
+        meta = path.with_suffix(".json")
+        if meta.exists():
+            return read_json(meta)
+        return self._describe_loose_book(path)
+
+    def _describe_loose_book(self, path):
+        """A .txt dropped into books/ by hand: read it like an upload, once."""
+        book = read_book(path.read_bytes(), path.name)
+        text = book.text.encode("utf-8")
+        info = {"name": path.stem, "filename": path.name, "bytes": path.stat().st_size, "text_bytes": len(text),
+                "sha256": hashlib.sha256(text).hexdigest(), **book.report(), "added": _now()}
+        if text != path.read_bytes():
+            atomic_write(path, text)
+        write_json(path.with_suffix(".json"), info)
+        return info
+
+    def book_text(self, name):
+        self.book_info(name)
+        return self.book_path(name).read_text(encoding="utf-8")
+
+    def list_books(self):
+        out = []
+        for p in sorted((self.home / "books").glob("*.txt")):
+            if NAME_RE.fullmatch(p.stem):
+                try:
+                    out.append(self.book_info(p.stem))
+                except BookError:
+                    continue  # an unreadable file dropped in by hand is not a book
+        return out
+
+    def delete_book(self, name):
+        self.book_info(name)
+        self.book_path(name).unlink()
+        self.book_path(name).with_suffix(".json").unlink(missing_ok=True)
+
+    def resolve_book(self, ref):
+        """A book given as a store name or as a path to a file (CLI): -> (name, text, sha256)."""
+        if NAME_RE.fullmatch(ref) and self.book_path(ref).exists():
+            info = self.book_info(ref)
+            return ref, self.book_text(ref), info["sha256"]
+        p = Path(ref)
+        if not p.is_file():
+            raise NotFound(f"no book {ref!r}: not an uploaded book name and not a file")
+        text = read_book(p.read_bytes(), p.name).text
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "book"
+        return stem, text, hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_of(model):
+    """The state dict to save: the tied lm_head is the same tensor as wte, so it is left out."""
+    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+
+
+def load_weights(model, tensors):
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:
+        raise CorruptFile(f"weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _now():
+    return time.strftime("%Y-%m-%dT%H:%M:%S")

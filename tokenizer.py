@@ -1,0 +1,384 @@
+"""Books in, tokens out: reading any book file, byte-level BPE, and the train/val token arrays.
+
+1. **Reading.** A book arrives as bytes in some encoding (UTF-8, UTF-16, cp1251, koi8-r, ...) and
+   some format (.txt, .fb2, .epub). We detect the encoding with charset-normalizer, pull the text
+   out of XML/zip formats, normalise newlines and strip Project Gutenberg's licence header and
+   footer, and report each thing we did.
+2. **Byte-level BPE** (Sennrich et al. 2016; byte-level as in GPT-2). The base alphabet is the 256
+   bytes, so *any* text encodes and decodes exactly, Cyrillic and Polish included; training
+   merges the most frequent adjacent pairs until the vocabulary reaches the model's vocab_size.
+   HF `tokenizers` does the training (fast, Rust); `token_bytes` shows the bytes behind each id.
+3. **Token arrays.** The book is encoded once into a flat uint16/uint32 file read through
+   numpy.memmap, so a 500 MB book costs disk, not 500 MB of Python ints. Every 10th contiguous
+   chunk is held out for validation, so val text comes from the whole book, not just its end.
+"""
+
+import hashlib
+import html
+import io
+import json
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+from charset_normalizer import from_bytes
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+EOT = "<|endoftext|>"
+SPECIAL_TOKENS = [EOT]
+MAX_UNZIPPED_BYTES = 200 * 2**20  # an .epub may not inflate past this (zip-bomb guard)
+MAX_ZIP_RATIO = 100  # nor inflate any member more than 100x
+
+
+class BookError(ValueError):
+    """A book we cannot read; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- reading books
+
+
+@dataclass
+class BookText:
+    text: str
+    encoding: str
+    format: str
+    language: str
+    notes: list = field(default_factory=list)  # what was done to the raw bytes, for the user
+
+    def report(self):
+        return {"encoding": self.encoding, "format": self.format, "language": self.language,
+                "characters": len(self.text), "notes": self.notes}
+
+
+def read_book(data, filename="book.txt"):
+    """bytes of a .txt/.fb2/.epub file -> BookText, or BookError with a clear message."""
+    if not data:
+        raise BookError("the file is empty")
+    ext = Path(filename).suffix.lower()
+    notes = []
+    if ext == ".epub" or data[:4] == b"PK\x03\x04":
+        raw, fmt = _epub_text(data), "epub"
+        text, encoding = raw, "utf-8"
+        notes.append("extracted text from the EPUB's XHTML chapters")
+    else:
+        text, encoding = decode_bytes(data)
+        fmt = "txt"
+        if ext == ".fb2" or text.lstrip().startswith("<?xml") and "<FictionBook" in text[:2000]:
+            text, fmt = _markup_text(text), "fb2"
+            notes.append("extracted text from the FB2 (FictionBook) XML")
+    notes.insert(0, f"decoded as {encoding}")
+    text, more = clean_text(text)
+    notes += more
+    if len(text.strip()) < 20:
+        raise BookError("the file holds almost no text after cleaning (under 20 characters)")
+    return BookText(text, encoding, fmt, guess_language(text), notes)
+
+
+def decode_bytes(data):
+    """bytes -> (str, encoding name). Rejects binary files."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[3:].decode("utf-8", errors="replace"), "utf-8-sig"
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        return data.decode("utf-16"), "utf-16"
+    try:  # most books are UTF-8: strict decoding is exact and instant
+        text = data.decode("utf-8")
+        if _mostly_printable(text):
+            return text, "utf-8"
+    except UnicodeDecodeError:
+        pass
+    if data[:8192].count(b"\x00") > 8:  # NULs: UTF-16 without a BOM, or binary
+        texts = {enc: data.decode(enc, errors="replace") for enc in ("utf-16-le", "utf-16-be")}
+        # the wrong byte order turns letters into CJK-range code points: keep the one whose
+        # characters sit mostly in the alphabetic blocks below U+0530 (Latin, Greek, Cyrillic)
+        share = {e: sum(ord(ch) < 0x530 for ch in t[:10_000]) / max(1, len(t[:10_000])) for e, t in texts.items()}
+        enc = max(share, key=share.get)
+        if share[enc] > 0.6 and _mostly_printable(texts[enc]):  # random bytes land all over Unicode
+            return texts[enc], enc
+        raise BookError("this looks like a binary file, not text; upload a .txt, .fb2 or .epub book")
+    matches = list(from_bytes(data[:2_000_000]))
+    if not matches:
+        raise BookError("could not detect a text encoding; this does not look like a book (binary file?)")
+    encoding = _pick_encoding(matches)
+    text = data.decode(encoding, errors="replace")
+    if not _mostly_printable(text):
+        raise BookError("the file is mostly control characters; it looks binary, not text")
+    return text, encoding
+
+
+# Single-byte code pages are often indistinguishable on a short text (cp1250 and cp1252 agree on
+# most accented letters): among equally good guesses, take the most common encoding.
+_PREFERRED = ["utf_8", "cp1252", "latin_1", "cp1251", "koi8_r", "cp1250", "iso8859_2", "iso8859_5"]
+
+
+def _pick_encoding(matches):
+    best = matches[0]
+    ties = [m.encoding for m in matches if (m.chaos, m.coherence) == (best.chaos, best.coherence)]
+    return min(ties, key=lambda e: _PREFERRED.index(e) if e in _PREFERRED else len(_PREFERRED))
+
+
+def _mostly_printable(text):
+    sample = text[:100_000]
+    ctrl = sum(1 for ch in sample if ord(ch) < 32 and ch not in "\n\r\t\f")
+    return ctrl <= 0.01 * len(sample)
+
+
+class _TextOf(HTMLParser):
+    """Collect the text of an XHTML/FB2 document, a blank line after each block element."""
+
+    BLOCKS = {"p", "div", "br", "h1", "h2", "h3", "h4", "h5", "h6", "li", "title", "section", "v", "stanza"}
+    SKIP = {"script", "style", "binary", "head"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.parts, self.skipping = [], 0
+
+    def handle_starttag(self, tag, attrs):
+        self.skipping += tag in self.SKIP
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self.skipping = max(0, self.skipping - 1)
+        elif tag in self.BLOCKS:
+            self.parts.append("\n\n" if tag != "v" else "\n")
+
+    def handle_data(self, data):
+        if not self.skipping:
+            self.parts.append(data)
+
+
+def _markup_text(markup):
+    p = _TextOf()
+    p.feed(markup)
+    text = "".join(p.parts)
+    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
+    return re.sub(r"\n{3,}", "\n\n", html.unescape(text)).strip() + "\n"
+
+
+def _epub_text(data):
+    """The chapters of an EPUB (a zip of XHTML files), in reading order, with bomb guards."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+        infos = z.infolist()
+    except zipfile.BadZipFile:
+        raise BookError("this .epub is not a valid zip archive")
+    total = sum(i.file_size for i in infos)
+    if total > MAX_UNZIPPED_BYTES or any(i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1) + 2**20 for i in infos):
+        raise BookError("this .epub inflates to an implausible size (zip bomb?); refusing to open it")
+    names = [i.filename for i in infos if i.filename.lower().endswith((".xhtml", ".html", ".htm"))]
+    names = _spine_order(z, names)
+    if not names:
+        raise BookError("this .epub holds no XHTML chapters")
+    chapters = [_markup_text(z.read(n).decode("utf-8", errors="replace")) for n in names]
+    return "\n\n".join(c for c in chapters if c.strip())
+
+
+def _spine_order(z, names):
+    """Order chapters by the OPF spine when it can be read; else by file name."""
+    opf = next((n for n in z.namelist() if n.lower().endswith(".opf")), None)
+    if opf is None:
+        return sorted(names)
+    src = z.read(opf).decode("utf-8", errors="replace")
+    hrefs = dict(re.findall(r'<item[^>]*?id="([^"]+)"[^>]*?href="([^"]+)"', src))
+    base = os.path.dirname(opf)
+    order = [os.path.normpath(os.path.join(base, hrefs[i])) for i in re.findall(r'<itemref[^>]*?idref="([^"]+)"', src) if i in hrefs]
+    ordered = [n for n in order if n in names]
+    return ordered + sorted(set(names) - set(ordered))
+
+
+_GUTENBERG_START = re.compile(r"^\*{3} ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+_GUTENBERG_END = re.compile(r"^\*{3} ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
+
+
+def clean_text(text):
+    """Normalise newlines and strip a Project Gutenberg header/footer. -> (text, notes)."""
+    notes = []
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        notes.append("normalised Windows/Mac newlines to \\n")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
+    if start and end and start.end() < end.start():
+        text = text[start.end():end.start()].strip("\n") + "\n"
+        notes.append("removed the Project Gutenberg header and footer")
+    return text, notes
+
+
+def guess_language(text):
+    """A cheap guess from the letters used: good enough to label a book, not a classifier."""
+    sample = text[:200_000].lower()
+    letters = [ch for ch in sample if ch.isalpha()]
+    if not letters:
+        return "unknown"
+    cyr = sum("\u0400" <= ch <= "\u04ff" for ch in letters) / len(letters)
+    if cyr > 0.5:
+        return "uk" if sum(sample.count(c) for c in "іїє") > 0.002 * len(letters) else "ru"
+    if sum(sample.count(c) for c in "ąęłśżźćń") > 0.005 * len(letters):
+        return "pl"
+    words = re.findall(r"[a-zäöüßéèàç]+", sample)
+    votes = {lang: sum(w in stop for w in words) for lang, stop in _STOPWORDS.items()}
+    best = max(votes, key=votes.get)
+    return best if votes[best] > 0.02 * max(len(words), 1) else "unknown"
+
+
+_STOPWORDS = {
+    "en": {"the", "and", "of", "to", "is", "was", "that", "in", "it", "he", "she"},
+    "de": {"der", "die", "und", "das", "ist", "nicht", "ich", "sie", "ein"},
+    "fr": {"le", "la", "les", "et", "est", "une", "que", "pas", "des"},
+    "es": {"el", "la", "los", "que", "y", "es", "una", "por", "con"},
+}
+
+
+# ----------------------------------------------------------------------------- BPE
+
+
+def _byte_to_unicode():
+    """GPT-2's byte <-> printable-character table: byte-level BPE works on strings, so each
+    byte is shown as a visible character (printable Latin-1 bytes as themselves, the rest
+    shifted above U+0100). The same table HF's ByteLevel pre-tokenizer uses."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, shift = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shift)
+            shift += 1
+    return table
+
+
+_UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
+
+
+class Tokenizer:
+    """A thin wrapper over a trained HF byte-level BPE: ids <-> text, ids -> bytes."""
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.eot_id = hf.token_to_id(EOT)
+        self.vocab_size = hf.get_vocab_size()
+        vocab = hf.get_vocab()
+        self._bytes = [b""] * self.vocab_size
+        for tok, i in vocab.items():
+            self._bytes[i] = tok.encode() if tok in SPECIAL_TOKENS else bytes(_UNICODE_TO_BYTE[c] for c in tok)
+
+    @classmethod
+    def train(cls, texts, vocab_size):
+        """Learn merges on an iterable of strings until there are `vocab_size` tokens."""
+        hf = HFTokenizer(models.BPE())
+        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes: nothing is ever unknown
+            min_frequency=2,  # a pair seen once is noise, not a word piece
+        )
+        hf.train_from_iterator(texts, trainer=trainer)
+        return cls(hf)
+
+    @classmethod
+    def load(cls, path):
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path):
+        tmp = f"{path}.tmp"
+        self.hf.save(tmp)
+        os.replace(tmp, path)
+
+    def encode(self, text):
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts):
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids):
+        return self.token_bytes_of(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, i):
+        """The raw bytes of one token: may be part of a multi-byte UTF-8 character."""
+        return self._bytes[i]
+
+    def token_bytes_of(self, ids):
+        return b"".join(self._bytes[i] for i in ids)
+
+    def byte_lengths(self):
+        """(V,) int array: bytes of text each token stands for (bits-per-byte needs it)."""
+        return np.array([len(b) for b in self._bytes], dtype=np.int64)
+
+    def fingerprint(self):
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- token arrays
+
+
+def encode_to_file(tok, text, path, chunk_chars=1_000_000):
+    """Encode `text` in pieces straight into a flat binary file of token ids; returns its length.
+    Pieces end at paragraph breaks so no BPE merge straddles a cut."""
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    n, tmp = 0, f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        for piece_ids in _encode_pieces(tok, text, chunk_chars):
+            arr = np.asarray(piece_ids, dtype=dtype)
+            f.write(arr.tobytes())
+            n += arr.size
+    os.replace(tmp, path)
+    return n
+
+
+def _encode_pieces(tok, text, chunk_chars):
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + chunk_chars)
+        cut = text.rfind("\n\n", start, end) if end < len(text) else -1
+        end = cut + 2 if cut > start else end
+        pieces.append(text[start:end])
+        start = end
+        if len(pieces) == 8:  # encode_batch runs the 8 pieces in parallel
+            yield from tok.encode_batch(pieces)
+            pieces = []
+    yield from tok.encode_batch(pieces)
+
+
+def split_train_val(all_path, train_path, val_path, dtype, val_every=10, n_chunks=100):
+    """Cut the token file into `n_chunks` contiguous chunks; every `val_every`-th goes to val."""
+    data = np.memmap(all_path, dtype=dtype, mode="r")
+    bounds = np.linspace(0, len(data), n_chunks + 1).astype(np.int64)
+    with open(f"{train_path}.tmp", "wb") as tr, open(f"{val_path}.tmp", "wb") as va:
+        for c in range(n_chunks):
+            (va if c % val_every == val_every - 1 else tr).write(data[bounds[c]:bounds[c + 1]].tobytes())
+    os.replace(f"{train_path}.tmp", train_path)
+    os.replace(f"{val_path}.tmp", val_path)
+
+
+def prepare_tokens(tok, book_texts, cache_dir, val_fraction=0.1):
+    """Encode books (a dict name -> text) into cache_dir/{train,val}.bin once; return a dict
+    with the memmaps. Cached by tokenizer fingerprint + book contents."""
+    key = hashlib.sha256((tok.fingerprint() + str(val_fraction)).encode())
+    for name in sorted(book_texts):
+        key.update(hashlib.sha256(book_texts[name].encode()).digest())
+    d = Path(cache_dir) / key.hexdigest()[:16]
+    meta_path = d / "meta.json"
+    dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
+    if not meta_path.exists():
+        d.mkdir(parents=True, exist_ok=True)
+        text = ("\n" + EOT + "\n").join(book_texts[n] for n in sorted(book_texts))
+        n = encode_to_file(tok, text, d / "all.bin")
+        if n < 64:
+            raise BookError(f"the book gives only {n} tokens; training needs a longer text")
+        split_train_val(d / "all.bin", d / "train.bin", d / "val.bin", dtype, val_every=round(1 / val_fraction))
+        os.remove(d / "all.bin")
+        _write_json(meta_path, {"tokens": n, "dtype": np.dtype(dtype).name, "books": sorted(book_texts)})
+    return {s: np.memmap(d / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
+
+
+def _write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
