@@ -1,0 +1,54 @@
+"""Shared fixtures: a temp data home, a slice of the example book, a tiny model.
+
+Tests use a tiny config (about 60k parameters) so the whole suite runs in minutes on 2 CPU cores.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from azr_trainer import TrainConfig, train  # noqa: E402
+from model import ModelConfig  # noqa: E402
+from store import Store  # noqa: E402
+
+TINY = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
+
+
+def tiny_config(**changes):
+    return ModelConfig(**{**TINY, **changes})
+
+
+def quick_train_config(**changes):
+    """A few fast steps: batch 8 of 32 tokens, fp32 so results are the same on every CPU."""
+    opts = dict(steps=20, batch_size=8, eval_every=10, eval_batches=2, checkpoint_every=10,
+                warmup_steps=5, precision="fp32", device="cpu")
+    return TrainConfig(**{**opts, **changes})
+
+
+@pytest.fixture
+def store(tmp_path):
+    return Store(tmp_path / "home")
+
+
+@pytest.fixture(scope="session")
+def book_text():
+    """The first 40 KB of the project's own example book (original text, always present)."""
+    return (ROOT / "books" / "example_book.txt").read_text(encoding="utf-8")[:40_000]
+
+
+@pytest.fixture
+def book(store, book_text):
+    store.add_book("book", book_text.encode("utf-8"), "book.txt")
+    return "book"
+
+
+@pytest.fixture
+def trained(store, book):
+    """A tiny model trained for 20 steps on the book: (store, name)."""
+    store.create_model("tiny", tiny_config())
+    train(store, "tiny", [book], quick_train_config())
+    return store, "tiny"
