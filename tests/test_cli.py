@@ -1,0 +1,42 @@
+"""The command line, end to end on a tiny model, in-process."""
+
+import json
+
+import cli
+from conftest import ROOT
+
+
+def run(capsys, home, *args):
+    code = cli.main(["--home", str(home), *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_create_train_generate_eval_list(tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text((ROOT / "books" / "example_book.txt").read_text(encoding="utf-8")[:30_000], encoding="utf-8")
+    home = tmp_path / "home"
+    sizes = ["--vocab-size", "400", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
+             "--d-ff", "64", "--max-seq-len", "32"]
+    assert run(capsys, home, "create", "tiny", *sizes)[0] == 0
+    code, out, _ = run(capsys, home, "train", "tiny", "--book", str(book), "--steps", "30", "--batch-size", "8",
+                       "--eval-every", "15", "--precision", "fp32")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["status"] == "done"
+    code, out, _ = run(capsys, home, "generate", "tiny", "--prompt", "The keeper", "--max-new-tokens", "20", "--seed", "1")
+    assert code == 0 and out.startswith("The keeper") and len(out) > len("The keeper\n")
+    code, out, _ = run(capsys, home, "eval", "tiny", "--book", str(book))
+    result = json.loads(out)
+    assert code == 0 and {"val_loss", "bits_per_byte", "perplexity", "unigram_bits_per_byte"} <= set(result)
+    code, out, _ = run(capsys, home, "list")
+    assert "tiny" in out and "30 steps" in out
+
+
+def test_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
+    code, _, err = run(capsys, tmp_path, "create", "bad", "--d-model", "130", "--num-heads", "4")
+    assert code == 2 and "divisible by num_heads" in err and "Traceback" not in err
+    code, _, err = run(capsys, tmp_path, "create", "../up", "--preset", "small")
+    assert code == 2 and "invalid model name" in err
+    code, _, err = run(capsys, tmp_path, "generate", "ghost", "--prompt", "hi")
+    assert code == 2 and "no model named 'ghost'" in err
+    code, _, err = run(capsys, tmp_path, "train", "ghost", "--book", "missing.txt")
+    assert code == 2 and "ghost" in err

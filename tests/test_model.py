@@ -1,0 +1,175 @@
+"""The transformer: shapes, causality, the KV cache, sampling filters, streaming, configs."""
+
+import pytest
+import torch
+
+import model as M
+from conftest import tiny_config
+from model import GPT, KVCache, ModelConfig, SamplingConfig, filter_logits, param_count
+
+
+@pytest.fixture
+def gpt():
+    torch.manual_seed(0)
+    return GPT(tiny_config()).eval()
+
+
+def test_forward_shapes_and_loss(gpt):
+    idx = torch.randint(0, 512, (3, 17))
+    logits, loss = gpt(idx, idx)
+    assert logits.shape == (3, 17, 512)
+    assert loss.shape == () and loss.item() > 0
+
+
+def test_initial_loss_is_near_uniform(gpt):
+    idx, targets = torch.randint(0, 512, (2, 4, 32))
+    _, loss = gpt(idx, targets)
+    assert abs(loss.item() - torch.log(torch.tensor(512.0)).item()) < 0.3  # small init: ~uniform guess
+
+
+def test_param_count_matches_the_module():
+    for cfg in [tiny_config(), M.PRESETS["small"]]:
+        assert param_count(cfg) == sum(p.numel() for p in GPT(cfg).parameters())
+
+
+def test_head_is_tied_to_the_embedding(gpt):
+    assert gpt.lm_head.weight.data_ptr() == gpt.transformer.wte.weight.data_ptr()
+
+
+def test_future_tokens_do_not_change_past_logits(gpt):
+    idx = torch.randint(0, 512, (1, 20))
+    changed = idx.clone()
+    changed[0, 12:] = (changed[0, 12:] + 7) % 512
+    a, _ = gpt(idx)
+    b, _ = gpt(changed)
+    assert torch.allclose(a[0, :12], b[0, :12], atol=1e-6)
+    assert not torch.allclose(a[0, 12:], b[0, 12:])
+
+
+def test_explicit_attention_equals_the_fused_kernel(gpt):
+    idx = torch.randint(0, 512, (2, 16))
+    fused, _ = gpt(idx)
+    explicit, _, atts = gpt(idx, explain=True)
+    assert torch.allclose(fused, explicit, atol=1e-5)
+    assert len(atts) == 2 and atts[0].shape == (2, 2, 16, 16)
+    assert torch.allclose(atts[0].sum(-1), torch.ones(2, 2, 16), atol=1e-5)  # rows are distributions
+    assert atts[0][0, 0].triu(1).abs().max() == 0  # nothing attends to the future
+
+
+def test_kv_cache_gives_the_same_logits_as_the_full_forward(gpt):
+    idx = torch.randint(0, 512, (2, 24))
+    full, _ = gpt(idx)
+    cache = KVCache(gpt.config, 2, "cpu")
+    parts = [gpt(idx[:, :10], cache=cache)[0], gpt(idx[:, 10:15], cache=cache)[0]]  # prefill, then a chunk
+    parts += [gpt(idx[:, t:t + 1], cache=cache)[0] for t in range(15, 24)]  # then one token at a time
+    assert torch.allclose(full, torch.cat(parts, dim=1), atol=1e-5)
+
+
+def test_sequence_longer_than_context_is_a_clear_error(gpt):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        gpt(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_top_k_keeps_exactly_k_tokens():
+    logits = torch.randn(2, 100)
+    kept = torch.isfinite(filter_logits(logits, top_k=5))
+    assert kept.sum(-1).tolist() == [5, 5]
+    assert kept[0, logits[0].argmax()]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.75))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 reaches 0.75
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.5))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+def test_repetition_penalty_lowers_seen_tokens():
+    logits = torch.tensor([[2.0, -1.0, 2.0]])
+    out = filter_logits(logits, repetition_penalty=2.0, seen=torch.tensor([[0, 1]]))
+    assert out.tolist() == [[1.0, -2.0, 2.0]]
+
+
+def test_temperature_zero_is_greedy_and_seeds_repeat(gpt):
+    idx = torch.randint(0, 512, (1, 5))
+    greedy = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
+    again = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
+    assert greedy == again
+    a = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
+    b = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
+    c = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=4))]
+    assert a == b and a != c
+
+
+def test_generation_runs_past_the_context_window(gpt):
+    toks = list(M.generate_ids(gpt, torch.zeros(1, 30, dtype=torch.long), SamplingConfig(50, seed=0)))
+    assert len(toks) == 50
+
+
+def test_generation_stops_at_eos(gpt):
+    first = next(M.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0)))[0]
+    toks = list(M.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0), eos_id=first))
+    assert [t for t, _ in toks] == [first]
+
+
+class ByteTokenizer:
+    """One token per byte, so every multi-byte character is split across tokens."""
+    eot_id = 256
+
+    def encode(self, text):
+        return list(text.encode())
+
+    def token_bytes(self, i):
+        return bytes([i])
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+
+def test_stream_never_emits_half_a_character(gpt, monkeypatch):
+    text = "Żółw и ёж 😀!"
+    ids = list(text.encode())
+    monkeypatch.setattr(M, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
+    pieces = [p["text"] for p in M.stream(gpt, ByteTokenizer(), "x", SamplingConfig(len(ids)))]
+    assert "".join(pieces) == text
+    assert "\ufffd" not in "".join(pieces)
+    assert "" in pieces  # bytes of a split character were held back, not emitted broken
+
+
+def test_stop_string_cuts_the_text(gpt, monkeypatch):
+    ids = list("one. two. three.".encode())
+    monkeypatch.setattr(M, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
+    assert M.generate(gpt, ByteTokenizer(), "x", SamplingConfig(100, stop="two")) == "one. "
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(d_model=130, num_heads=4), "divisible by num_heads"),
+    (dict(d_model=-5), "d_model must be between"),
+    (dict(d_model=10**9), "d_model must be between"),
+    (dict(num_layers=0), "num_layers must be between"),
+    (dict(vocab_size=100), "vocab_size must be between"),
+    (dict(dropout=1.5), "dropout"),
+    (dict(d_ff=2.5), "whole number"),
+])
+def test_bad_configs_say_what_to_change(changes, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**changes).validate()
+
+
+def test_unknown_config_field_is_named():
+    with pytest.raises(ValueError, match="n_embd"):
+        ModelConfig.from_dict({**tiny_config().to_dict(), "n_embd": 3})
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-3), dict(max_new_tokens=0),
+                                 dict(repetition_penalty=100)])
+def test_absurd_sampling_values_are_rejected(bad):
+    with pytest.raises(ValueError):
+        SamplingConfig(**bad).validate()
+
+
+def test_memory_estimate_grows_with_batch():
+    small, big = M.memory_estimate(M.PRESETS["small"], 8), M.memory_estimate(M.PRESETS["small"], 32)
+    assert small["weights"] == 4 * param_count(M.PRESETS["small"])
+    assert big["activations"] > small["activations"] and big["weights"] == small["weights"]

@@ -1,0 +1,130 @@
+"""The training loop: it learns, it resumes exactly, its checkpoints are safe."""
+
+import math
+
+import pytest
+import torch
+
+import azr_trainer
+from azr_trainer import TrainConfig, lr_at, make_optimizer, resume, train
+from conftest import quick_train_config, tiny_config
+from model import GPT
+from store import CorruptFile
+
+
+def losses(store, name):
+    return {r["step"]: r["loss"] for r in store.metrics(name)}
+
+
+def test_training_lowers_the_validation_loss(store, book):
+    store.create_model("m", tiny_config())
+    events = []
+    train(store, "m", [book], quick_train_config(steps=60, eval_every=20, learning_rate=1e-2), on_event=events.append)
+    evals = [e["val_bpb"] for e in events if "val_bpb" in e]
+    assert len(evals) == 3 and evals[0] > evals[1] > evals[2]
+    assert store.lineage("m")["best_val_bpb"] == min(evals)
+    assert [e["type"] for e in events][0] == "start" and events[-1]["type"] == "done"
+
+
+def test_stop_and_resume_reproduce_the_uninterrupted_run(store, book):
+    for name in ("straight", "stopped"):
+        store.create_model(name, tiny_config(dropout=0.1))  # dropout: the RNG state must resume too
+    train(store, "straight", [book], quick_train_config(steps=16, checkpoint_every=4))
+    summary = train(store, "stopped", [book], quick_train_config(steps=16, checkpoint_every=4),
+                    should_stop=lambda: len(store.metrics("stopped")) >= 7)
+    assert summary == {**summary, "status": "stopped", "step": 7}
+    resume(store, "stopped")
+    assert losses(store, "stopped") == losses(store, "straight")  # every step, bit for bit
+    assert store.lineage("stopped")["steps"] == 16
+
+
+def test_crash_resumes_from_the_last_checkpoint(store, book):
+    store.create_model("straight", tiny_config())
+    store.create_model("crashy", tiny_config())
+    train(store, "straight", [book], quick_train_config(steps=12, checkpoint_every=4))
+
+    def crash_at_step_10(event):
+        if event["type"] == "step" and event["step"] == 10:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train(store, "crashy", [book], quick_train_config(steps=12, checkpoint_every=4), on_event=crash_at_step_10)
+    resume(store, "crashy")  # from step 8: steps 9-10 are redone, their old lines replaced
+    assert losses(store, "crashy") == losses(store, "straight")
+    assert [r["step"] for r in store.metrics("crashy")] == list(range(1, 13))
+
+
+def test_a_truncated_checkpoint_is_rejected_and_the_previous_one_used(store, book):
+    store.create_model("m", tiny_config())
+    train(store, "m", [book], quick_train_config(steps=12, checkpoint_every=4),
+          should_stop=lambda: len(store.metrics("m")) >= 10)
+    ckpts = sorted(store.checkpoint_dir("m").glob("step_*.safetensors"))
+    newest = ckpts[-1]
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with pytest.raises(CorruptFile, match="damaged"):
+        azr_trainer.load_tensors(newest)
+    run = azr_trainer.json.loads((store.checkpoint_dir("m") / "run.json").read_text())
+    trainer = azr_trainer.Trainer(store, "m", run)
+    info = trainer.restore_latest()
+    assert info["path"] == ckpts[-2].name and "damaged" in info["skipped"][0]
+
+
+def test_a_flipped_byte_fails_the_checksum(store, book):
+    store.create_model("m", tiny_config())
+    path = store.model_dir("m") / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFile, match="checksum"):
+        store.load_model("m")
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor():
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
+    assert lr_at(0, tc) == pytest.approx(1e-4)
+    assert lr_at(9, tc) == pytest.approx(1e-3)
+    assert lr_at(55, tc) == pytest.approx(0.55e-3)  # halfway down the cosine
+    assert lr_at(100, tc) == pytest.approx(1e-4)
+
+
+def test_weight_decay_only_on_matrices():
+    opt = make_optimizer(GPT(tiny_config()), TrainConfig())
+    decay, no_decay = opt.param_groups
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
+
+
+def test_bits_per_byte_is_loss_in_bits_over_bytes(trained):
+    store, name = trained
+    t = azr_trainer.Trainer(store, name, {"run_id": "x", "books": ["book"], "config": vars(quick_train_config())})
+    m = t.evaluate()
+    x = torch.from_numpy(t.data["val"][: t.T + 1].astype("int64"))[None]
+    with torch.no_grad():
+        logits, _ = t.model(x[:, :-1])
+    nats = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
+    bytes_ = t.byte_len[x[0, 1:]].sum().item()
+    one = azr_trainer.evaluate_bpb(t.model, t.data["val"][: t.T + 1], t.byte_len, t.T, 1, t.device)
+    assert one["val_bpb"] == pytest.approx(nats / math.log(2) / bytes_, rel=1e-4)
+    assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]), rel=1e-3)
+
+
+def test_unigram_baseline_is_beaten_by_a_trained_model(store, book):
+    store.create_model("m", tiny_config())
+    s = train(store, "m", [book], quick_train_config(steps=80, eval_every=80, learning_rate=3e-3))
+    t = azr_trainer.Trainer(store, "m", {"run_id": "x", "books": [book], "config": vars(quick_train_config())})
+    assert s["best_val_bpb"] < azr_trainer.unigram_bpb(t.data, t.byte_len)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(steps=0), "steps"), (dict(learning_rate=5), "learning_rate"), (dict(batch_size=-1), "batch_size"),
+    (dict(precision="fp8"), "precision"),
+])
+def test_bad_training_options_are_explained(bad, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**bad).validate()
+
+
+def test_resume_without_a_run_is_a_clear_error(store):
+    store.create_model("m", tiny_config())
+    with pytest.raises(ValueError, match="no run to resume"):
+        resume(store, "m")
