@@ -18,6 +18,8 @@ reproduces the uninterrupted run's loss at every later step, bit for bit (tested
 
 import json
 import math
+import os
+import shutil
 import time
 import uuid
 from dataclasses import asdict, dataclass, fields
@@ -26,9 +28,16 @@ import numpy as np
 import torch
 
 from hardware import autocast, pick_device, pick_precision
-from store import (CorruptFile, NotFound, StoreError, atomic_write, load_tensors, load_weights, save_tensors,
-                   weights_of, write_json)
+from model import flops_per_token
+from lora import LoRAConfig, attach_lora, count_params, load_lora_state, lora_state, save_adapter
+from store import (CorruptFile, Exists, NotFound, StoreError, atomic_write, check_name, load_tensors, load_weights,
+                   save_tensors, weights_of, write_json)
 from tokenizer import Tokenizer, prepare_tokens
+
+
+# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
+# eager training on 2 cores, enough to win back ~20 s of compiling (~8 s from inductor's cache)
+COMPILE_MIN_FLOPS = 5e12
 
 
 @dataclass
@@ -49,7 +58,9 @@ class TrainConfig:
     seed: int = 1337
     device: str = "auto"
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    compile: str = "auto"  # auto | on | off: torch.compile the training forward (auto: long runs, see use_compile)
     selfplay_every: int = 0  # 0 = self-play off
+    keep_best: bool = True  # finish with the weights of the best evaluation (early stopping)
     val_fraction: float = 0.1
 
     def validate(self):
@@ -68,6 +79,7 @@ class TrainConfig:
             (1 <= self.checkpoint_every, "checkpoint_every must be >= 1"),
             (1 <= self.keep_checkpoints <= 100, "keep_checkpoints must be between 1 and 100"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "precision must be auto, fp32, bf16 or fp16"),
+            (self.compile in ("auto", "on", "off"), "compile must be auto, on or off"),
             (0 <= self.selfplay_every <= 100_000, "selfplay_every must be >= 0 (0 = off)"),
             (0.01 <= self.val_fraction <= 0.5, "val_fraction must be between 0.01 and 0.5"),
         ]
@@ -84,10 +96,6 @@ class TrainConfig:
         return cls(**d).validate()
 
 
-class Stopped(Exception):
-    """Raised inside the loop when should_stop() says so; the run is checkpointed first."""
-
-
 # ----------------------------------------------------------------------------- entry points
 
 
@@ -96,21 +104,56 @@ def train(store, name, books, tc, on_event=None, should_stop=None):
     tc.validate()
     run = {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
            "base_steps": store.lineage(name)["steps"], "started": time.time()}
+    for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
+        old.unlink()
     trainer = Trainer(store, name, run)
     return trainer.run(on_event, should_stop)
 
 
-def resume(store, name, on_event=None, should_stop=None):
-    """Continue the last unfinished run of `name` from its newest good checkpoint."""
-    path = store.checkpoint_dir(name) / "run.json"
+def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_stop=None):
+    """LoRA fine-tuning (lora.py) of model `name` on `books`: the base stays frozen, in NF4 if
+    lc.nf4 (QLoRA), and reuses its tokenizer; only the adapter trains. The run saves
+    models/<name>/adapters/<adapter>/ and leaves the base model untouched. Returns a summary."""
+    tc.validate()
+    lc = (lc or LoRAConfig()).validate()
+    check_name(adapter, "adapter")
+    if store.tokenizer(name) is None:
+        raise StoreError(f"model {name!r} has no tokenizer yet: train it on a book before fine-tuning it")
+    if adapter in store.list_adapters(name):
+        raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
+    shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
+    run = {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
+           "base_steps": 0, "started": time.time(), "adapter": adapter, "lora": lc.to_dict(),
+           "base_sha256": store.weights_sha256(name)}
+    return Trainer(store, name, run).run(on_event, should_stop)
+
+
+def resume(store, name, on_event=None, should_stop=None, adapter=None):
+    """Continue the last unfinished run of `name` (or of its adapter) from its newest good checkpoint."""
+    path = run_dir(store, name, adapter) / "run.json"
+    what = f"adapter {adapter!r} of {name!r}" if adapter else f"model {name!r}"
     if not path.exists():
-        raise NotFound(f"model {name!r} has no run to resume; start one with train")
-    run = json.loads(path.read_text())
+        raise NotFound(f"{what} has no run to resume; start one with train or finetune")
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise CorruptFile(f"{path} is damaged ({e}); this run cannot resume: start a new one with train") from e
     if run["status"] == "done":
-        raise StoreError(f"the last run of {name!r} finished; start a new one with train")
+        raise StoreError(f"the last run of {what} finished; start a new one")
+    if adapter and store.weights_sha256(name) != run["base_sha256"]:
+        raise StoreError(f"model {name!r} has other weights than when adapter {adapter!r} started; it cannot resume")
     trainer = Trainer(store, name, run)
-    trainer.restore_latest()
+    restored = trainer.restore_latest()
+    if restored["skipped"] and on_event:  # say why steps are redone: the newest checkpoint was bad
+        on_event({"type": "warning", "message": f"skipped damaged checkpoints ({'; '.join(restored['skipped'])}); "
+                                                f"resuming from {restored['path']} (step {restored['step']})"})
     return trainer.run(on_event, should_stop)
+
+
+def run_dir(store, name, adapter=None):
+    """Where a run keeps run.json and checkpoints; a fine-tune's sit under its base model's."""
+    d = store.checkpoint_dir(name)
+    return d / "adapters" / check_name(adapter, "adapter") if adapter else d
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -123,6 +166,13 @@ class Trainer:
         self.device = pick_device(tc.device)
         self.precision = pick_precision(self.device, tc.precision)
         self.model = store.load_model(name, self.device)
+        self.adapter = run.get("adapter")  # a fine-tune trains only this LoRA adapter
+        if self.adapter:
+            self.lc = LoRAConfig.from_dict(run["lora"])
+            torch.manual_seed(tc.seed)  # the same seed gives the same initial A
+            compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision, torch.float32)
+            attach_lora(self.model, self.lc, compute)
+        self.params = count_params(self.model)
         self.cfg = self.model.config
         self.T = min(tc.seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.tok, self.data, self.book_refs = load_books(store, name, run["books"], tc.val_fraction)
@@ -133,6 +183,7 @@ class Trainer:
         self.byte_len = torch.from_numpy(self.tok.byte_lengths())
         self.optimizer = make_optimizer(self.model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.forward, self.compile_note = self._compile()
         self.step = 0
         torch.manual_seed(tc.seed)  # dropout noise; restored from checkpoints on resume
         self.batch_gen = torch.Generator().manual_seed(tc.seed)
@@ -140,9 +191,13 @@ class Trainer:
         if tc.selfplay_every:
             from selfplay import SelfPlay  # only needed when the stage is on
             self.selfplay = SelfPlay(self)
-        self.ckpt_dir = store.checkpoint_dir(name)
+        self.ckpt_dir = run_dir(store, name, self.adapter)
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.best_bpb = store.lineage(name)["best_val_bpb"]
+        out_dir = store.adapter_dir(name, self.adapter, must_exist=False) if self.adapter else store.model_dir(name)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.best_bpb = None if self.adapter else store.lineage(name)["best_val_bpb"]
+        self.run_best = None  # [val_bpb, step] of this run's best evaluation
 
     # data ----------------------------------------------------------------------
     def get_batch(self, split="train"):
@@ -158,14 +213,20 @@ class Trainer:
         emit = on_event or (lambda e: None)
         tc = self.tc
         self._write_run("running")
-        metrics = open(self.store.model_dir(self.name) / "metrics.jsonl", "a", encoding="utf-8")
+        metrics = open(self.metrics_path, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
-              "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()}})
+              "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
+              "params": self.params, "run_id": self.run_info["run_id"], "compiled": self.forward is not self.model})
+        if self.compile_note:
+            emit({"type": "warning", "message": self.compile_note})
         t_start, step_start = time.time(), self.step
+        status = "done"
         try:
             while self.step < tc.steps:
                 if should_stop and should_stop():
-                    raise Stopped()
+                    status = "stopped"
+                    self.save_checkpoint()
+                    break
                 t0 = time.time()
                 row = self.train_step()
                 self.step += 1
@@ -177,6 +238,7 @@ class Trainer:
                 if self.step % tc.eval_every == 0 or self.step == tc.steps:
                     row.update(self.evaluate())
                     self.best_bpb = min(self.best_bpb or math.inf, row["val_bpb"])
+                    self._track_best(row["val_bpb"])
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 done = self.step - step_start
@@ -184,20 +246,15 @@ class Trainer:
                 emit({"type": "step", "total": tc.steps, **row})
                 if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                     self.save_checkpoint()
-        except Stopped:
-            self.save_checkpoint()
-            self._finish("stopped")
-            emit({"type": "stopped", "step": self.step, "total": tc.steps})
-            return self.summary("stopped")
+            self._finish(status)  # inside the try: a full disk here fails the run like any other error
         except Exception as e:
             self._write_run("failed", error=str(e))
             emit({"type": "failed", "step": self.step, "error": str(e)})
             raise
         finally:
             metrics.close()
-        self._finish("done")
-        emit({"type": "done", "step": self.step, "total": tc.steps, "best_val_bpb": self.best_bpb})
-        return self.summary("done")
+        emit({"type": status, "step": self.step, "total": tc.steps, "best_val_bpb": self.best_bpb})
+        return self.summary(status)
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
@@ -210,7 +267,7 @@ class Trainer:
         for _ in range(tc.grad_accum):
             x, y = self.get_batch("train")
             with autocast(self.device, self.precision):
-                _, loss = model(x, y)
+                _, loss = self.forward(x, y)
             self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.item() / tc.grad_accum
         self.scaler.unscale_(self.optimizer)
@@ -219,6 +276,28 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm.item(), 4)}
+
+    def _compile(self):
+        """-> (forward, note): torch.compile'd model when use_compile says it pays, else the model.
+        Compilation happens at the first call, so make that call now, forward and backward on a
+        dummy batch: if it fails (no C++ compiler, an op the compiler cannot handle), train eagerly
+        and say why. Evaluation and self-play use the eager model: other shapes, no recompiles."""
+        tc = self.tc
+        run_flops = tc.steps * tc.grad_accum * tc.batch_size * self.T * flops_per_token(self.cfg, self.T)
+        if not use_compile(tc, self.device, run_flops):
+            return self.model, None
+        compiled = torch.compile(self.model)
+        x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
+        self.model.train()
+        try:
+            with autocast(self.device, self.precision):
+                _, loss = compiled(x, x)
+            loss.backward()
+        except Exception as e:  # any failure of the compiler means: run without it
+            return self.model, f"torch.compile failed, training without it: {str(e).strip()[:300]}"
+        finally:
+            self.model.zero_grad(set_to_none=True)
+        return compiled, None
 
     @torch.no_grad()
     def evaluate(self, max_windows=None):
@@ -229,7 +308,7 @@ class Trainer:
     # checkpoints ---------------------------------------------------------------
     def save_checkpoint(self):
         """model + AdamW state + RNGs + step, in one safetensors file, written atomically."""
-        tensors = {f"model.{k}": v for k, v in weights_of(self.model).items()}
+        tensors = {f"model.{k}": v for k, v in self._model_tensors().items()}
         opt = self.optimizer.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
@@ -239,13 +318,16 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
-                "param_groups": opt["param_groups"], "best_val_bpb": self.best_bpb}
+                "param_groups": opt["param_groups"], "best_val_bpb": self.best_bpb,
+                "run_best": self.run_best}
         if self.selfplay:
             sp_tensors, meta["selfplay"] = self.selfplay.state()
             tensors.update({f"selfplay.{k}": v for k, v in sp_tensors.items()})
         save_tensors(self.ckpt_dir / f"step_{self.step:08d}.safetensors", tensors, meta)
         for old in sorted(self.ckpt_dir.glob("step_*.safetensors"))[: -self.tc.keep_checkpoints]:
             old.unlink()
+        for torn in self.ckpt_dir.glob(".step_*.tmp*"):  # left by a kill -9 mid-write: never valid
+            torn.unlink(missing_ok=True)
         self._write_run(self.run_info["status"])
 
     def restore_latest(self):
@@ -257,14 +339,17 @@ class Trainer:
             except CorruptFile as e:
                 errors.append(str(e))
                 continue
+            if meta.get("run_id") != self.run_info["run_id"]:
+                continue  # another run's file: resuming from it would mix two runs
             self._restore(tensors, meta)
             return {"step": self.step, "path": path.name, "skipped": errors}
         if errors:
             raise CorruptFile("every checkpoint is damaged: " + "; ".join(errors))
-        return {"step": 0, "path": None, "skipped": []}  # stopped before the first checkpoint
+        self._truncate_metrics()  # cut off before the first checkpoint: redo the run from step 0
+        return {"step": 0, "path": None, "skipped": []}
 
     def _restore(self, tensors, meta):
-        load_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self._load_model_tensors({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         state = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -277,14 +362,14 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
-        self.step, self.best_bpb = meta["step"], meta["best_val_bpb"]
+        self.step, self.best_bpb, self.run_best = meta["step"], meta["best_val_bpb"], meta.get("run_best")
         if self.selfplay and "selfplay" in meta:
             self.selfplay.load_state({k[9:]: v for k, v in tensors.items() if k.startswith("selfplay.")}, meta["selfplay"])
         self._truncate_metrics()
 
     def _truncate_metrics(self):
         """Drop this run's metric lines past the restored step: the resumed run rewrites them."""
-        path = self.store.model_dir(self.name) / "metrics.jsonl"
+        path = self.metrics_path
         if not path.exists():
             return
         keep = []
@@ -302,14 +387,39 @@ class Trainer:
         self.run_info.update(status=status, step=self.step, **extra)
         write_json(self.ckpt_dir / "run.json", self.run_info)
 
+    def _model_tensors(self):
+        # a fine-tune's checkpoint holds only the adapter: the base is frozen and stays in the store
+        return lora_state(self.model) if self.adapter else weights_of(self.model)
+
+    def _load_model_tensors(self, tensors):
+        (load_lora_state if self.adapter else load_weights)(self.model, tensors)
+
+    def _track_best(self, val_bpb):
+        """Keep the weights of this run's best evaluation on disk. A small book is memorised after
+        a few hundred steps and val loss climbs again (measured: the example book's val bits/byte
+        bottoms out near step 200-300 of 1000), so a finished run ends on its best weights."""
+        if self.tc.keep_best and (self.run_best is None or val_bpb < self.run_best[0]):
+            self.run_best = [val_bpb, self.step]
+            save_tensors(self.ckpt_dir / "best.safetensors", self._model_tensors(), {"step": self.step})
+
+    def _restore_best(self):
+        """At the end of a run: go back to the best evaluation's weights if the last is worse."""
+        if self.tc.keep_best and self.run_best and self.run_best[1] != self.step:
+            tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
+            self._load_model_tensors(tensors)
+
     def _finish(self, status):
         """Save the weights as the model's current state and record the run in its lineage."""
+        if status == "done":
+            self._restore_best()
+        if self.adapter:
+            return self._finish_adapter(status)
         self.store.save_weights(self.name, self.model)
         lin = self.store.lineage(self.name)
         runs = [r for r in lin["runs"] if r["run_id"] != self.run_info["run_id"]]
         runs.append({"run_id": self.run_info["run_id"], "books": self.book_refs, "steps": self.step,
                      "status": status, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                     "selfplay_every": self.tc.selfplay_every})
+                     "selfplay_every": self.tc.selfplay_every, "best": self.run_best})
         known = {b["sha256"] for b in lin["books"]}
         books = lin["books"] + [b for b in self.book_refs if b["sha256"] not in known]
         self.store.update_lineage(self.name, runs=runs, books=books, best_val_bpb=self.best_bpb,
@@ -318,9 +428,17 @@ class Trainer:
             self.store.save_version(self.name, note=f"run {self.run_info['run_id']}: {self.step} steps")
         self._write_run(status)
 
+    def _finish_adapter(self, status):
+        """A fine-tune saves its adapter (also when stopped: it is usable, and resume continues it)."""
+        record = {"run_id": self.run_info["run_id"], "books": self.book_refs, "steps": self.step, "status": status,
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best_val_bpb": self.best_bpb, "best": self.run_best}
+        save_adapter(self.store, self.name, self.adapter, self.model, self.lc, self.run_info["base_sha256"], record)
+        self._write_run(status)
+
     def summary(self, status):
         return {"status": status, "step": self.step, "total": self.tc.steps, "best_val_bpb": self.best_bpb,
-                "device": str(self.device), "precision": self.precision}
+                "device": str(self.device), "precision": self.precision, "params": self.params,
+                "adapter": self.adapter, "best": self.run_best}
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -342,7 +460,22 @@ def make_optimizer(model, tc):
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+    # fused: one kernel per tensor for the whole update instead of ~10 elementwise ops, each a
+    # pass over memory; on 2 EPYC cores the update takes 0.8 instead of 2.4 ms (small preset),
+    # 3.4 instead of 11.4 ms (medium), 1-4% of a training step
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def use_compile(tc, device, run_flops):
+    """Whether to torch.compile the training forward. "auto" compiles on CPU, where it was
+    measured (BENCHMARKS.md: 1.2x fp32, 2.1x bf16 train tokens/s on 2 EPYC cores), for runs long
+    enough to win back the compile time, and only with the C++ compiler inductor builds its
+    kernels with. On CUDA, ask for it with compile="on"."""
+    if tc.compile != "auto":
+        return tc.compile == "on"
+    has_cxx = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
+    return device.type == "cpu" and has_cxx and run_flops >= COMPILE_MIN_FLOPS
 
 
 @torch.no_grad()

@@ -4,6 +4,9 @@
     python cli.py train tiny --book books/example_book.txt --steps 1000
     python cli.py generate tiny --prompt "Once upon" --max-new-tokens 200
     python cli.py eval tiny --book books/example_book.txt
+    python cli.py finetune tiny --book books/another.txt --nf4 --steps 500 --adapter tiny-ru
+    python cli.py generate tiny --adapter tiny-ru --prompt "Once upon"
+    python cli.py merge tiny --adapter tiny-ru --out tiny-ru-merged
     python cli.py list
 
 Data lives under --home (default: $AZR_HOME, else this folder).
@@ -18,6 +21,7 @@ from tqdm import tqdm
 
 import azr_trainer
 from hardware import pick_device
+from lora import LoRAConfig, load_adapter, merge_adapter
 from model import PRESETS, ModelConfig, SamplingConfig, param_count, stream
 from store import Store
 from tokenizer import BookError, prepare_tokens
@@ -56,15 +60,34 @@ def cmd_train(store, args):
     print(json.dumps(summary))
 
 
+def cmd_finetune(store, args):
+    opts = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "seq_len", "eval_every",
+                                          "checkpoint_every", "seed", "device", "precision", "warmup_steps")
+            if getattr(args, k) is not None}
+    tc = azr_trainer.TrainConfig.from_dict(opts)
+    lc = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                    targets=tuple(args.targets.split(",")), rslora=args.rslora, nf4=args.nf4)
+    with ProgressBar() as bar:
+        summary = azr_trainer.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update)
+    p = summary["params"]
+    print(f"trained {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
+    print(json.dumps(summary))
+
+
+def cmd_merge(store, args):
+    merge_adapter(store, args.name, args.adapter, args.out)
+    print(f"created {args.out}: {args.name} with adapter {args.adapter} merged into its weights")
+
+
 def cmd_resume(store, args):
     with ProgressBar() as bar:
-        summary = azr_trainer.resume(store, args.name, on_event=bar.update)
+        summary = azr_trainer.resume(store, args.name, on_event=bar.update, adapter=args.adapter)
     print(json.dumps(summary))
 
 
 def cmd_generate(store, args):
     device = pick_device(args.device)
-    model = store.load_model(args.name, device)
+    model = load_adapter(store, args.name, args.adapter, device) if args.adapter else store.load_model(args.name, device)
     tok = store.tokenizer(args.name)
     if tok is None:
         raise ValueError(f"model {args.name!r} has no tokenizer yet: train it on a book first")
@@ -80,7 +103,7 @@ def cmd_generate(store, args):
 def cmd_eval(store, args):
     """Bits/byte of a model on a book's validation split, next to the unigram baseline."""
     device = pick_device(args.device)
-    model = store.load_model(args.name, device)
+    model = load_adapter(store, args.name, args.adapter, device) if args.adapter else store.load_model(args.name, device)
     tok = store.tokenizer(args.name)
     if tok is None:
         raise ValueError(f"model {args.name!r} has no tokenizer yet: train it on a book first")
@@ -148,6 +171,8 @@ class ProgressBar:
             if "selfplay" in e:
                 post["reward"] = f"{e['selfplay'].get('reward', 0):.3f}"
             self.bar.set_postfix(post)
+        elif e["type"] == "warning":
+            tqdm.write(f"warning: {e['message']}", file=sys.stderr)
 
     def __exit__(self, *exc):
         if self.bar:
@@ -185,8 +210,33 @@ def build_parser():
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
     t.set_defaults(func=cmd_train)
 
+    f = sub.add_parser("finetune", help="LoRA/QLoRA fine-tuning on a new book: trains an adapter, not the model")
+    f.add_argument("name")
+    f.add_argument("--book", action="append", required=True, help="book name or path (repeatable)")
+    f.add_argument("--adapter", required=True, help="name of the adapter to create")
+    lc = LoRAConfig()
+    f.add_argument("--lora-r", type=int, default=lc.r)
+    f.add_argument("--lora-alpha", type=float, default=lc.alpha)
+    f.add_argument("--lora-dropout", type=float, default=lc.dropout)
+    f.add_argument("--targets", default=",".join(lc.targets), help="comma-separated layer names")
+    f.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
+    f.add_argument("--nf4", action="store_true", help="keep the frozen base in 4-bit NF4 (QLoRA)")
+    for flag, typ in (("--steps", int), ("--batch-size", int), ("--learning-rate", float), ("--seq-len", int),
+                      ("--warmup-steps", int), ("--eval-every", int), ("--checkpoint-every", int), ("--seed", int),
+                      ("--device", str)):
+        f.add_argument(flag, type=typ)
+    f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    f.set_defaults(func=cmd_finetune)
+
+    m = sub.add_parser("merge", help="a new model: the base with an adapter merged into its weights")
+    m.add_argument("name")
+    m.add_argument("--adapter", required=True)
+    m.add_argument("--out", required=True, help="name of the new model")
+    m.set_defaults(func=cmd_merge)
+
     r = sub.add_parser("resume", help="continue an interrupted or stopped run")
     r.add_argument("name")
+    r.add_argument("--adapter", help="resume this adapter's fine-tune instead")
     r.set_defaults(func=cmd_resume)
 
     g = sub.add_parser("generate", help="continue a prompt")
@@ -200,6 +250,7 @@ def build_parser():
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", help="stop when this string appears")
     g.add_argument("--device", default="auto")
+    g.add_argument("--adapter", help="attach this LoRA adapter of the model")
     g.set_defaults(func=cmd_generate)
 
     e = sub.add_parser("eval", help="bits/byte on a book's validation split (JSON)")
@@ -207,6 +258,7 @@ def build_parser():
     e.add_argument("--book", required=True)
     e.add_argument("--windows", type=int, default=256, help="max windows of max_seq_len tokens to score")
     e.add_argument("--device", default="auto")
+    e.add_argument("--adapter", help="attach this LoRA adapter of the model")
     e.set_defaults(func=cmd_eval)
 
     ls = sub.add_parser("list", help="models with params, steps, best val bpb")

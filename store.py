@@ -48,6 +48,10 @@ class CorruptFile(StoreError):
     pass
 
 
+class Exists(StoreError):
+    """The name is taken (the web API answers 409 Conflict)."""
+
+
 def check_name(name, what="model"):
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise StoreError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-'")
@@ -145,16 +149,27 @@ class Store:
     def book_path(self, name):
         return self.home / "books" / f"{check_name(name, 'book')}.txt"
 
+    def adapter_dir(self, name, adapter, must_exist=True):
+        """models/<name>/adapters/<adapter>/: adapter.safetensors + adapter_config.json (lora.py)."""
+        d = self.model_dir(name) / "adapters" / check_name(adapter, "adapter")
+        if must_exist and not (d / "adapter_config.json").exists():
+            raise NotFound(f"model {name!r} has no adapter {adapter!r}; its adapters: {self.list_adapters(name)}")
+        return d
+
     # models ------------------------------------------------------------------
-    def create_model(self, name, cfg, seed=0, parent=None):
+    def create_model(self, name, cfg, seed=0, parent=None, model=None, tokenizer=None):
+        """A new model: fresh weights from `seed`, or given ones (`model`, `tokenizer`: a merge)."""
         d = self.model_dir(name, must_exist=False)
         if (d / "config.json").exists():
-            raise StoreError(f"a model named {name!r} already exists; pick another name or delete it")
+            raise Exists(f"a model named {name!r} already exists; pick another name or delete it")
         cfg.validate()
+        check_fits_in_memory(cfg)
         torch.manual_seed(seed)
-        model = GPT(cfg)
+        model = model if model is not None else GPT(cfg)
         d.mkdir(parents=True, exist_ok=True)
         self.save_weights(name, model)
+        if tokenizer is not None:
+            tokenizer.save(d / "tokenizer.json")
         write_json(d / "lineage.json", {
             "name": name, "created": _now(), "parent": parent, "books": [], "runs": [],
             "steps": 0, "best_val_bpb": None, "versions": [],
@@ -176,6 +191,12 @@ class Store:
 
     def save_weights(self, name, model, extra_meta=None):
         save_tensors(self.model_dir(name, must_exist=False) / "model.safetensors", weights_of(model), extra_meta)
+
+    def weights_sha256(self, name):
+        """The checksum in the header of the current weights: names the exact weights (adapters
+        record the one they were trained on)."""
+        with safe_open(str(self.model_dir(name) / "model.safetensors"), framework="pt") as f:
+            return (f.metadata() or {}).get("sha256")
 
     def tokenizer(self, name):
         """The model's tokenizer, or None before its first training run."""
@@ -242,20 +263,21 @@ class Store:
         return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)
 
     # metrics -----------------------------------------------------------------
-    def metrics(self, name, since_line=0):
-        p = self.model_dir(name) / "metrics.jsonl"
+    def metrics(self, name, since_line=0, adapter=None):
+        d = self.adapter_dir(name, adapter, must_exist=False) if adapter else self.model_dir(name)
+        p = d / "metrics.jsonl"
         if not p.exists():
             return []
-        with open(p, encoding="utf-8") as f:
+        with open(p, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()[since_line:]
-        return [json.loads(line) for line in lines if line.strip()]
+        return [row for row in map(_json_or_none, lines) if row is not None]
 
     # books -------------------------------------------------------------------
     def add_book(self, name, data, filename="book.txt"):
         """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info."""
         path = self.book_path(name)
         if path.exists():
-            raise StoreError(f"a book named {name!r} already exists; delete it first or pick another name")
+            raise Exists(f"a book named {name!r} already exists; delete it first or pick another name")
         book = read_book(data, filename)
         text = book.text.encode("utf-8")
         info = {"name": name, "filename": os.path.basename(filename), "bytes": len(data),
@@ -317,6 +339,19 @@ class Store:
         return stem, text, hashlib.sha256(text.encode()).hexdigest()
 
 
+def check_fits_in_memory(cfg):
+    """Refuse a model whose training state (weights, grads, AdamW: 16 bytes a parameter) would
+    take more than half of the memory this machine has free, before allocating anything."""
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not Linux: no cheap reading, trust the limits
+        return
+    need = 16 * param_count(cfg)
+    if need > free / 2:
+        raise StoreError(f"this config needs about {need / 2**30:.1f} GiB to train ({param_count(cfg):,} parameters), "
+                         f"more than half of the {free / 2**30:.1f} GiB free here; make it smaller")
+
+
 def weights_of(model):
     """The state dict to save: the tied lm_head is the same tensor as wte, so it is left out."""
     return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -326,6 +361,14 @@ def load_weights(model, tensors):
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if set(missing) - {"lm_head.weight"} or unexpected:
         raise CorruptFile(f"weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _json_or_none(line):
+    """A metrics line, or None for a blank line or one torn by a crash in the middle of writing it."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _now():

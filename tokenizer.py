@@ -19,7 +19,10 @@ import io
 import json
 import os
 import re
+import shutil
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -83,8 +86,10 @@ def decode_bytes(data):
     """bytes -> (str, encoding name). Rejects binary files."""
     if data.startswith(b"\xef\xbb\xbf"):
         return data[3:].decode("utf-8", errors="replace"), "utf-8-sig"
+    if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):  # checked first: it starts like UTF-16's
+        return data.decode("utf-32", errors="replace"), "utf-32"
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return data.decode("utf-16"), "utf-16"
+        return data.decode("utf-16", errors="replace"), "utf-16"  # an odd last byte becomes U+FFFD
     try:  # most books are UTF-8: strict decoding is exact and instant
         text = data.decode("utf-8")
         if _mostly_printable(text):
@@ -170,10 +175,13 @@ def _epub_text(data):
     if total > MAX_UNZIPPED_BYTES or any(i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1) + 2**20 for i in infos):
         raise BookError("this .epub inflates to an implausible size (zip bomb?); refusing to open it")
     names = [i.filename for i in infos if i.filename.lower().endswith((".xhtml", ".html", ".htm"))]
-    names = _spine_order(z, names)
-    if not names:
-        raise BookError("this .epub holds no XHTML chapters")
-    chapters = [_markup_text(z.read(n).decode("utf-8", errors="replace")) for n in names]
+    try:  # a member can still be encrypted, damaged or lie about its size: zipfile finds out on read
+        names = _spine_order(z, names)
+        if not names:
+            raise BookError("this .epub holds no XHTML chapters")
+        chapters = [_markup_text(z.read(n).decode("utf-8", errors="replace")) for n in names]
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
+        raise BookError(f"this .epub cannot be read (damaged, encrypted or compressed oddly): {e}") from e
     return "\n\n".join(c for c in chapters if c.strip())
 
 
@@ -366,14 +374,26 @@ def prepare_tokens(tok, book_texts, cache_dir, val_fraction=0.1):
     meta_path = d / "meta.json"
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
     if not meta_path.exists():
-        d.mkdir(parents=True, exist_ok=True)
-        text = ("\n" + EOT + "\n").join(book_texts[n] for n in sorted(book_texts))
-        n = encode_to_file(tok, text, d / "all.bin")
-        if n < 64:
-            raise BookError(f"the book gives only {n} tokens; training needs a longer text")
-        split_train_val(d / "all.bin", d / "train.bin", d / "val.bin", dtype, val_every=round(1 / val_fraction))
-        os.remove(d / "all.bin")
-        _write_json(meta_path, {"tokens": n, "dtype": np.dtype(dtype).name, "books": sorted(book_texts)})
+        # build in a private folder and rename it into place: two processes (a training run and
+        # an evaluation) may encode the same books at once, and must not write each other's files
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=cache_dir))
+        try:
+            text = ("\n" + EOT + "\n").join(book_texts[n] for n in sorted(book_texts))
+            n = encode_to_file(tok, text, tmp / "all.bin")
+            if n < 64:
+                raise BookError(f"the book gives only {n} tokens; training needs a longer text")
+            split_train_val(tmp / "all.bin", tmp / "train.bin", tmp / "val.bin", dtype, val_every=round(1 / val_fraction))
+            os.remove(tmp / "all.bin")
+            _write_json(tmp / "meta.json", {"tokens": n, "dtype": np.dtype(dtype).name, "books": sorted(book_texts)})
+            if d.exists() and not meta_path.exists():
+                shutil.rmtree(d, ignore_errors=True)  # an unfinished folder from an older version
+            os.rename(tmp, d)  # fails if another process got there first: its files are the same
+        except OSError:
+            if not meta_path.exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return {s: np.memmap(d / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
 
 

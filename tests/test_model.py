@@ -173,3 +173,12 @@ def test_memory_estimate_grows_with_batch():
     small, big = M.memory_estimate(M.PRESETS["small"], 8), M.memory_estimate(M.PRESETS["small"], 32)
     assert small["weights"] == 4 * param_count(M.PRESETS["small"])
     assert big["activations"] > small["activations"] and big["weights"] == small["weights"]
+
+
+def test_sampling_draws_each_token_with_its_filtered_probability():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])  # top_k=3 removes the last two
+    logits = probs.clamp_min(1e-9).log().expand(40_000, 5)
+    sc = SamplingConfig(temperature=1.0, top_k=3, top_p=1.0)
+    draws = M.sample_next(logits, sc, generator=torch.Generator().manual_seed(0))  # (40000, 1)
+    freq = torch.bincount(draws[:, 0], minlength=5).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0, 0]) / 0.95, atol=0.01)

@@ -128,3 +128,27 @@ def test_resume_without_a_run_is_a_clear_error(store):
     store.create_model("m", tiny_config())
     with pytest.raises(ValueError, match="no run to resume"):
         resume(store, "m")
+
+
+def test_a_finished_run_keeps_its_best_weights(store, book, monkeypatch):
+    """Early stopping: when val gets worse after step 20, the model ends on step 20's weights."""
+    scores = iter([3.0, 2.0, 2.5])
+    monkeypatch.setattr(azr_trainer.Trainer, "evaluate", lambda self: {"val_loss": 1.0, "val_ppl": 2.7, "val_bpb": next(scores)})
+    store.create_model("m", tiny_config())
+    summary = train(store, "m", [book], quick_train_config(steps=30, checkpoint_every=10, keep_checkpoints=5))
+    assert summary["best"] == [2.0, 20]
+    at_20, _ = azr_trainer.load_tensors(store.checkpoint_dir("m") / "step_00000020.safetensors")
+    final = store.load_model("m").state_dict()
+    assert all(torch.equal(final[k[6:]], v) for k, v in at_20.items() if k.startswith("model."))
+
+
+def test_a_new_run_never_resumes_from_an_old_runs_checkpoint(store, book):
+    store.create_model("m", tiny_config())
+    train(store, "m", [book], quick_train_config(steps=20, checkpoint_every=5))
+    summary = train(store, "m", [book], quick_train_config(steps=20, checkpoint_every=5),
+                    should_stop=lambda: sum(1 for r in store.metrics("m") if r["step"] <= 20) >= 20 + 3)
+    assert summary["step"] == 3
+    resumed = resume(store, "m")
+    assert resumed["status"] == "done"
+    second_run = [r["step"] for r in store.metrics("m")][20:]
+    assert second_run == list(range(1, 21))  # steps 1-3, then 4-20 from the restart: not 11-20 of the old run

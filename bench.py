@@ -1,0 +1,484 @@
+"""Benchmarks: our trainer against Hugging Face transformers on the same model, in the same run.
+
+A speed number alone says little: CPUs differ, and so does the load on a shared machine from one
+minute to the next. So every row here is a *ratio*: our code and a peer — HF `GPT2LMHeadModel`
+with the identical configuration (sdpa attention, dropout 0, tied embeddings, torch AdamW with the
+same hyperparameters, the same autocast) — run in alternating rounds (A B, B A, A B ...) in one
+process, and we report the median of the per-round ratios. Slow drifts in load hit both sides.
+
+What is measured (`python bench.py`, `--json` for machine-readable output):
+- train tokens/s in steady state (after warm-up), for the small and medium presets, fp32 and bf16
+  (bf16 only where the CPU/GPU has it natively, see hardware.py);
+- MFU, model FLOPs utilisation (PaLM, Chowdhery et al. 2022, app. B): flops_per_token * tokens/s
+  over the peak of *this* machine, measured here with a large matmul in the same dtype;
+- generation tokens/s at batch 1, 200 new tokens: with the KV cache, without it (the whole prefix
+  re-run for each token), and the peer's `generate()` with the same sampling settings;
+- peak memory of one training step: tensors alive before it (weights, optimizer state) plus the
+  high-water mark of allocations during it, read from the PyTorch profiler's allocator events —
+  exact for tensors, blind to the Python interpreter and the allocator's free lists;
+- NF4 (quant.py): bits per parameter, quantize and dequantize speed.
+
+`python bench.py quality --minutes 5` trains the small preset on tinyshakespeare for a time
+budget and reports validation bits/byte: quality per minute, the number the defaults are tuned on.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from azr_trainer import Trainer, TrainConfig, evaluate_bpb
+from hardware import autocast, pick_device, pick_precision
+from model import PRESETS, GPT, ModelConfig, SamplingConfig, flops_per_token, generate_ids, memory_estimate, sample_next
+from store import Store
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
+EXAMPLE_BOOK = ROOT / "books" / "example_book.txt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# (batch, seq_len) of the train rows: the shapes the issue's peer numbers were taken at
+SHAPES = {"small": (16, 128), "medium": (8, 256)}
+TINY = ModelConfig(512, 32, 2, 2, 64, 32)  # --quick: the test suite's tiny model
+FULL = dict(rounds=7, steps_per_round=4, warmup_steps=4, new_tokens=200, gen_rounds=3, matmul_n=2048)
+QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_rounds=1, matmul_n=256)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality"])
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
+    p.add_argument("--presets", default="small,medium")
+    p.add_argument("--precisions", default="auto", help="comma list, or auto: fp32 plus bf16 where native")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
+    p.add_argument("--no-peer", action="store_true", help="skip transformers even when installed")
+    p.add_argument("--compile", default="on", choices=["on", "off", "auto"],
+                   help="our trainer's torch.compile setting (on: also time it without, as 'eager')")
+    p.add_argument("--minutes", type=float, default=5.0, help="quality: training time budget")
+    p.add_argument("--book", default=str(SHAKESPEARE), help="quality: the book to train and validate on")
+    p.add_argument("--sweep", action="store_true", help="quality: try each candidate in CANDIDATES")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="quality: a TrainConfig change, e.g. --set learning_rate=3e-3 (repeatable)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.mode == "quality":
+        result = run_quality(args)
+    else:
+        result = run_speed(args)
+    print(json.dumps(result, indent=1) if args.json else format_report(result))
+    return result
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+def run_speed(args):
+    sizes = QUICK if args.quick else FULL
+    device = pick_device(args.device)
+    precisions = pick_precisions(device, args.precisions)
+    peer = None if args.no_peer else load_peer()
+    presets = {"tiny": TINY} if args.quick else {k: PRESETS[k] for k in args.presets.split(",")}
+    book = EXAMPLE_BOOK if args.quick or not SHAKESPEARE.exists() else SHAKESPEARE
+    result = {"meta": machine_info(device, args, book, peer), "peak_gflops": {}, "train": [], "generate": [], "nf4": None}
+    for prec in precisions:
+        result["peak_gflops"][prec] = matmul_peak(DTYPES[prec], device, sizes["matmul_n"])
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(home)
+        store.add_book("book", book.read_bytes(), book.name)
+        for name, cfg in presets.items():
+            B, T = (4, 32) if args.quick else SHAPES[name]
+            for prec in precisions:
+                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=args.compile)
+                result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
+                log(result["train"][-1])
+                result["generate"].append(generate_row(name, cfg, device, prec, peer, sizes))
+                log(result["generate"][-1])
+    for prec in precisions:  # the peak is the best the machine did: measure again, keep the max
+        result["peak_gflops"][prec] = max(result["peak_gflops"][prec], matmul_peak(DTYPES[prec], device, sizes["matmul_n"]))
+    for row in result["train"]:
+        for k in ("ours", "eager", "peer"):
+            if row.get(f"{k}_tok_s"):
+                row[f"{k}_mfu"] = row[f"{k}_tok_s"] * row["flops_per_token"] / 1e9 / result["peak_gflops"][row["precision"]]
+    result["nf4"] = nf4_row(PRESETS["medium"] if not args.quick else TINY, device)
+    result["meta"]["loadavg_end"] = load_average()
+    return result
+
+
+def pick_precisions(device, requested):
+    if requested != "auto":
+        return requested.split(",")
+    # emulated bf16 is 10-50x slower than fp32 (hardware.py): measuring it would only say that
+    return ["fp32"] + (["bf16"] if pick_precision(device) == "bf16" else [])
+
+
+def make_trainer(store, name, cfg, tc):
+    """A real Trainer on the book, exactly as train() builds one: the benchmark times the code
+    users run (batches from the memmap, autocast, clipping, the optimizer), not a copy of it."""
+    store.create_model(name, cfg)
+    run = {"run_id": uuid.uuid4().hex[:8], "books": ["book"], "config": asdict(tc), "status": "running",
+           "base_steps": 0, "started": time.time()}
+    return Trainer(store, name, run)
+
+
+def train_row(store, preset, cfg, tc, peer, sizes):
+    """Steady-state train tokens/s in alternating rounds of: our trainer as configured ("ours"),
+    our trainer without torch.compile ("eager", when ours compiles) and the peer."""
+    contestants, setup_s = {}, {}
+    for k, compile_ in [("ours", tc.compile)] + ([("eager", "off")] if tc.compile == "on" else []):
+        t0 = time.perf_counter()
+        trainer = make_trainer(store, f"{preset}-{tc.precision}-{k}", cfg, replace(tc, compile=compile_))
+        setup_s[k] = time.perf_counter() - t0  # tokenizer, token arrays and, for "ours", compilation
+        contestants[k] = trainer_step(trainer)
+    if peer:
+        contestants["peer"] = peer_train_step(peer, trainer)
+    for step in contestants.values():
+        for _ in range(sizes["warmup_steps"]):
+            step()
+    n = sizes["steps_per_round"]
+    times = interleave({k: (lambda f=f: [f() for _ in range(n)]) for k, f in contestants.items()}, sizes["rounds"])
+    tokens = n * tc.batch_size * trainer.T
+    rate = {k: [tokens / t for t in ts] for k, ts in times.items()}
+    row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
+           "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
+           "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4)["total"] / 2**20,
+           "ours_compiled": contestants["ours"].trainer.forward is not contestants["ours"].trainer.model}
+    for k, step in contestants.items():
+        row[f"{k}_tok_s"] = statistics.median(rate[k])
+        row[f"{k}_peak_mb"] = step_peak_bytes(step, step.model, step.optimizer) / 2**20
+        if k != "peer":
+            row[f"{k}_setup_s"] = setup_s[k]
+    if peer:
+        row["peer_params"] = sum(p.numel() for p in contestants["peer"].model.parameters())
+        for k in contestants:
+            if k != "peer":  # the median of per-round ratios: each pair ran under the same load
+                row[f"{k}_ratio"] = statistics.median(a / b for a, b in zip(rate[k], rate["peer"]))
+    return row
+
+
+def trainer_step(trainer):
+    def step():
+        trainer.train_step()
+        trainer.step += 1
+
+    step.trainer, step.model, step.optimizer = trainer, trainer.model, trainer.optimizer
+    return step
+
+
+def peer_train_step(peer, trainer):
+    """The loop a user of transformers would write: same batches, autocast, clipping, AdamW."""
+    model = peer["model"](trainer.cfg).to(trainer.device)
+    optimizer = peer_optimizer(model, trainer.tc)
+
+    def step():
+        x, _ = trainer.get_batch("train")
+        with autocast(trainer.device, trainer.precision):
+            loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.tc.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # what a progress bar would read, as our train_step does
+
+    step.model, step.optimizer = model, optimizer
+    return step
+
+
+def peer_optimizer(model, tc):
+    """torch's AdamW as a user gets it (default implementation), with our groups and settings."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": tc.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8)
+
+
+def generate_row(preset, cfg, device, precision, peer, sizes):
+    """Batch-1 sampling speed of 200 new tokens after a 16-token prompt. A preset whose context
+    is shorter than that gets a longer position table here (both models): only wpe grows."""
+    n = sizes["new_tokens"]
+    cfg = replace(cfg, max_seq_len=max(cfg.max_seq_len, 16 + n))
+    torch.manual_seed(0)
+    ours = GPT(cfg).to(device).eval()
+    prompt = torch.randint(cfg.vocab_size, (1, 16), device=device)
+    sc = SamplingConfig(max_new_tokens=n, seed=0)  # SamplingConfig's defaults: T 0.8, top-k 50, top-p 0.95
+    runs = {"cache": lambda: sum(1 for _ in generate_ids(ours, prompt, sc)),
+            "no_cache": lambda: generate_without_cache(ours, prompt, sc)}
+    if peer:
+        model = peer["model"](cfg).to(device).eval()
+        runs["peer"] = lambda: peer["generate"](model, prompt, sc)
+    with autocast(device, precision):
+        for f in runs.values():
+            f()  # warm-up
+        times = interleave(runs, sizes["gen_rounds"])
+    rate = {k: [n / t for t in ts] for k, ts in times.items()}
+    row = {"preset": preset, "precision": precision, "new_tokens": n,
+           "ours_cache_tok_s": statistics.median(rate["cache"]), "ours_no_cache_tok_s": statistics.median(rate["no_cache"]),
+           "peer_tok_s": None, "ratio": None}
+    if peer:
+        row.update(peer_tok_s=statistics.median(rate["peer"]),
+                   ratio=statistics.median(a / b for a, b in zip(rate["cache"], rate["peer"])))
+    return row
+
+
+@torch.no_grad()
+def generate_without_cache(model, idx, sc):
+    """nanoGPT's generate: the whole sequence goes through the model again for every new token."""
+    gen = torch.Generator(device=idx.device).manual_seed(sc.seed)
+    for _ in range(sc.max_new_tokens):
+        logits, _ = model(idx)
+        nxt = sample_next(logits[:, -1, :], sc, idx, gen)  # (1, 1)
+        logits[0, -1].float().softmax(-1)  # the token view's probabilities, as generate_ids yields
+        idx = torch.cat([idx, nxt], dim=1)
+    return idx
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def interleave(fns, rounds):
+    """Run every fn once per round, alternating the order (A B, B A, ...) -> {name: [seconds]}."""
+    names, times = list(fns), {k: [] for k in fns}
+    for r in range(rounds):
+        for k in names if r % 2 == 0 else names[::-1]:
+            times[k].append(timed(fns[k]))
+    return times
+
+
+def timed(f):
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    f()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def matmul_peak(dtype, device, n=2048, reps=8):
+    """GFLOP/s of the best of `reps` (n, n) x (n, n) matmuls: 2 n^3 FLOPs each."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b  # warm-up: the first call picks kernels and faults in pages
+    return 2 * n**3 / min(timed(lambda: a @ b) for _ in range(reps)) / 1e9
+
+
+def step_peak_bytes(step, model, optimizer):
+    """Peak tensor memory of one training step, in bytes.
+
+    Weights and optimizer state are alive before the step; on top of them the step allocates
+    activations, gradients and temporaries. On CUDA the allocator keeps the high-water mark; on
+    CPU we replay the profiler's allocation events ([memory]: +bytes, -bytes) in time order."""
+    before = sum(t.numel() * t.element_size() for t in _tensors(model, optimizer))
+    if next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return before + torch.cuda.max_memory_allocated() - base
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return before + peak
+
+
+def _tensors(model, optimizer):
+    seen = {id(p): p for p in model.parameters()}  # tied weights once
+    for state in optimizer.state.values():
+        seen.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return seen.values()
+
+
+def nf4_row(cfg, device):
+    """Bits per parameter of the medium model's Linear layers in NF4, and the speed of quantizing
+    and dequantizing all of them (millions of parameters per second)."""
+    try:
+        import quant
+    except ImportError:
+        return None  # the LoRA/NF4 module has not landed
+    torch.manual_seed(0)
+    weights = [m.weight.detach().to(device) for n, m in GPT(cfg).named_modules()
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    n = sum(w.numel() for w in weights)
+    quantized = [quant.quantize_nf4(w) for w in weights]  # warm-up
+    q_s = min(timed(lambda: [quant.quantize_nf4(w) for w in weights]) for _ in range(3))
+    dq_s = min(timed(lambda: [quant.dequantize_nf4(q, w.shape) for q, w in zip(quantized, weights)]) for _ in range(3))
+    stored = sum(quant.tensor_bytes(q.values()) for q in quantized)
+    return {"params": n, "bits_per_param": 8 * stored / n, "quantize_mparams_s": n / q_s / 1e6,
+            "dequantize_mparams_s": n / dq_s / 1e6}
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def load_peer():
+    """HF transformers' GPT-2, built from our config; None when transformers is not installed."""
+    try:
+        import transformers
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return None
+    transformers.logging.set_verbosity_error()
+
+    def model(cfg):
+        hf = GPT2Config(vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.num_layers, n_head=cfg.num_heads,
+                        n_inner=cfg.d_ff, n_positions=cfg.max_seq_len, activation_function="gelu_new",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5,
+                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                        attn_implementation="sdpa")
+        return GPT2LMHeadModel(hf)
+
+    def generate(model, prompt, sc):
+        n = sc.max_new_tokens
+        return model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=sc.temperature,
+                              top_k=sc.top_k, top_p=sc.top_p)
+
+    def params(model):
+        return sum(p.numel() for p in model.parameters())
+
+    return {"model": model, "generate": generate, "params": params, "version": transformers.__version__}
+
+
+# ----------------------------------------------------------------------------- quality per minute
+
+# The sweep that chose TrainConfig's defaults (BENCHMARKS.md has the table): one change at a time
+# from the defaults, each trained for the same wall-clock budget.
+CANDIDATES = [
+    {},
+    {"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"learning_rate": 5e-3},
+    {"batch_size": 8}, {"batch_size": 32},
+    {"seq_len": 64},
+    {"warmup_steps": 20}, {"warmup_steps": 100},
+]
+
+
+def run_quality(args):
+    """Val bits/byte of the small preset after `minutes` of training on the book, per candidate."""
+    device = pick_device(args.device)
+    book = Path(args.book)
+    base = dict(_parse_set(kv) for kv in args.set)
+    candidates = [{**base, **c} for c in CANDIDATES] if args.sweep else [base]
+    result = {"meta": machine_info(device, args, book, None), "minutes": args.minutes, "rows": []}
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(home)
+        store.add_book("book", book.read_bytes(), book.name)
+        for i, changes in enumerate(candidates):
+            row = quality_run(store, f"q{i}", changes, args.minutes, device)
+            result["rows"].append(row)
+            log(row)
+    result["meta"]["loadavg_end"] = load_average()
+    return result
+
+
+def quality_run(store, name, changes, minutes, device):
+    """Calibrate the step time, set `steps` so training fills the budget (the cosine schedule
+    then ends on time), train, and measure bits/byte on the whole validation split."""
+    tc = TrainConfig(**{**dict(eval_every=10**6, checkpoint_every=10**6, device=str(device)), **changes})
+    trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=10**6))
+    t0 = time.perf_counter()
+    for _ in range(3):
+        trainer.train_step()  # warm-up (and compilation, if the trainer compiles)
+    warmup_s = time.perf_counter() - t0
+    step_s = statistics.median(timed(trainer.train_step) for _ in range(10))
+    steps = max(1, int((minutes * 60 - warmup_s) / step_s))
+    trainer = make_trainer(store, name + "r", PRESETS["small"], replace(tc, steps=steps))
+    t0 = time.perf_counter()
+    trainer.run()
+    wall_s = time.perf_counter() - t0
+    val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, trainer.T, 10**9, trainer.device,
+                       trainer.precision)
+    return {"changes": changes, "steps": steps, "tokens": steps * tc.batch_size * trainer.T, "wall_s": wall_s,
+            "precision": trainer.precision, **val}
+
+
+def _parse_set(kv):
+    key, _, value = kv.partition("=")
+    kind = type(getattr(TrainConfig(), key))
+    return key, kind(float(value)) if kind is int else kind(value)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info(device, args, book, peer):
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": peer["version"] if peer else None, "book": book.name,
+            "command": "python " + " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "loadavg_start": load_average()}
+
+
+def log(row):
+    """Progress on stderr: a full run takes minutes."""
+    print(json.dumps(row, default=str), file=sys.stderr, flush=True)
+
+
+def load_average():
+    return [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def format_report(r):
+    m = r["meta"]
+    lines = [f"{m['date']}  {m['cpu']} ({m['cpu_capability']}), {m['threads']} threads, device {m['device']}, "
+             f"torch {m['torch']}, transformers {m['transformers']}, load {m['loadavg_start']} -> {m.get('loadavg_end')}",
+             f"command: {m['command']}", ""]
+    if "rows" in r:
+        return "\n".join(lines + _table(["changes", "steps", "tokens", "wall s", "precision", "val bpb"],
+                                        [[json.dumps(x["changes"]), x["steps"], x["tokens"], x["wall_s"], x["precision"],
+                                          x["val_bpb"]] for x in r["rows"]]))
+    lines.append("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gflops"].items()))
+    lines += [""] + _table(
+        ["preset", "prec", "B x T", "ours tok/s", "eager tok/s", "peer tok/s", "ours/peer", "eager/peer", "ours MFU",
+         "peer MFU", "ours peak MB", "peer peak MB", "estimate MB", "compile s"],
+        [[x["preset"], x["precision"], f"{x['batch']} x {x['seq_len']}", x["ours_tok_s"], x.get("eager_tok_s"),
+          x.get("peer_tok_s"), x.get("ours_ratio"), x.get("eager_ratio"), _pct(x["ours_mfu"]), _pct(x.get("peer_mfu")),
+          x["ours_peak_mb"], x.get("peer_peak_mb"), x["estimate_mb"],
+          x["ours_setup_s"] - x["eager_setup_s"] if "eager_setup_s" in x else None] for x in r["train"]])
+    lines += [""] + _table(
+        ["preset", "prec", "new tokens", "ours KV cache tok/s", "ours no cache tok/s", "peer generate() tok/s", "ours/peer"],
+        [[x["preset"], x["precision"], x["new_tokens"], x["ours_cache_tok_s"], x["ours_no_cache_tok_s"], x["peer_tok_s"],
+          x["ratio"]] for x in r["generate"]])
+    if r["nf4"]:
+        q = r["nf4"]
+        lines += ["", f"NF4 on {q['params']:,} Linear weights: {q['bits_per_param']:.3f} bits/param, quantize "
+                      f"{q['quantize_mparams_s']:.1f} M params/s, dequantize {q['dequantize_mparams_s']:.1f} M params/s"]
+    return "\n".join(lines)
+
+
+def _pct(x):
+    return None if x is None else f"{100 * x:.0f}%"
+
+
+def _table(header, rows):
+    """A markdown table; floats get 3 significant digits (or 2 decimals when < 10)."""
+    def cell(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2f}" if abs(v) < 10 else f"{v:,.0f}"
+        return str(v)
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return out + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+
+
+if __name__ == "__main__":
+    main()

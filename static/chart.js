@@ -1,0 +1,159 @@
+// A small line chart on a <canvas>, written for this page (no library, works offline).
+//
+//   const c = new LineChart(canvas, {title: "Loss", series: [{label: "train", color: "#2a6fdb"}]});
+//   c.push(0, step, loss);  c.draw();
+//
+// Axes get "round" ticks (1, 2 or 5 times a power of ten), the canvas is drawn at the screen's
+// pixel density so lines stay sharp, and hovering shows the values nearest the mouse.
+"use strict";
+
+class LineChart {
+  constructor(canvas, {title = "", series = [], xLabel = "step"} = {}) {
+    this.canvas = canvas;
+    this.title = title;
+    this.xLabel = xLabel;
+    this.series = series.map(s => ({...s, points: []}));
+    this.hoverX = null;
+    canvas.addEventListener("mousemove", e => { this.hoverX = e.offsetX; this.draw(); });
+    canvas.addEventListener("mouseleave", () => { this.hoverX = null; this.draw(); });
+  }
+
+  clear() { this.series.forEach(s => { s.points = []; }); }
+
+  // Add a point; a point at or before the last x (a resumed run rewrites those steps) replaces them.
+  push(i, x, y) {
+    if (y == null || !isFinite(y)) return;
+    const pts = this.series[i].points;
+    while (pts.length && pts[pts.length - 1][0] >= x) pts.pop();
+    pts.push([x, y]);
+  }
+
+  draw() {
+    const ctx = this.canvas.getContext("2d");
+    const dpr = window.devicePixelRatio || 1;
+    const W = this.canvas.clientWidth, H = this.canvas.clientHeight;
+    if (!W || !H) return;  // hidden tab: drawn when shown
+    this.canvas.width = Math.round(W * dpr);
+    this.canvas.height = Math.round(H * dpr);
+    ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+    ctx.clearRect(0, 0, W, H);
+    ctx.font = "12px system-ui, sans-serif";
+    const box = {left: 52, right: W - 12, top: 46, bottom: H - 26};
+    this._legend(ctx, box);
+    const all = this.series.flatMap(s => s.points);
+    if (!all.length) {
+      ctx.fillStyle = "#888";
+      ctx.fillText("no data yet", box.left + 8, (box.top + box.bottom) / 2);
+      return;
+    }
+    const xr = range(all.map(p => p[0]), false), yr = range(all.map(p => p[1]), true);
+    const sx = x => box.left + (x - xr[0]) / (xr[1] - xr[0]) * (box.right - box.left);
+    const sy = y => box.bottom - (y - yr[0]) / (yr[1] - yr[0]) * (box.bottom - box.top);
+    this._axes(ctx, box, xr, yr, sx, sy);
+    for (const s of this.series) this._line(ctx, s, sx, sy, box);
+    if (this.hoverX != null && this.hoverX >= box.left && this.hoverX <= box.right) this._hover(ctx, box, sx, sy, xr);
+  }
+
+  // the title on the first line, then each series' colour, name and newest value on the second
+  _legend(ctx, box) {
+    ctx.fillStyle = "#222";
+    ctx.font = "bold 13px system-ui, sans-serif";
+    ctx.fillText(this.title, box.left - 40, 16);
+    ctx.font = "12px system-ui, sans-serif";
+    let x = box.left - 40;
+    for (const s of this.series) {
+      const last = s.points.length ? " " + fmtTick(s.points[s.points.length - 1][1]) : "";
+      ctx.fillStyle = s.color;
+      ctx.fillRect(x, 29, 12, 4);
+      ctx.fillStyle = "#444";
+      ctx.fillText(s.label + last, x + 16, 35);
+      x += 16 + ctx.measureText(s.label + last).width + 18;
+    }
+  }
+
+  _axes(ctx, box, xr, yr, sx, sy) {
+    ctx.strokeStyle = "#e4e4e4";
+    ctx.fillStyle = "#666";
+    ctx.lineWidth = 1;
+    ctx.textAlign = "right";
+    for (const y of ticks(yr[0], yr[1], 5)) {
+      ctx.beginPath(); ctx.moveTo(box.left, sy(y)); ctx.lineTo(box.right, sy(y)); ctx.stroke();
+      ctx.fillText(fmtTick(y), box.left - 6, sy(y) + 4);
+    }
+    ctx.textAlign = "center";
+    for (const x of ticks(xr[0], xr[1], 6, 1)) ctx.fillText(fmtTick(x), sx(x), box.bottom + 16);  // steps are whole
+    ctx.textAlign = "left";
+    ctx.strokeStyle = "#999";
+    ctx.beginPath(); ctx.moveTo(box.left, box.top); ctx.lineTo(box.left, box.bottom); ctx.lineTo(box.right, box.bottom); ctx.stroke();
+  }
+
+  _line(ctx, s, sx, sy, box) {
+    const pts = decimate(s.points, Math.max(50, box.right - box.left));
+    ctx.strokeStyle = ctx.fillStyle = s.color;
+    ctx.lineWidth = 1.6;
+    ctx.beginPath();
+    pts.forEach(([x, y], i) => (i ? ctx.lineTo(sx(x), sy(y)) : ctx.moveTo(sx(x), sy(y))));
+    ctx.stroke();
+    if (pts.length < 40) pts.forEach(([x, y]) => { ctx.beginPath(); ctx.arc(sx(x), sy(y), 2.5, 0, 7); ctx.fill(); });
+  }
+
+  _hover(ctx, box, sx, sy, xr) {
+    const x = xr[0] + (this.hoverX - box.left) / (box.right - box.left) * (xr[1] - xr[0]);
+    const lines = [];
+    for (const s of this.series) {
+      const p = nearest(s.points, x);
+      if (!p) continue;
+      ctx.fillStyle = s.color;
+      ctx.beginPath(); ctx.arc(sx(p[0]), sy(p[1]), 4, 0, 7); ctx.fill();
+      lines.push(`${s.label} @ ${this.xLabel} ${fmtTick(p[0])}: ${fmtTick(p[1])}`);
+    }
+    ctx.strokeStyle = "#bbb";
+    ctx.beginPath(); ctx.moveTo(this.hoverX, box.top); ctx.lineTo(this.hoverX, box.bottom); ctx.stroke();
+    const w = Math.max(...lines.map(l => ctx.measureText(l).width)) + 12;
+    const left = this.hoverX + w + 8 > box.right ? this.hoverX - w - 8 : this.hoverX + 8;
+    ctx.fillStyle = "rgba(255,255,255,0.92)";
+    ctx.fillRect(left, box.top + 4, w, lines.length * 16 + 6);
+    ctx.fillStyle = "#222";
+    lines.forEach((l, i) => ctx.fillText(l, left + 6, box.top + 18 + i * 16));
+  }
+}
+
+// [min, max] of values, widened so a flat line or a single point still has a visible range.
+function range(values, pad) {
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (hi - lo < 1e-9) { const d = Math.abs(lo) * 0.1 || 1; lo -= d; hi += d; }
+  if (pad) { const d = (hi - lo) * 0.06; lo -= d; hi += d; }
+  return [lo, hi];
+}
+
+// About n round numbers between lo and hi: steps of 1, 2 or 5 times a power of ten, at least minStep.
+function ticks(lo, hi, n, minStep = 0) {
+  const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+  const step = Math.max(minStep, [1, 2, 5, 10].map(m => m * mag).find(s => s >= raw));
+  const out = [];
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  return out;
+}
+
+function fmtTick(v) {
+  const a = Math.abs(v);
+  if (a >= 1e6) return (v / 1e6).toFixed(1) + "M";
+  if (a >= 1e4) return (v / 1e3).toFixed(0) + "k";
+  if (a >= 100 || Number.isInteger(v)) return v.toFixed(0);
+  return a >= 1 ? v.toFixed(2) : v.toPrecision(3);
+}
+
+// At most ~max points: every k-th, always keeping the last (the newest value matters most).
+function decimate(points, max) {
+  if (points.length <= max) return points;
+  const k = Math.ceil(points.length / max);
+  const out = points.filter((_, i) => i % k === 0);
+  if (out[out.length - 1] !== points[points.length - 1]) out.push(points[points.length - 1]);
+  return out;
+}
+
+function nearest(points, x) {
+  let best = null;
+  for (const p of points) if (!best || Math.abs(p[0] - x) < Math.abs(best[0] - x)) best = p;
+  return best;
+}

@@ -1,0 +1,103 @@
+"""bench.py --quick: a tiny model through every measurement, checked for shape, not for speed
+(speed claims live in BENCHMARKS.md, measured side by side with the peer)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model as M
+from azr_trainer import TrainConfig, train, use_compile
+from conftest import ROOT, quick_train_config, tiny_config
+
+
+@pytest.fixture(scope="module")
+def quick():
+    pytest.importorskip("transformers")  # the peer: requirements-bench.txt
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--json", "--compile", "off"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
+def test_train_rows_compare_us_with_the_identical_peer(quick):
+    assert [(r["preset"], r["precision"]) for r in quick["train"]][0] == ("tiny", "fp32")
+    for row in quick["train"]:
+        assert row["peer_params"] == row["params"]  # same config, same parameter count
+        for key in ("ours_tok_s", "peer_tok_s", "ours_ratio", "ours_mfu", "peer_mfu", "ours_peak_mb", "peer_peak_mb"):
+            assert row[key] > 0, key
+        assert row["ours_peak_mb"] > row["params"] * 4 / 2**20  # at least the weights
+
+
+def test_generation_rows_have_cached_uncached_and_peer_speeds(quick):
+    for row in quick["generate"]:
+        assert row["new_tokens"] == 8
+        assert min(row["ours_cache_tok_s"], row["ours_no_cache_tok_s"], row["peer_tok_s"], row["ratio"]) > 0
+
+
+def test_peaks_nf4_and_machine_are_reported(quick):
+    assert quick["peak_gflops"]["fp32"] > 0
+    assert quick["meta"]["threads"] >= 1 and quick["meta"]["cpu"]
+    if quick["nf4"] is not None:  # quant.py present
+        assert 4 < quick["nf4"]["bits_per_param"] < 4.5
+        assert quick["nf4"]["quantize_mparams_s"] > 0 and quick["nf4"]["dequantize_mparams_s"] > 0
+
+
+def test_markdown_report_has_a_row_per_measurement():
+    import bench
+    fake = {"meta": {"date": "d", "cpu": "c", "cpu_capability": "x", "threads": 2, "device": "cpu", "torch": "t",
+                     "transformers": None, "loadavg_start": None, "command": "python bench.py"},
+            "peak_gflops": {"fp32": 100.0}, "nf4": None,
+            "train": [{"preset": "tiny", "precision": "fp32", "batch": 4, "seq_len": 32, "ours_tok_s": 1000.0,
+                       "ours_mfu": 0.5, "ours_peak_mb": 2.0, "estimate_mb": 2.0, "ours_setup_s": 1.0}],
+            "generate": [{"preset": "tiny", "precision": "fp32", "new_tokens": 8, "ours_cache_tok_s": 50.0,
+                          "ours_no_cache_tok_s": 10.0, "peer_tok_s": None, "ratio": None}]}
+    text = bench.format_report(fake)
+    assert "| tiny | fp32 | 4 x 32 | 1,000 | - |" in text and "| tiny | fp32 | 8 | 50 | 10 | - | - |" in text
+
+
+# ----------------------------------------------------------------------------- the speed tricks
+
+
+def test_written_out_attention_used_under_compile_matches_the_fused_kernel(monkeypatch):
+    torch.manual_seed(0)
+    gpt = M.GPT(tiny_config())
+    idx = torch.randint(0, 512, (2, 32))
+    logits, loss = gpt(idx, idx)
+    loss.backward()
+    grads = [p.grad.clone() for p in gpt.parameters()]
+    gpt.zero_grad()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what the compiled model runs
+    assert gpt.transformer.h[0].attn._write_out(torch.zeros(2, 2, 32, 16), torch.zeros(2, 2, 32, 16))
+    logits2, loss2 = gpt(idx, idx)
+    loss2.backward()
+    assert torch.allclose(logits, logits2, atol=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(grads, gpt.parameters()))
+
+
+def test_auto_compiles_only_long_cpu_runs_and_on_off_are_obeyed():
+    cpu = torch.device("cpu")
+    if shutil.which("g++"):
+        assert use_compile(TrainConfig(compile="auto"), cpu, 1e15)  # many minutes of training
+    assert not use_compile(TrainConfig(compile="auto"), cpu, 1e9)  # a few seconds of work: not worth it
+    assert not use_compile(TrainConfig(compile="auto"), torch.device("cuda"), 1e15)  # not measured there
+    assert use_compile(TrainConfig(compile="on"), cpu, 1) and not use_compile(TrainConfig(compile="off"), cpu, 1e15)
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="yes").validate()
+
+
+def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, book, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def forward(*args, **kw):
+            raise RuntimeError("no C++ compiler found")
+        return forward
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    store.create_model("m", tiny_config())
+    events = []
+    summary = train(store, "m", [book], quick_train_config(steps=3, compile="on"), on_event=events.append)
+    assert summary["status"] == "done" and summary["step"] == 3
+    assert events[0]["type"] == "start" and events[0]["compiled"] is False
+    assert "no C++ compiler found" in events[1]["message"]

@@ -1,0 +1,138 @@
+"""The whole flow in a real browser: Debian's Chromium, driven by Playwright, against a real
+server process. Create a model, upload a book, train, watch the chart, generate, download.
+
+A screenshot of each tab goes to a temp folder (or to $AZR_SCREENSHOTS, to look at them)."""
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from test_server import free_port, start_server
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"needs Debian's chromium at {CHROMIUM} (apt-get install chromium)"),
+]
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture
+def server(tmp_path):
+    port = free_port()
+    proc = start_server(tmp_path / "home", port)
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(10)
+
+
+@pytest.fixture
+def page(tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        yield page
+        browser.close()
+        assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+def test_create_upload_train_generate_download(server, page, tmp_path, book_text):
+    shots = Path(os.environ.get("AZR_SCREENSHOTS") or tmp_path / "screens")
+    shots.mkdir(parents=True, exist_ok=True)
+    page.goto(server)
+
+    # Create model: the estimate follows the fields; a bad value is explained before submit
+    page.click("#tabs button[data-tab=create]")
+    page.fill("#create-form [name=name]", "web")
+    for field, value in dict(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32).items():
+        page.fill(f"#create-form [name={field}]", str(value))
+    page.wait_for_selector("#estimate:has-text('k parameters')")  # ~43 k for this tiny config
+    page.fill("#create-form [name=num_heads]", "3")
+    page.wait_for_selector("text=must be divisible by num_heads")
+    page.screenshot(path=str(shots / "1b-create-invalid.png"), full_page=True)
+    page.fill("#create-form [name=num_heads]", "2")
+    page.wait_for_function("!document.querySelector('#estimate').classList.contains('bad')")
+    page.screenshot(path=str(shots / "1-create.png"), full_page=True)
+    page.click("#create-form button[type=submit]")
+    page.wait_for_selector("#create-msg:has-text('Created web')")
+
+    # Books: upload a slice of the example book
+    book = tmp_path / "example.txt"
+    book.write_text(book_text, encoding="utf-8")
+    page.click("#tabs button[data-tab=books]")
+    page.set_input_files("#upload-form [name=file]", str(book))
+    page.click("#upload-form button[type=submit]")
+    page.wait_for_selector("#books-table td:has-text('example')")
+    assert "utf-8" in page.text_content("#upload-msg")
+    page.screenshot(path=str(shots / "2-books.png"), full_page=True)
+
+    # Training: a few iterations; the job runs in the server and the chart fills in
+    page.click("#tabs button[data-tab=training]")
+    page.select_option("#train-form [name=model]", "web")
+    page.fill("#train-form [name=iterations]", "60")
+    page.fill("#train-form [name=batch_size]", "8")
+    page.fill("#train-form [name=eval_every]", "10")
+    page.fill("#train-form [name=warmup_steps]", "5")
+    assert page.is_checked("#train-books input[value=example]")
+    page.click("#train-start")
+    page.wait_for_selector("#job-state.queued, #job-state.running, #job-state.done", timeout=60_000)
+    page.reload()  # the job lives in the server, not in the tab: the reloaded page finds it
+    assert page.is_visible("#tab-training")
+    page.wait_for_selector("#job-state.done", timeout=120_000)
+    page.wait_for_function("charts[0].series[0].points.length === 60 && charts[1].series[0].points.length === 6")
+    assert "done" in page.text_content("#train-log")
+    page.screenshot(path=str(shots / "3-training.png"), full_page=True)
+
+    # LoRA: fine-tune an adapter of the trained model (its weights stay frozen)
+    page.check("#train-form [name=mode][value=lora]")
+    page.fill("#train-form [name=adapter]", "poems")
+    page.fill("#train-form [name=iterations]", "10")
+    page.click("#train-start")
+    page.wait_for_function("document.querySelector('#job-title').textContent.includes('adapter poems')"
+                           " && document.querySelector('#job-state').textContent === 'done'", timeout=120_000)
+    page.screenshot(path=str(shots / "3b-training-lora.png"), full_page=True)
+
+    # Generation: streamed tokens, coloured, with a top-5 tooltip; then the attention heatmap
+    page.click("#tabs button[data-tab=generation]")
+    page.select_option("#gen-form [name=model]", "web")
+    page.select_option("#gen-form [name=adapter]", "poems")
+    page.fill("#gen-form [name=max_tokens]", "40")
+    page.fill("#gen-form [name=seed]", "1")
+    page.click("#gen-start")
+    page.wait_for_selector("#gen-stats:has-text('tokens in')")
+    assert page.locator("#gen-output .tok").count() > 5
+    page.hover("#gen-output .tok >> nth=2")
+    assert page.is_visible("#tooltip") and "%" in page.text_content("#tooltip")
+    page.screenshot(path=str(shots / "4b-token-view.png"), clip={"x": 0, "y": 380, "width": 1280, "height": 320})
+    page.select_option("#attn-form [name=layer]", "1")
+    page.click("#attn-form button[type=submit]")
+    page.wait_for_selector("#attn-info:has-text('layer 1')")
+    page.screenshot(path=str(shots / "4-generation.png"), full_page=True)
+
+    # Models: the table, details with versions, the arena, and the zip download
+    page.click("#tabs button[data-tab=models]")
+    page.wait_for_selector("#models-table td:has-text('web')")
+    page.click("#models-table a:has-text('web')")
+    page.wait_for_selector("#model-detail:has-text('v001')")
+    assert "poems" in page.text_content("#model-detail")
+    page.select_option("#arena-form [name=adapter_b]", "poems")
+    page.select_option("#arena-form [name=book]", "example")
+    page.click("#arena-form button[type=submit]")
+    page.wait_for_selector("#arena-out:has-text('bits/byte on example')")
+    page.screenshot(path=str(shots / "5-models.png"), full_page=True)
+    with page.expect_download() as d:
+        page.click("#models-table a:has-text('Download')")
+    path = tmp_path / "web.zip"
+    d.value.save_as(path)
+    assert "web/model.safetensors" in zipfile.ZipFile(path).namelist()
+
+    # delete, confirming the dialog
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#models-table button:has-text('Delete')")
+    page.wait_for_selector("#models-table td:has-text('no models yet')")
