@@ -63,8 +63,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers even when installed")
-    p.add_argument("--compile", default="on", choices=["on", "off", "auto"],
-                   help="our trainer's torch.compile setting (on: also time it without, as 'eager')")
+    p.add_argument("--compile", choices=["on", "off", "auto"],
+                   help="our trainer's torch.compile setting; on (default, off with --quick) also times it "
+                        "without, as 'eager'")
     p.add_argument("--minutes", type=float, default=5.0, help="quality: training time budget")
     p.add_argument("--book", default=str(SHAKESPEARE), help="quality: the book to train and validate on")
     p.add_argument("--sweep", action="store_true", help="quality: try each candidate in CANDIDATES")
@@ -100,7 +101,8 @@ def run_speed(args):
         for name, cfg in presets.items():
             B, T = (4, 32) if args.quick else SHAPES[name]
             for prec in precisions:
-                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=args.compile)
+                compile_ = args.compile or ("off" if args.quick else "on")
+                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_)
                 result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
                 log(result["train"][-1])
                 result["generate"].append(generate_row(name, cfg, device, prec, peer, sizes))
@@ -123,10 +125,10 @@ def pick_precisions(device, requested):
     return ["fp32"] + (["bf16"] if pick_precision(device) == "bf16" else [])
 
 
-def make_trainer(store, name, cfg, tc):
+def make_trainer(store, name, cfg, tc, tokenizer=None):
     """A real Trainer on the book, exactly as train() builds one: the benchmark times the code
     users run (batches from the memmap, autocast, clipping, the optimizer), not a copy of it."""
-    store.create_model(name, cfg)
+    store.create_model(name, cfg, tokenizer=tokenizer)
     run = {"run_id": uuid.uuid4().hex[:8], "books": ["book"], "config": asdict(tc), "status": "running",
            "base_steps": 0, "started": time.time()}
     return Trainer(store, name, run)
@@ -135,11 +137,12 @@ def make_trainer(store, name, cfg, tc):
 def train_row(store, preset, cfg, tc, peer, sizes):
     """Steady-state train tokens/s in alternating rounds of: our trainer as configured ("ours"),
     our trainer without torch.compile ("eager", when ours compiles) and the peer."""
-    contestants, setup_s = {}, {}
-    for k, compile_ in [("ours", tc.compile)] + ([("eager", "off")] if tc.compile == "on" else []):
+    contestants, setup_s, tok = {}, {}, None
+    for k, compile_ in [("eager", "off")] * (tc.compile == "on") + [("ours", tc.compile)]:
         t0 = time.perf_counter()
-        trainer = make_trainer(store, f"{preset}-{tc.precision}-{k}", cfg, replace(tc, compile=compile_))
-        setup_s[k] = time.perf_counter() - t0  # tokenizer, token arrays and, for "ours", compilation
+        trainer = make_trainer(store, f"{preset}-{tc.precision}-{k}", cfg, replace(tc, compile=compile_), tok)
+        tok = trainer.tok
+        setup_s[k] = time.perf_counter() - t0  # token arrays and, for "ours", compilation
         contestants[k] = trainer_step(trainer)
     if peer:
         contestants["peer"] = peer_train_step(peer, trainer)
@@ -385,24 +388,25 @@ def run_quality(args):
 
 
 def quality_run(store, name, changes, minutes, device):
-    """Calibrate the step time, set `steps` so training fills the budget (the cosine schedule
-    then ends on time), train, and measure bits/byte on the whole validation split."""
+    """Time a few steps of a probe run, set `steps` so that setup (tokenizer, compilation) plus
+    training fill the budget (the cosine schedule then ends on time), train, and measure
+    bits/byte on the whole validation split at the model's full context."""
     tc = TrainConfig(**{**dict(eval_every=10**6, checkpoint_every=10**6, device=str(device)), **changes})
-    trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=10**6))
     t0 = time.perf_counter()
-    for _ in range(3):
-        trainer.train_step()  # warm-up (and compilation, if the trainer compiles)
-    warmup_s = time.perf_counter() - t0
-    step_s = statistics.median(timed(trainer.train_step) for _ in range(10))
-    steps = max(1, int((minutes * 60 - warmup_s) / step_s))
-    trainer = make_trainer(store, name + "r", PRESETS["small"], replace(tc, steps=steps))
+    probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))
+    setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
+    for _ in range(2):
+        probe.train_step()
+    step_s = statistics.median(timed(probe.train_step) for _ in range(10))
+    steps = max(1, int((minutes * 60 - setup_s) / step_s))
     t0 = time.perf_counter()
+    trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=probe.tok)
     trainer.run()
     wall_s = time.perf_counter() - t0
-    val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, trainer.T, 10**9, trainer.device,
-                       trainer.precision)
+    T = trainer.cfg.max_seq_len
+    val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, T, 10**9, trainer.device, trainer.precision)
     return {"changes": changes, "steps": steps, "tokens": steps * tc.batch_size * trainer.T, "wall_s": wall_s,
-            "precision": trainer.precision, **val}
+            "precision": trainer.precision, "compiled": trainer.forward is not trainer.model, **val}
 
 
 def _parse_set(kv):
@@ -452,7 +456,7 @@ def format_report(r):
         [[x["preset"], x["precision"], f"{x['batch']} x {x['seq_len']}", x["ours_tok_s"], x.get("eager_tok_s"),
           x.get("peer_tok_s"), x.get("ours_ratio"), x.get("eager_ratio"), _pct(x["ours_mfu"]), _pct(x.get("peer_mfu")),
           x["ours_peak_mb"], x.get("peer_peak_mb"), x["estimate_mb"],
-          x["ours_setup_s"] - x["eager_setup_s"] if "eager_setup_s" in x else None] for x in r["train"]])
+          x["ours_setup_s"] if x.get("ours_compiled") else None] for x in r["train"]])
     lines += [""] + _table(
         ["preset", "prec", "new tokens", "ours KV cache tok/s", "ours no cache tok/s", "peer generate() tok/s", "ours/peer"],
         [[x["preset"], x["precision"], x["new_tokens"], x["ours_cache_tok_s"], x["ours_no_cache_tok_s"], x["peer_tok_s"],

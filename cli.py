@@ -142,6 +142,10 @@ def cmd_rollback(store, args):
 
 
 def cmd_delete(store, args):
+    if args.adapter:
+        store.delete_adapter(args.name, args.adapter)
+        print(f"deleted adapter {args.adapter} of {args.name}")
+        return
     store.delete_model(args.name)
     print(f"deleted {args.name}")
 
@@ -274,8 +278,9 @@ def build_parser():
     rb.add_argument("version")
     rb.set_defaults(func=cmd_rollback)
 
-    d = sub.add_parser("delete", help="delete a model and its checkpoints")
+    d = sub.add_parser("delete", help="delete a model and its checkpoints (or only one of its adapters)")
     d.add_argument("name")
+    d.add_argument("--adapter", help="delete only this LoRA adapter")
     d.set_defaults(func=cmd_delete)
 
     b = sub.add_parser("add-book", help="import a book file (any encoding, .txt/.fb2/.epub)")

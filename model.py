@@ -390,7 +390,7 @@ def generate_ids(model, idx, sc, eos_id=None, cache_dtype=None):
     else:
         gen.manual_seed(sc.seed)
     ids = idx[:, -cfg.max_seq_len:]
-    cache = KVCache(cfg, 1, device, cache_dtype or next(model.parameters()).dtype)
+    cache = KVCache(cfg, 1, device, cache_dtype or compute_dtype(model, device))
     logits, _ = model(ids, cache=cache)
     for _ in range(sc.max_new_tokens):
         last = logits[:, -1, :]  # (1, V)
@@ -405,6 +405,15 @@ def generate_ids(model, idx, sc, eos_id=None, cache_dtype=None):
             logits, _ = model(ids, cache=cache)
         else:
             logits, _ = model(nxt, cache=cache)
+
+
+def compute_dtype(model, device):
+    """The dtype k and v come out in: autocast's when it is on, else the weights'. A cache in any
+    other dtype would cast every cached key and value on every token (bench.py: bf16 KV-cache
+    generation, small preset, XXX)."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return next(model.parameters()).dtype
 
 
 def stream(model, tokenizer, prompt, sc, device="cpu"):

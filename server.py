@@ -238,6 +238,13 @@ def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB):
         models.forget(name)
         return {"deleted": name}
 
+    @app.delete("/models/{name}/adapters/{adapter}", summary="Delete one LoRA adapter of a model")
+    def delete_adapter(name: str, adapter: str):
+        refuse_while_training(jobs, name, "delete an adapter of")
+        store.delete_adapter(name, adapter)
+        models.forget(name)
+        return {"deleted": adapter, "model": name}
+
     @app.post("/models/{name}/rollback", summary="Make a saved version the current weights")
     def rollback(name: str, req: RollbackRequest):
         refuse_while_training(jobs, name, "roll back")

@@ -233,6 +233,12 @@ class Store:
         (d / "config.json").unlink()  # first: a half-deleted model no longer counts as a model
         shutil.rmtree(d)
 
+    def delete_adapter(self, name, adapter):
+        d = self.adapter_dir(name, adapter)
+        (d / "adapter_config.json").unlink()  # first: a half-deleted adapter no longer counts
+        shutil.rmtree(d)
+        shutil.rmtree(self.checkpoint_dir(name) / "adapters" / adapter, ignore_errors=True)
+
     def list_adapters(self, name):
         d = self.model_dir(name) / "adapters"
         return sorted(p.parent.name for p in d.glob("*/adapter_config.json")) if d.exists() else []

@@ -622,7 +622,8 @@ async function showModel(name) {
         ...m.adapters.map(a => el("tr", {}, el("td", {}, a.name), el("td", {}, `${a.lora.r} / ${a.lora.alpha}${a.lora.nf4 ? " · NF4" : ""}`),
           el("td", {}, a.lora.targets.join(", ")), el("td", {}, a.params ? fmt.params(a.params.trainable) : "–"),
           el("td", {}, fmt.int((a.run || {}).steps ?? 0)), el("td", {}, fmt.num((a.run || {}).best_val_bpb)),
-          el("td", {}, el("button", {type: "button", onclick: () => mergeAdapter(m.name, a.name)}, "Merge into a new model"))))) :
+          el("td", {}, el("button", {type: "button", onclick: () => mergeAdapter(m.name, a.name)}, "Merge into a new model"), " ",
+                       el("button", {type: "button", className: "danger", onclick: () => deleteAdapter(m.name, a.name)}, "Delete"))))) :
         el("p", {className: "muted"}, "none yet: Training → Fine-tune with LoRA"));
     box.hidden = false;
   } catch (err) { say($("#models-msg"), err.message, "error"); }
@@ -645,6 +646,16 @@ async function mergeAdapter(name, adapter) {
     await api("POST", "/merge", {model: name, adapter, out});
     say($("#models-msg"), `created ${out}`);
     await refreshModels();
+  } catch (err) { say($("#models-msg"), err.message, "error"); }
+}
+
+async function deleteAdapter(name, adapter) {
+  if (!confirm(`Delete the LoRA adapter "${adapter}" of ${name}? This cannot be undone.`)) return;
+  try {
+    await api("DELETE", `/models/${encodeURIComponent(name)}/adapters/${encodeURIComponent(adapter)}`);
+    say($("#models-msg"), `deleted adapter ${adapter}`);
+    await refreshModels();
+    await showModel(name);
   } catch (err) { say($("#models-msg"), err.message, "error"); }
 }
 

@@ -17,7 +17,7 @@ from conftest import ROOT, quick_train_config, tiny_config
 @pytest.fixture(scope="module")
 def quick():
     pytest.importorskip("transformers")  # the peer: requirements-bench.txt
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--json", "--compile", "off"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)

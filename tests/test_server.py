@@ -379,6 +379,9 @@ def test_lora_finetune_generate_and_merge(trained):
     merged = trained.post("/merge", json={"model": "tiny", "adapter": "ad", "out": "tiny-ad"})
     assert merged.status_code == 201 and merged.json()["parent"] == {"model": "tiny", "adapter": "ad"}
     assert first_token(trained, {**body, "model": "tiny-ad"})["prob"] == pytest.approx(adapted["prob"], rel=1e-4)
+    assert trained.delete("/models/tiny/adapters/ad").json() == {"deleted": "ad", "model": "tiny"}
+    assert trained.get("/models/tiny").json()["adapters"] == []
+    assert "no adapter 'ad'" in error_of(trained.delete("/models/tiny/adapters/ad"), 404)
 
 
 def first_token(client, body):
