@@ -55,7 +55,7 @@ QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_roun
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality"])
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
     p.add_argument("--presets", default="small,medium")
@@ -74,6 +74,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.mode == "profile":
+        return run_profile(args)
     if args.mode == "quality":
         result = run_quality(args)
     else:
@@ -325,6 +327,35 @@ def nf4_row(cfg, device):
             "dequantize_mparams_s": n / dq_s / 1e6}
 
 
+def run_profile(args):
+    """Where the time goes: torch.profiler's top ops for training steps of each preset and
+    precision (--presets, --precisions, --compile), and for batch-1 generation with the KV cache."""
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(home)
+        store.add_book("book", EXAMPLE_BOOK.read_bytes(), EXAMPLE_BOOK.name)
+        for name in args.presets.split(","):
+            for prec in pick_precisions(device, args.precisions):
+                B, T = SHAPES[name]
+                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=args.compile or "on")
+                step = trainer_step(make_trainer(store, f"{name}-{prec}", PRESETS[name], tc))
+                print(f"\n### train {name} {prec}, compiled {step.trainer.forward is not step.model}, 5 steps of {B} x {T}")
+                print(top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)]))
+                model = GPT(replace(PRESETS[name], max_seq_len=256)).to(device)
+                sc = SamplingConfig(max_new_tokens=200, seed=0)
+                prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
+                with autocast(device, prec):
+                    print(f"\n### generate {name} {prec}: 200 tokens, batch 1, KV cache")
+                    print(top_ops(lambda: sum(1 for _ in generate_ids(model, prompt, sc))))
+
+
+def top_ops(f, warmup=None, rows=12):
+    (warmup or f)()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        f()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+
+
 # ----------------------------------------------------------------------------- the peer
 
 
@@ -387,17 +418,20 @@ def run_quality(args):
     return result
 
 
-def quality_run(store, name, changes, minutes, device):
-    """Time a few steps of a probe run, set `steps` so that setup (tokenizer, compilation) plus
-    training fill the budget (the cosine schedule then ends on time), train, and measure
-    bits/byte on the whole validation split at the model's full context."""
-    tc = TrainConfig(**{**dict(eval_every=10**6, checkpoint_every=10**6, device=str(device)), **changes})
+def quality_run(store, name, changes, minutes, device, probe_steps=210):
+    """Time steps 10..210 of a probe run (evaluations and checkpoints included, in the same
+    proportion as in the real run), set `steps` so that setup (tokenizer, compilation) plus
+    training fill the budget (the cosine schedule then ends on time), train with every other
+    default as a user gets it (evaluations, checkpoints, keep_best), and measure bits/byte on the
+    whole validation split at the model's full context."""
+    tc = TrainConfig(**{"device": str(device), **changes})
     t0 = time.perf_counter()
-    probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))
+    probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
-    for _ in range(2):
-        probe.train_step()
-    step_s = statistics.median(timed(probe.train_step) for _ in range(10))
+    probe.tc = replace(probe.tc, steps=probe_steps)
+    step_times = []
+    probe.run(on_event=lambda e: e["type"] == "step" and step_times.append(time.perf_counter()))
+    step_s = (step_times[-1] - step_times[9]) / (len(step_times) - 10)
     steps = max(1, int((minutes * 60 - setup_s) / step_s))
     t0 = time.perf_counter()
     trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=probe.tok)

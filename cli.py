@@ -53,7 +53,7 @@ def cmd_create(store, args):
 def cmd_train(store, args):
     opts = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "seq_len", "eval_every",
                                           "checkpoint_every", "seed", "device", "precision", "selfplay_every",
-                                          "grad_accum", "warmup_steps") if getattr(args, k) is not None}
+                                          "grad_accum", "warmup_steps", "compile") if getattr(args, k) is not None}
     tc = azr_trainer.TrainConfig.from_dict(opts)
     with ProgressBar() as bar:
         summary = azr_trainer.train(store, args.name, args.book, tc, on_event=bar.update)
@@ -165,7 +165,7 @@ class ProgressBar:
     def update(self, e):
         if e["type"] == "start":
             self.bar = tqdm(total=e["total"], initial=e["step"], unit="step")
-            tqdm.write(f"device {e['device']}, precision {e['precision']}, tokens {e['tokens']}")
+            tqdm.write(f"device {e['device']}, precision {e['precision']}, compiled {e.get('compiled')}, tokens {e['tokens']}")
         elif e["type"] == "step":
             self.bar.update(1)
             post = {"loss": f"{e['loss']:.3f}", "tok/s": f"{e['tokens_per_s']:.0f}"}
@@ -212,6 +212,7 @@ def build_parser():
     t.add_argument("--seed", type=int)
     t.add_argument("--device")
     t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    t.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the model (auto: long CPU runs)")
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("finetune", help="LoRA/QLoRA fine-tuning on a new book: trains an adapter, not the model")
