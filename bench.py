@@ -23,6 +23,7 @@ budget and reports validation bits/byte: quality per minute, the number the defa
 """
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -69,6 +70,7 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=5.0, help="quality: training time budget")
     p.add_argument("--book", default=str(SHAKESPEARE), help="quality: the book to train and validate on")
     p.add_argument("--sweep", action="store_true", help="quality: try each candidate in CANDIDATES")
+    p.add_argument("--steps", type=int, help="quality: train exactly this many steps instead of filling --minutes")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="quality: a TrainConfig change, e.g. --set learning_rate=3e-3 (repeatable)")
     args = p.parse_args(argv)
@@ -401,38 +403,48 @@ CANDIDATES = [
 
 
 def run_quality(args):
-    """Val bits/byte of the small preset after `minutes` of training on the book, per candidate."""
+    """Val bits/byte of the small preset after `minutes` of training on the book, per candidate.
+
+    The budget becomes a number of steps, from the step time of a probe run. On a shared machine
+    one probe can be 20% off, so candidates that only change lr or warm-up reuse the step count
+    of the first probe of their batch shape: they do the same work per step."""
     device = pick_device(args.device)
     book = Path(args.book)
     base = dict(_parse_set(kv) for kv in args.set)
     candidates = [{**base, **c} for c in CANDIDATES] if args.sweep else [base]
     result = {"meta": machine_info(device, args, book, None), "minutes": args.minutes, "rows": []}
+    budget = {}  # (batch_size, seq_len) -> steps
+    if args.steps:
+        budget = collections.defaultdict(lambda: args.steps)
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
         store.add_book("book", book.read_bytes(), book.name)
         for i, changes in enumerate(candidates):
-            row = quality_run(store, f"q{i}", changes, args.minutes, device)
+            row = quality_run(store, f"q{i}", changes, args.minutes, device, budget)
             result["rows"].append(row)
             log(row)
     result["meta"]["loadavg_end"] = load_average()
     return result
 
 
-def quality_run(store, name, changes, minutes, device, probe_steps=210):
-    """Time steps 10..210 of a probe run (evaluations and checkpoints included, in the same
-    proportion as in the real run), set `steps` so that setup (tokenizer, compilation) plus
-    training fill the budget (the cosine schedule then ends on time), train with every other
-    default as a user gets it (evaluations, checkpoints, keep_best), and measure bits/byte on the
-    whole validation split at the model's full context."""
+def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
+    """Unless `budget` has a step count for this batch shape: time steps 10..210 of a probe run
+    (evaluations and checkpoints included, in the same proportion as in the real run) and set
+    `steps` so that setup (tokenizer, compilation) plus training fill the time (the cosine
+    schedule then ends on time). Train with every other default as a user gets it (evaluations,
+    checkpoints, keep_best); measure bits/byte on the whole val split at the full context."""
     tc = TrainConfig(**{"device": str(device), **changes})
     t0 = time.perf_counter()
     probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
-    probe.tc = replace(probe.tc, steps=probe_steps)
-    step_times = []
-    probe.run(on_event=lambda e: e["type"] == "step" and step_times.append(time.perf_counter()))
-    step_s = (step_times[-1] - step_times[9]) / (len(step_times) - 10)
-    steps = max(1, int((minutes * 60 - setup_s) / step_s))
+    shape = (tc.batch_size, probe.T)
+    if shape not in budget:
+        probe.tc = replace(probe.tc, steps=probe_steps)
+        times = []
+        probe.run(on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
+        step_s = (times[-1] - times[9]) / (len(times) - 10)
+        budget[shape] = max(1, int((minutes * 60 - setup_s) / step_s))
+    steps = budget[shape]
     t0 = time.perf_counter()
     trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=probe.tok)
     trainer.run()
@@ -440,7 +452,8 @@ def quality_run(store, name, changes, minutes, device, probe_steps=210):
     T = trainer.cfg.max_seq_len
     val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, T, 10**9, trainer.device, trainer.precision)
     return {"changes": changes, "steps": steps, "tokens": steps * tc.batch_size * trainer.T, "wall_s": wall_s,
-            "precision": trainer.precision, "compiled": trainer.forward is not trainer.model, **val}
+            "precision": trainer.precision, "compiled": trainer.forward is not trainer.model,
+            "best_step": trainer.run_best[1] if trainer.run_best else None, **val}
 
 
 def _parse_set(kv):
@@ -480,9 +493,9 @@ def format_report(r):
              f"torch {m['torch']}, transformers {m['transformers']}, load {m['loadavg_start']} -> {m.get('loadavg_end')}",
              f"command: {m['command']}", ""]
     if "rows" in r:
-        return "\n".join(lines + _table(["changes", "steps", "tokens", "wall s", "precision", "val bpb"],
+        return "\n".join(lines + _table(["changes", "steps", "tokens", "wall s", "precision", "best step", "val bpb"],
                                         [[json.dumps(x["changes"]), x["steps"], x["tokens"], x["wall_s"], x["precision"],
-                                          x["val_bpb"]] for x in r["rows"]]))
+                                          x["best_step"], f"{x['val_bpb']:.4f}"] for x in r["rows"]]))
     lines.append("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gflops"].items()))
     lines += [""] + _table(
         ["preset", "prec", "B x T", "ours tok/s", "eager tok/s", "peer tok/s", "ours/peer", "eager/peer", "ours MFU",

@@ -1,3 +1,0 @@
-def test_trained_fixture_records_steps(trained):
-    store, name = trained
-    assert store.lineage(name)["steps"] == 20
