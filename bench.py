@@ -413,9 +413,7 @@ def run_quality(args):
     base = dict(_parse_set(kv) for kv in args.set)
     candidates = [{**base, **c} for c in CANDIDATES] if args.sweep else [base]
     result = {"meta": machine_info(device, args, book, None), "minutes": args.minutes, "rows": []}
-    budget = {}  # (batch_size, seq_len) -> steps
-    if args.steps:
-        budget = collections.defaultdict(lambda: args.steps)
+    budget = collections.defaultdict(lambda: args.steps) if args.steps else {}  # (batch, seq_len) -> steps
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
         store.add_book("book", book.read_bytes(), book.name)
@@ -437,14 +435,14 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
     t0 = time.perf_counter()
     probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
-    shape = (tc.batch_size, probe.T)
-    if shape not in budget:
+    try:
+        steps = budget[tc.batch_size, probe.T]
+    except KeyError:
         probe.tc = replace(probe.tc, steps=probe_steps)
         times = []
         probe.run(on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
         step_s = (times[-1] - times[9]) / (len(times) - 10)
-        budget[shape] = max(1, int((minutes * 60 - setup_s) / step_s))
-    steps = budget[shape]
+        steps = budget[tc.batch_size, probe.T] = max(1, int((minutes * 60 - setup_s) / step_s))
     t0 = time.perf_counter()
     trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=probe.tok)
     trainer.run()
