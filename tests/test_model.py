@@ -65,6 +65,52 @@ def test_kv_cache_gives_the_same_logits_as_the_full_forward(gpt):
     assert torch.allclose(full, torch.cat(parts, dim=1), atol=1e-5)
 
 
+@pytest.fixture
+def rough():
+    """Weights far from the small init, so that every op leaves a visible mark on the logits."""
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config()).eval()
+    with torch.no_grad():
+        for p in gpt.parameters():
+            p.normal_(0, 0.3)
+    return gpt
+
+
+def test_decode_step_is_the_forward_for_one_token(rough):
+    """The packed (in, out) weights and written-out casts compute what GPT.forward computes."""
+    gpt = rough
+    idx = torch.randint(0, 512, (2, 12))
+    full, _ = gpt(idx)
+    w = M.pack_for_decoding(gpt, torch.float32)
+    cache = KVCache(gpt.config, 2, "cpu")
+    gpt(idx[:, :8], cache=cache)  # prefill
+    steps = [M.decode_step(gpt, w, idx[:, t:t + 1], cache) for t in range(8, 12)]  # 4 x (2, V)
+    assert torch.allclose(full[:, 8:], torch.stack(steps, 1), atol=1e-4, rtol=1e-4)
+
+
+def test_decode_step_under_bf16_matches_autocast(rough):
+    """Weights cast once to bf16 give the logits autocast gets by casting them on every call."""
+    gpt = rough
+    idx = torch.randint(0, 512, (1, 12))
+    with torch.autocast("cpu", torch.bfloat16):
+        ref, fast = KVCache(gpt.config, 1, "cpu", torch.bfloat16), KVCache(gpt.config, 1, "cpu", torch.bfloat16)
+        gpt(idx[:, :8], cache=ref), gpt(idx[:, :8], cache=fast)
+        w = M.pack_for_decoding(gpt, torch.bfloat16)
+        for t in range(8, 12):
+            a = gpt(idx[:, t:t + 1], cache=ref)[0][:, -1]
+            b = M.decode_step(gpt, w, idx[:, t:t + 1], fast)
+            assert b.dtype == torch.bfloat16 and torch.allclose(a.float(), b.float(), atol=2e-2)
+
+
+def test_generation_with_lora_layers_takes_the_plain_forward(gpt):
+    from lora import apply_lora
+    idx = torch.randint(0, 512, (1, 5))
+    before = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))]
+    apply_lora(gpt)  # B = 0: the same function, in modules the packer does not know
+    assert M.pack_for_decoding(gpt, torch.float32) is None
+    assert [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))] == before
+
+
 def test_sequence_longer_than_context_is_a_clear_error(gpt):
     with pytest.raises(ValueError, match="max_seq_len"):
         gpt(torch.zeros(1, 33, dtype=torch.long))
