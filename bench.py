@@ -13,6 +13,8 @@ What is measured (`python bench.py`, `--json` for machine-readable output):
   over the peak of *this* machine, measured here with a large matmul in the same dtype;
 - generation tokens/s at batch 1, 200 new tokens: with the KV cache, without it (the whole prefix
   re-run for each token), and the peer's `generate()` with the same sampling settings;
+- matmul-only tokens/s: the time of a step's matmuls alone, at their shapes, the ceiling that
+  says how much of a gap to the peer any trainer could open when both are matmul-bound;
 - peak memory of one training step: tensors alive before it (weights, optimizer state) plus the
   high-water mark of allocations during it, read from the PyTorch profiler's allocator events —
   exact for tensors, blind to the Python interpreter and the allocator's free lists;
@@ -275,25 +277,33 @@ def timed(f):
 
 
 def matmul_only_tok_s(cfg, B, T, dtype, device, reps=5):
-    """Train tokens/s of a step that did nothing but its matmuls, each timed alone (best of
-    `reps`, warm caches) at its real shape and dtype: per Linear the forward x W^T and the two
-    gradients g W and g^T x; per attention six batched (T x hs) products, forward and backward.
-    A ceiling for any trainer whose matmuls run through the same kernels."""
+    """Train tokens/s of a step that did nothing but its matmuls (step_matmuls), each timed alone
+    (best of `reps`, warm caches) at its real shape and dtype. The ceiling of a trainer that runs
+    these matmuls at these shapes (the peer does): everything else in its step, elementwise
+    work, optimizer, Python, would have to cost nothing. Ours splits the output layer's matmuls
+    into chunks (model.HeadLoss), which can run faster than this."""
+    seconds = 0.0
+    for (b, m, k, n), count in step_matmuls(cfg, B, T).items():
+        x, w = torch.randn(b, m, k, device=device).to(dtype), torch.randn(b, k, n, device=device).to(dtype)
+        x, w = (x[0], w[0]) if b == 1 else (x, w)  # mm, as a Linear calls it, or bmm
+        x @ w  # warm-up
+        seconds += count * min(timed(lambda: x @ w) for _ in range(reps))
+    return B * T / seconds
+
+
+def step_matmuls(cfg, B, T):
+    """{(batch, m, k, n): count}, the matmuls of one training step of B x T tokens: per Linear
+    the forward x W^T and the gradients g W and x^T g; per attention six batched products of
+    (T x hs) and (T x T) matrices, two forward, four backward."""
     M, C, nh = B * T, cfg.d_model, cfg.num_heads
-    shapes = collections.Counter()  # (batch, m, k, n) -> how many per step
+    shapes = collections.Counter()
     for k_in, n_out in [(C, 3 * C), (C, C), (C, cfg.d_ff), (cfg.d_ff, C)] * cfg.num_layers + [(C, cfg.vocab_size)]:
         shapes[1, M, k_in, n_out] += 1  # x @ W^T
         shapes[1, M, n_out, k_in] += 1  # dx = g @ W
         shapes[1, k_in, M, n_out] += 1  # dW^T = x^T @ g
     shapes[B * nh, T, C // nh, T] += 3 * cfg.num_layers  # q k^T, and the gradients dp v^T, ds k
     shapes[B * nh, T, T, C // nh] += 3 * cfg.num_layers  # p v, and p^T dy, ds^T q
-    seconds = 0.0
-    for (b, m, k, n), count in shapes.items():
-        x, w = torch.randn(b, m, k, device=device).to(dtype), torch.randn(b, k, n, device=device).to(dtype)
-        x, w = (x[0], w[0]) if b == 1 else (x, w)  # mm, as a Linear calls it, or bmm
-        x @ w  # warm-up
-        seconds += count * min(timed(lambda: x @ w) for _ in range(reps))
-    return M / seconds
+    return shapes
 
 
 def matmul_peak(dtype, device, n=2048, reps=8):
@@ -419,7 +429,7 @@ def load_peer():
 # from the defaults, each trained for the same wall-clock budget.
 CANDIDATES = [
     {},
-    {"learning_rate": 1e-3}, {"learning_rate": 3e-3}, {"learning_rate": 5e-3},
+    {"learning_rate": 5e-4}, {"learning_rate": 2e-3},
     {"batch_size": 8}, {"batch_size": 32},
     {"seq_len": 64},
     {"warmup_steps": 20}, {"warmup_steps": 100},
@@ -521,10 +531,10 @@ def format_report(r):
     lines.append("matmul peak GFLOP/s: " + ", ".join(f"{k} {v:.0f}" for k, v in r["peak_gflops"].items()))
     lines += [""] + _table(
         ["preset", "prec", "B x T", "ours tok/s", "eager tok/s", "peer tok/s", "ours/peer", "eager/peer", "ours MFU",
-         "peer MFU", "ours peak MB", "peer peak MB", "estimate MB", "compile s"],
+         "peer MFU", "matmul-only tok/s", "matmul-only/peer", "ours peak MB", "peer peak MB", "estimate MB", "compile s"],
         [[x["preset"], x["precision"], f"{x['batch']} x {x['seq_len']}", x["ours_tok_s"], x.get("eager_tok_s"),
           x.get("peer_tok_s"), x.get("ours_ratio"), x.get("eager_ratio"), _pct(x["ours_mfu"]), _pct(x.get("peer_mfu")),
-          x["ours_peak_mb"], x.get("peer_peak_mb"), x["estimate_mb"],
+          x["matmul_only_tok_s"], x.get("matmul_only_ratio"), x["ours_peak_mb"], x.get("peer_peak_mb"), x["estimate_mb"],
           x["ours_setup_s"] if x.get("ours_compiled") else None] for x in r["train"]])
     lines += [""] + _table(
         ["preset", "prec", "new tokens", "ours KV cache tok/s", "ours no cache tok/s", "peer generate() tok/s", "ours/peer"],
