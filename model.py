@@ -296,8 +296,10 @@ class HeadLoss(torch.autograd.Function):
     with respect to the logits has a closed form, (softmax(logits) - onehot(target)) / N, so each
     chunk's part of dx and dw is made right away and the chunk is dropped; backward only scales
     them by the incoming gradient. Never holding all the logits is also the point of Cut
-    Cross-Entropy (Wijmans et al. 2024) on GPUs, where it saves memory more than time. Measured (bench.py, 2 EPYC cores, ratio to the peer): small fp32 1.20x -> 1.52x,
-    medium bf16 1.89x -> 2.26x; peak memory of a small fp32 step 216 -> 112 MB."""
+    Cross-Entropy (Wijmans et al. 2024) on GPUs, where it saves memory more than time. Measured
+    (bench.py's train rows without and with it, 2 EPYC cores, ours/peer): small fp32 1.20x -> 1.52x,
+    medium bf16 1.89x -> 2.26x; peak memory of a small fp32 step 216 -> 117 MB. Chunks of 128,
+    512, 1024 rows or the whole batch were slower than 256 (BENCHMARKS.md)."""
 
     CHUNK = 256
 
@@ -372,7 +374,7 @@ class _LayerCache:
 # token is one row times every weight matrix ("decode"): 2 FLOPs per weight read from memory, so
 # a decode step is bound by how fast the weights stream in, and by Python's per-op overhead.
 # The decode step below is GPT.forward's math for one token (tested equal), with two changes that
-# only pay at batch 1 (bench.py, 2 EPYC cores, medium preset, tokens/s: 370 -> 550 fp32):
+# only pay at batch 1 (bench.py, 2 EPYC cores, fp32 tokens/s: small 1,744 -> 2,852, medium 505 -> 606):
 # - each matrix stored (in, out): MKL's x @ W streams it twice as fast as nn.Linear's x @ W.T
 #   over the (out, in) layout (12.9 -> 27 GB/s for the 8000 x 256 head, cold caches);
 # - weights cast once to the compute dtype, instead of autocast casting each on every token.
