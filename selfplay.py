@@ -75,7 +75,7 @@ import torch
 import torch.nn.functional as F
 
 from hardware import autocast
-from model import KVCache, PRESETS, SamplingConfig, generate_ids
+from model import KVCache, PRESETS, SamplingConfig, compute_dtype, decode_step, generate_ids, pack_for_decoding
 from store import load_weights, weights_of
 
 
@@ -315,14 +315,18 @@ def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
     """G continuations of n_new tokens for each prompt (N, P) -> (N*G, n_new), one batch.
 
     The prompt goes through the model once (N rows, not N*G); its keys and values are then
-    copied to the G rows of its group, which decode together from there."""
+    copied to the G rows of its group, which decode together from there, one model.decode_step
+    per token (2 EPYC cores, N 2, G 8, 48 new tokens, tokens/s with the plain forward -> with it:
+    small fp32 6,636 -> 6,997, bf16 5,710 -> 6,460; medium fp32 2,130 -> 2,189, bf16 2,155 -> 2,913)."""
     model.eval()
     cfg, device = model.config, prompts.device
     N, P = prompts.shape
     with autocast(device, precision):
-        pre = KVCache(cfg, N, device)
+        dtype = compute_dtype(model, device)
+        w = pack_for_decoding(model, dtype)  # None with LoRA layers: then the plain forward decodes
+        pre = KVCache(cfg, N, device, dtype)
         logits = model(prompts, cache=pre)[0][:, -1].repeat_interleave(G, 0)  # (N, P, V) -> (N*G, V)
-        cache = KVCache(cfg, N * G, device)
+        cache = KVCache(cfg, N * G, device, dtype)
         cache.k[:, :, :, :P] = pre.k[:, :, :, :P].repeat_interleave(G, 1)  # (L, N, nh, P, hs) -> (L, N*G, ...)
         cache.v[:, :, :, :P] = pre.v[:, :, :, :P].repeat_interleave(G, 1)
         cache.pos = P
@@ -330,8 +334,8 @@ def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
         for t in range(n_new):
             probs = F.softmax(logits.float() / temperature, dim=-1)  # (N*G, V)
             out.append(torch.multinomial(probs, 1, generator=gen))  # (N*G, 1)
-            if t < n_new - 1:
-                logits = model(out[-1], cache=cache)[0][:, -1]  # (N*G, 1, V) -> (N*G, V)
+            if t < n_new - 1:  # (N*G, 1) -> (N*G, V)
+                logits = model(out[-1], cache=cache)[0][:, -1] if w is None else decode_step(model, w, out[-1], cache)
     model.train()
     return torch.cat(out, 1)
 
