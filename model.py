@@ -405,6 +405,8 @@ def pack_for_decoding(model, dtype):
 def decode_step(model, w, idx, cache):
     """The next token of each row, idx (B, 1), through the model with weights `w` from
     pack_for_decoding -> logits (B, V); the same as model(idx, cache=cache)[0][:, -1]."""
+    if w is None:  # a model with LoRA layers: the plain forward knows how to run them
+        return model(idx, cache=cache)[0][:, -1]
     C, nh = model.config.d_model, model.config.num_heads
     B, pos, dt = idx.size(0), cache.pos, w["lm_head"].dtype
 
@@ -525,8 +527,6 @@ def generate_ids(model, idx, sc, eos_id=None, cache_dtype=None):
             ids = ids[:, -(cfg.max_seq_len // 2):]
             cache = KVCache(cfg, 1, device, dtype)
             logits = model(ids, cache=cache)[0][:, -1]
-        elif w is None:  # a model with LoRA layers: the plain forward knows how to run them
-            logits = model(nxt, cache=cache)[0][:, -1]
         else:
             logits = decode_step(model, w, nxt, cache)
 

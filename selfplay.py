@@ -323,7 +323,7 @@ def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
     N, P = prompts.shape
     with autocast(device, precision):
         dtype = compute_dtype(model, device)
-        w = pack_for_decoding(model, dtype)  # None with LoRA layers: then the plain forward decodes
+        w = pack_for_decoding(model, dtype)
         pre = KVCache(cfg, N, device, dtype)
         logits = model(prompts, cache=pre)[0][:, -1].repeat_interleave(G, 0)  # (N, P, V) -> (N*G, V)
         cache = KVCache(cfg, N * G, device, dtype)
@@ -335,7 +335,7 @@ def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
             probs = F.softmax(logits.float() / temperature, dim=-1)  # (N*G, V)
             out.append(torch.multinomial(probs, 1, generator=gen))  # (N*G, 1)
             if t < n_new - 1:  # (N*G, 1) -> (N*G, V)
-                logits = model(out[-1], cache=cache)[0][:, -1] if w is None else decode_step(model, w, out[-1], cache)
+                logits = decode_step(model, w, out[-1], cache)
     model.train()
     return torch.cat(out, 1)
 
