@@ -26,6 +26,7 @@ budget and reports validation bits/byte: quality per minute, the number the defa
 
 import argparse
 import collections
+import copy
 import json
 import os
 import platform
@@ -33,19 +34,23 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from azr_trainer import Trainer, TrainConfig, evaluate_bpb
+import quant
+import runs
+from azr_trainer import TrainConfig, evaluate_bpb, new_run
+from generate import SamplingConfig, generate_ids, sample_next
 from hardware import autocast, pick_device, pick_precision
-from model import PRESETS, GPT, ModelConfig, SamplingConfig, flops_per_token, generate_ids, memory_estimate, sample_next
+from model import PRESETS, GPT, ModelConfig
+from sizing import flops_per_token, memory_estimate
 from store import Store
 
 ROOT = Path(__file__).resolve().parent
-SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
+BOOKS = ROOT.parent / "shared" / "books"  # public-domain books for benchmarks, never committed here
+SHAKESPEARE = BOOKS / "tinyshakespeare.txt"
 EXAMPLE_BOOK = ROOT / "books" / "example_book.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -58,7 +63,7 @@ QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_roun
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile"])
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
     p.add_argument("--presets", default="small,medium")
@@ -80,6 +85,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if args.mode == "profile":
         return run_profile(args)
+    if args.mode == "lora":
+        return run_lora(args)
     if args.mode == "quality":
         result = run_quality(args)
     else:
@@ -135,9 +142,7 @@ def make_trainer(store, name, cfg, tc, tokenizer=None):
     """A real Trainer on the book, exactly as train() builds one: the benchmark times the code
     users run (batches from the memmap, autocast, clipping, the optimizer), not a copy of it."""
     store.create_model(name, cfg, tokenizer=tokenizer)
-    run = {"run_id": uuid.uuid4().hex[:8], "books": ["book"], "config": asdict(tc), "status": "running",
-           "base_steps": 0, "started": time.time()}
-    return Trainer(store, name, run)
+    return runs.make_trainer(store, name, new_run(["book"], tc))
 
 
 def train_row(store, preset, cfg, tc, peer, sizes):
@@ -146,8 +151,10 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     contestants, setup_s, tok = {}, {}, None
     for k, compile_ in [("eager", "off")] * (tc.compile == "on") + [("ours", tc.compile)]:
         t0 = time.perf_counter()
-        trainer = make_trainer(store, f"{preset}-{tc.precision}-{k}", cfg, replace(tc, compile=compile_), tok)
-        tok = trainer.tok
+        name = f"{preset}-{tc.precision}-{k}"
+        trainer = make_trainer(store, name, cfg, replace(tc, compile=compile_), tok)
+        trainer.warm_up()
+        tok = store.tokenizer(name)
         setup_s[k] = time.perf_counter() - t0  # token arrays and, for "ours", compilation
         contestants[k] = trainer_step(trainer)
     if peer:
@@ -162,7 +169,7 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
            "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
            "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4)["total"] / 2**20,
-           "ours_compiled": contestants["ours"].trainer.forward is not contestants["ours"].trainer.model,
+           "ours_compiled": contestants["ours"].trainer.compiled,
            "matmul_only_tok_s": matmul_only_tok_s(cfg, tc.batch_size, trainer.T, DTYPES[trainer.precision], trainer.device)}
     for k, step in contestants.items():
         row[f"{k}_tok_s"] = statistics.median(rate[k])
@@ -347,10 +354,6 @@ def _tensors(model, optimizer):
 def nf4_row(cfg, device):
     """Bits per parameter of the medium model's Linear layers in NF4, and the speed of quantizing
     and dequantizing all of them (millions of parameters per second)."""
-    try:
-        import quant
-    except ImportError:
-        return None  # the LoRA/NF4 module has not landed
     torch.manual_seed(0)
     weights = [m.weight.detach().to(device) for n, m in GPT(cfg).named_modules()
                if isinstance(m, torch.nn.Linear) and n != "lm_head"]
@@ -375,7 +378,8 @@ def run_profile(args):
                 B, T = SHAPES[name]
                 tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=args.compile or "on")
                 step = trainer_step(make_trainer(store, f"{name}-{prec}", PRESETS[name], tc))
-                print(f"\n### train {name} {prec}, compiled {step.trainer.forward is not step.model}, 5 steps of {B} x {T}")
+                step.trainer.warm_up()
+                print(f"\n### train {name} {prec}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
                 print(top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)]))
                 model = GPT(replace(PRESETS[name], max_seq_len=256)).to(device)
                 sc = SamplingConfig(max_new_tokens=200, seed=0)
@@ -390,6 +394,71 @@ def top_ops(f, warmup=None, rows=12):
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         f()
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+
+
+# ----------------------------------------------------------------------------- NF4 and LoRA
+
+
+def run_lora(args):
+    """NF4 on a random matrix, then a base trained on one book fine-tuned on another three
+    ways (QLoRA, LoRA, full): val bits/byte on the new book, speed, memory. JSON on stdout."""
+    device = pick_device(args.device)
+    print(json.dumps({"matrix": nf4_matrix(device=device)}, indent=1), flush=True)
+    with tempfile.TemporaryDirectory() as home:
+        result = lora_finetune(Store(home), str(BOOKS / "pride_and_prejudice.txt"), str(SHAKESPEARE), "small",
+                               300, 150, str(device))
+    print(json.dumps({"finetune": result, "threads": torch.get_num_threads()}, indent=1))
+
+
+def nf4_matrix(n=4096, device="cpu"):
+    """NF4 on a random N(0, 0.02^2) n x n matrix: bits, bytes, error and speed."""
+    w = (torch.randn(n, n, generator=torch.Generator().manual_seed(0)) * 0.02).to(device)
+    q, quantize_s = timed_result(lambda: quant.quantize_nf4(w))
+    _, dequantize_s = timed_result(lambda: quant.dequantize_nf4(q, w.shape))
+    plain = quant.quantize_nf4(w, double_quant=False)
+    return {"shape": [n, n], "device": str(device), "bits_per_param": 8 * quant.tensor_bytes(q.values()) / w.numel(),
+            "bytes_fp32": quant.tensor_bytes([w]), "bytes_nf4": quant.tensor_bytes(q.values()),
+            **quant.quantization_error(w, q), "quantize_s": quantize_s, "dequantize_s": dequantize_s,
+            "without_double_quant": {"bits_per_param": 8 * quant.tensor_bytes(plain.values()) / w.numel(),
+                                     **quant.quantization_error(w, plain)}}
+
+
+def lora_finetune(store, base_book, new_book, preset, base_steps, ft_steps, device):
+    """Train a base on one book, then fine-tune it on another three ways (QLoRA, LoRA, full),
+    with the same steps, batch and learning rate."""
+    from lora import LoRAConfig, merge_lora
+    store.create_model("base", PRESETS[preset])
+    runs.train(store, "base", [base_book], TrainConfig(steps=base_steps, eval_every=base_steps, device=device))
+    tok, fp = store.tokenizer("base"), store.load_model("base", device)
+
+    def val_bpb(model):  # the same 128 windows of the new book's validation split every time
+        return runs.evaluate_on_book(store, model, tok, new_book, 128, torch.device(device))["val_bpb"]
+
+    nf4 = quant.quantize_model(copy.deepcopy(fp))
+    out = {"base_val_bpb": val_bpb(fp), "base_nf4_val_bpb": val_bpb(nf4), "nf4": quant.nf4_report(fp, nf4)}
+    store.create_model("full", fp.config, model=fp, tokenizer=tok)
+    tc = TrainConfig(steps=ft_steps, eval_every=ft_steps, warmup_steps=20, device=device)
+    for label, lc in (("qlora", LoRAConfig(nf4=True)), ("lora", LoRAConfig()), ("full", None)):
+        events = []
+        if lc:
+            runs.finetune(store, "base", [new_book], tc, label, lc, on_event=events.append)
+            model = store.load_adapter("base", label, device)
+        else:
+            runs.train(store, "full", [new_book], tc, on_event=events.append)
+            model = store.load_model("full", device)
+        steps = [e for e in events if e["type"] == "step"][1:]  # the first step pays for warm-up
+        step_s = sum(tc.batch_size * fp.config.max_seq_len / e["tokens_per_s"] for e in steps)
+        out[label] = {"val_bpb": val_bpb(model), "steps_per_s": len(steps) / step_s,
+                      "params": events[0]["params"], "precision": events[0]["precision"]}
+    out["qlora"]["merged_val_bpb"] = val_bpb(merge_lora(store.load_adapter("base", "qlora", device, nf4=False)))
+    return out
+
+
+def timed_result(fn):
+    """(fn(), seconds), waiting for the GPU, whose kernels run asynchronously."""
+    out = []
+    seconds = timed(lambda: out.append(fn()))
+    return out[0], seconds
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -467,7 +536,8 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
     checkpoints, keep_best); measure bits/byte on the whole val split at the full context."""
     tc = TrainConfig(**{"device": str(device), **changes})
     t0 = time.perf_counter()
-    probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))  # compiles if needed
+    probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))
+    probe.warm_up()  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
     try:
         steps = budget[tc.batch_size, probe.T]
@@ -478,13 +548,13 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
         step_s = (times[-1] - times[9]) / (len(times) - 10)
         steps = budget[tc.batch_size, probe.T] = max(1, int((minutes * 60 - setup_s) / step_s))
     t0 = time.perf_counter()
-    trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=probe.tok)
+    trainer = make_trainer(store, name, PRESETS["small"], replace(tc, steps=steps), tokenizer=store.tokenizer(name + "-probe"))
     trainer.run()
     wall_s = time.perf_counter() - t0
     T = trainer.cfg.max_seq_len
     val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, T, 10**9, trainer.device, trainer.precision)
     return {"changes": changes, "steps": steps, "tokens": steps * tc.batch_size * trainer.T, "wall_s": wall_s,
-            "precision": trainer.precision, "compiled": trainer.forward is not trainer.model,
+            "precision": trainer.precision, "compiled": trainer.compiled,
             "best_step": trainer.run_best[1] if trainer.run_best else None, **val}
 
 

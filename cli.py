@@ -4,27 +4,32 @@
     python cli.py train tiny --book books/example_book.txt --steps 1000
     python cli.py generate tiny --prompt "Once upon" --max-new-tokens 200
     python cli.py eval tiny --book books/example_book.txt
-    python cli.py finetune tiny --book books/another.txt --nf4 --steps 500 --adapter tiny-ru
+    python cli.py finetune tiny --book books/another.txt --lora-nf4 --steps 500 --adapter tiny-ru
     python cli.py generate tiny --adapter tiny-ru --prompt "Once upon"
     python cli.py merge tiny --adapter tiny-ru --out tiny-ru-merged
     python cli.py list
 
-Data lives under --home (default: $AZR_HOME, else this folder).
+Data lives under --home (default: $AZR_HOME, else this folder). The flags of create, train,
+finetune and generate are the fields of ModelConfig, TrainConfig, LoRAConfig and SamplingConfig,
+with their help, ranges and defaults taken from those dataclasses.
 """
 
 import argparse
 import json
 import sys
+from dataclasses import fields
 
-import torch
 from tqdm import tqdm
 
-import azr_trainer
+import config
+import runs
+from azr_trainer import TrainConfig
+from generate import SamplingConfig, stream
 from hardware import pick_device
-from lora import LoRAConfig, load_adapter, merge_adapter
-from model import PRESETS, ModelConfig, SamplingConfig, param_count, stream
+from lora import LoRAConfig
+from model import PRESETS, ModelConfig
+from sizing import param_count
 from store import Store
-from tokenizer import BookError, prepare_tokens
 
 
 def main(argv=None):
@@ -32,7 +37,7 @@ def main(argv=None):
     store = Store(args.home)
     try:
         return args.func(store, args) or 0
-    except (ValueError, OSError) as e:  # StoreError, BookError and config errors are ValueErrors
+    except (ValueError, OSError) as e:  # StoreError, BookError and settings errors are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -40,62 +45,51 @@ def main(argv=None):
         return 130
 
 
+# ----------------------------------------------------------------------------- commands
+
+
 def cmd_create(store, args):
     base = PRESETS[args.preset].to_dict() if args.preset else ModelConfig().to_dict()
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len", "dropout"):
-        if getattr(args, key) is not None:
-            base[key] = getattr(args, key)
-    cfg = ModelConfig.from_dict(base)
+    cfg = ModelConfig.from_dict({**base, **given(args, ModelConfig)})
     store.create_model(args.name, cfg, seed=args.seed)
     print(f"created {args.name}: {param_count(cfg):,} parameters {json.dumps(cfg.to_dict())}")
 
 
 def cmd_train(store, args):
-    opts = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "seq_len", "eval_every",
-                                          "checkpoint_every", "seed", "device", "precision", "selfplay_every",
-                                          "grad_accum", "warmup_steps", "compile") if getattr(args, k) is not None}
-    tc = azr_trainer.TrainConfig.from_dict(opts)
+    tc = TrainConfig.from_dict(given(args, TrainConfig))
     with ProgressBar() as bar:
-        summary = azr_trainer.train(store, args.name, args.book, tc, on_event=bar.update)
+        summary = runs.train(store, args.name, args.book, tc, on_event=bar.update)
     print(json.dumps(summary))
 
 
 def cmd_finetune(store, args):
-    opts = {k: getattr(args, k) for k in ("steps", "batch_size", "learning_rate", "seq_len", "eval_every",
-                                          "checkpoint_every", "seed", "device", "precision", "warmup_steps")
-            if getattr(args, k) is not None}
-    tc = azr_trainer.TrainConfig.from_dict(opts)
-    lc = LoRAConfig(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                    targets=tuple(args.targets.split(",")), rslora=args.rslora, nf4=args.nf4)
+    tc = TrainConfig.from_dict(given(args, TrainConfig))
+    lc = config.build(LoRAConfig, given(args, LoRAConfig, "lora_"), "lora_")
     with ProgressBar() as bar:
-        summary = azr_trainer.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update)
+        summary = runs.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update)
     p = summary["params"]
     print(f"trained {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
     print(json.dumps(summary))
 
 
 def cmd_merge(store, args):
-    merge_adapter(store, args.name, args.adapter, args.out)
+    store.merge_adapter(args.name, args.adapter, args.out)
     print(f"created {args.out}: {args.name} with adapter {args.adapter} merged into its weights")
 
 
 def cmd_resume(store, args):
     with ProgressBar() as bar:
-        summary = azr_trainer.resume(store, args.name, on_event=bar.update, adapter=args.adapter)
+        summary = runs.resume(store, args.name, on_event=bar.update, adapter=args.adapter)
     print(json.dumps(summary))
 
 
 def cmd_generate(store, args):
     device = pick_device(args.device)
-    model = load_adapter(store, args.name, args.adapter, device) if args.adapter else store.load_model(args.name, device)
-    tok = store.tokenizer(args.name)
-    if tok is None:
-        raise ValueError(f"model {args.name!r} has no tokenizer yet: train it on a book first")
-    sc = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                        args.repetition_penalty, args.seed, args.stop)
+    model, tok = load_for_generation(store, args.name, args.adapter, device)
+    sc = config.build(SamplingConfig, given(args, SamplingConfig))
     sys.stdout.write(args.prompt)
-    for piece in stream(model, tok, args.prompt, sc, device):
-        sys.stdout.write(piece["text"])
+    for text, _, _ in stream(model, tok, args.prompt, sc, device):
+        sys.stdout.write(text)
         sys.stdout.flush()
     sys.stdout.write("\n")
 
@@ -103,20 +97,18 @@ def cmd_generate(store, args):
 def cmd_eval(store, args):
     """Bits/byte of a model on a book's validation split, next to the unigram baseline."""
     device = pick_device(args.device)
-    model = load_adapter(store, args.name, args.adapter, device) if args.adapter else store.load_model(args.name, device)
-    tok = store.tokenizer(args.name)
+    model, tok = load_for_generation(store, args.name, args.adapter, device)
+    r = runs.evaluate_on_book(store, model, tok, args.book, args.windows, device)
+    print(json.dumps({"val_loss": r["val_loss"], "bits_per_byte": r["val_bpb"], "perplexity": r["val_ppl"],
+                      "unigram_bits_per_byte": r["unigram_bpb"], "val_tokens": r["val_tokens"]}))
+
+
+def load_for_generation(store, name, adapter, device):
+    model = store.load_adapter(name, adapter, device) if adapter else store.load_model(name, device).eval()
+    tok = store.tokenizer(name)
     if tok is None:
-        raise ValueError(f"model {args.name!r} has no tokenizer yet: train it on a book first")
-    name, text, _ = store.resolve_book(args.book)
-    data = prepare_tokens(tok, {name: text}, store.home / "cache" / "tokens")
-    byte_len = torch.from_numpy(tok.byte_lengths())
-    T = model.config.max_seq_len
-    result = azr_trainer.evaluate_bpb(model, data["val"], byte_len, T, args.windows, device)
-    result["bits_per_byte"] = result.pop("val_bpb")
-    result["perplexity"] = result.pop("val_ppl")
-    result["unigram_bits_per_byte"] = round(azr_trainer.unigram_bpb(data, byte_len), 5)
-    result["val_tokens"] = len(data["val"])
-    print(json.dumps(result))
+        raise ValueError(f"model {name!r} has no tokenizer yet: train it on a book first")
+    return model, tok
 
 
 def cmd_list(store, args):
@@ -183,111 +175,102 @@ class ProgressBar:
             self.bar.close()
 
 
+# ----------------------------------------------------------------------------- flags
+
+
+def add_settings(parser, cls, prefix="", skip=()):
+    """One flag per field of a settings dataclass, --<prefix><field>, with the field's help,
+    range and default; a flag left out keeps the dataclass default."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind, _ = config.field_type(cls, f)
+        flag = "--" + (prefix + f.name).replace("_", "-")
+        opts = {"dest": prefix + f.name, "default": None, "help": config.help_text(f)}
+        if kind is bool:
+            opts["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            opts.update(type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), metavar="A,B")
+        else:
+            opts.update(type=kind, choices=f.metadata["choices"], metavar=None if f.metadata["choices"] else kind.__name__.upper())
+        parser.add_argument(flag, **opts)
+
+
+def given(args, cls, prefix=""):
+    """The fields of `cls` that were given on the command line."""
+    return {f.name: getattr(args, prefix + f.name) for f in fields(cls) if getattr(args, prefix + f.name, None) is not None}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="AZR Model Trainer: create, train and sample small GPTs on books.")
-    p.add_argument("--home", help="data folder (default: $AZR_HOME or the project folder)")
+    home = argparse.ArgumentParser(add_help=False)  # --home before or after the command
+    home.add_argument("--home", default=argparse.SUPPRESS, help="data folder (default: $AZR_HOME or the project folder)")
+    p.add_argument("--home", default=None, help="data folder (default: $AZR_HOME or the project folder)")
     sub = p.add_subparsers(required=True, metavar="command")
 
-    c = sub.add_parser("create", help="create a model")
-    c.add_argument("name")
-    c.add_argument("--preset", choices=sorted(PRESETS))
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
-        c.add_argument("--" + key.replace("_", "-"), dest=key, type=int)
-    c.add_argument("--dropout", type=float)
-    c.add_argument("--seed", type=int, default=0)
-    c.set_defaults(func=cmd_create)
+    def command(name, func, help_):
+        c = sub.add_parser(name, help=help_, parents=[home])
+        c.set_defaults(func=func)
+        return c
 
-    t = sub.add_parser("train", help="train a model on one or more books")
+    c = command("create", cmd_create, "create a model")
+    c.add_argument("name")
+    c.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset; the flags below change it")
+    add_settings(c, ModelConfig)
+    c.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
+
+    t = command("train", cmd_train, "train a model on one or more books")
     t.add_argument("name")
     t.add_argument("--book", action="append", required=True, help="book name or path (repeatable)")
-    t.add_argument("--steps", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--learning-rate", "--lr", type=float)
-    t.add_argument("--seq-len", type=int)
-    t.add_argument("--warmup-steps", type=int)
-    t.add_argument("--grad-accum", type=int)
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--checkpoint-every", type=int)
-    t.add_argument("--selfplay-every", type=int, help="one self-play step after every N supervised steps (0 = off)")
-    t.add_argument("--seed", type=int)
-    t.add_argument("--device")
-    t.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    t.add_argument("--compile", choices=["auto", "on", "off"], help="torch.compile the model (auto: long CPU runs)")
-    t.set_defaults(func=cmd_train)
+    add_settings(t, TrainConfig)
 
-    f = sub.add_parser("finetune", help="LoRA/QLoRA fine-tuning on a new book: trains an adapter, not the model")
+    f = command("finetune", cmd_finetune, "LoRA/QLoRA fine-tuning on a new book: trains an adapter, not the model")
     f.add_argument("name")
     f.add_argument("--book", action="append", required=True, help="book name or path (repeatable)")
     f.add_argument("--adapter", required=True, help="name of the adapter to create")
-    lc = LoRAConfig()
-    f.add_argument("--lora-r", type=int, default=lc.r)
-    f.add_argument("--lora-alpha", type=float, default=lc.alpha)
-    f.add_argument("--lora-dropout", type=float, default=lc.dropout)
-    f.add_argument("--targets", default=",".join(lc.targets), help="comma-separated layer names")
-    f.add_argument("--rslora", action="store_true", help="scale by alpha/sqrt(r) instead of alpha/r")
-    f.add_argument("--nf4", action="store_true", help="keep the frozen base in 4-bit NF4 (QLoRA)")
-    for flag, typ in (("--steps", int), ("--batch-size", int), ("--learning-rate", float), ("--seq-len", int),
-                      ("--warmup-steps", int), ("--eval-every", int), ("--checkpoint-every", int), ("--seed", int),
-                      ("--device", str)):
-        f.add_argument(flag, type=typ)
-    f.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    f.set_defaults(func=cmd_finetune)
+    add_settings(f, LoRAConfig, prefix="lora_")
+    add_settings(f, TrainConfig, skip={"selfplay_every"})
 
-    m = sub.add_parser("merge", help="a new model: the base with an adapter merged into its weights")
+    m = command("merge", cmd_merge, "a new model: the base with an adapter merged into its weights")
     m.add_argument("name")
     m.add_argument("--adapter", required=True)
     m.add_argument("--out", required=True, help="name of the new model")
-    m.set_defaults(func=cmd_merge)
 
-    r = sub.add_parser("resume", help="continue an interrupted or stopped run")
+    r = command("resume", cmd_resume, "continue an interrupted or stopped run")
     r.add_argument("name")
     r.add_argument("--adapter", help="resume this adapter's fine-tune instead")
-    r.set_defaults(func=cmd_resume)
 
-    g = sub.add_parser("generate", help="continue a prompt")
+    g = command("generate", cmd_generate, "continue a prompt")
     g.add_argument("name")
-    g.add_argument("--prompt", default="")
-    g.add_argument("--max-new-tokens", type=int, default=200)
-    g.add_argument("--temperature", type=float, default=0.8)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
-    g.add_argument("--stop", help="stop when this string appears")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--prompt", default="", help="text to continue (default: empty)")
+    add_settings(g, SamplingConfig)
+    g.add_argument("--device", default="auto", help="default auto")
     g.add_argument("--adapter", help="attach this LoRA adapter of the model")
-    g.set_defaults(func=cmd_generate)
 
-    e = sub.add_parser("eval", help="bits/byte on a book's validation split (JSON)")
+    e = command("eval", cmd_eval, "bits/byte on a book's validation split (JSON)")
     e.add_argument("name")
-    e.add_argument("--book", required=True)
-    e.add_argument("--windows", type=int, default=256, help="max windows of max_seq_len tokens to score")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--book", required=True, help="book name or path")
+    e.add_argument("--windows", type=int, default=256, help="max windows of max_seq_len tokens to score (default 256)")
+    e.add_argument("--device", default="auto", help="default auto")
     e.add_argument("--adapter", help="attach this LoRA adapter of the model")
-    e.set_defaults(func=cmd_eval)
 
-    ls = sub.add_parser("list", help="models with params, steps, best val bpb")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_list)
+    ls = command("list", cmd_list, "models with params, steps, best val bpb")
+    ls.add_argument("--json", action="store_true", help="print JSON")
 
-    v = sub.add_parser("versions", help="a model's saved versions")
+    v = command("versions", cmd_versions, "a model's saved versions")
     v.add_argument("name")
-    v.set_defaults(func=cmd_versions)
 
-    rb = sub.add_parser("rollback", help="make a saved version current again")
+    rb = command("rollback", cmd_rollback, "make a saved version current again")
     rb.add_argument("name")
     rb.add_argument("version")
-    rb.set_defaults(func=cmd_rollback)
 
-    d = sub.add_parser("delete", help="delete a model and its checkpoints (or only one of its adapters)")
+    d = command("delete", cmd_delete, "delete a model and its checkpoints (or only one of its adapters)")
     d.add_argument("name")
     d.add_argument("--adapter", help="delete only this LoRA adapter")
-    d.set_defaults(func=cmd_delete)
 
-    b = sub.add_parser("add-book", help="import a book file (any encoding, .txt/.fb2/.epub)")
+    b = command("add-book", cmd_add_book, "import a book file (any encoding, .txt/.fb2/.epub)")
     b.add_argument("name")
     b.add_argument("file")
-    b.set_defaults(func=cmd_add_book)
     return p
 
 

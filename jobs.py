@@ -7,7 +7,7 @@ Closing or refreshing the tab changes nothing, because the job lives here, not i
 Each job is a small JSON file, <home>/jobs/<id>.json, rewritten atomically as the job moves
 queued -> running -> done | stopped | failed. A server that dies mid-run leaves the file saying
 "running"; the next server to start reads it, knows no thread is running it any more, and marks
-it *interrupted*. Resume then continues from the trainer's last checkpoint (azr_trainer.resume),
+it *interrupted*. Resume then continues from the trainer's last checkpoint (runs.resume),
 which restores weights, AdamW moments and RNGs, so nothing but the steps since it is lost.
 
 A job is any function `fn(on_event, should_stop)`: the runner does not care whether it trains,
@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 
-from store import read_json, write_json
+from files import read_json, write_json
 
 LOG_EVENTS = 200  # events kept for the page's log panel (and saved in the job file)
 SAVE_EVERY_S = 1.0  # progress is written to disk at most this often (state changes: always)

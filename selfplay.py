@@ -54,29 +54,19 @@ Choices that came from measurements (`python selfplay.py ab`, numbers in BENCHMA
   better (its distinct-2 slightly worse). Self-play shapes *sampled generations*; at this scale
   it does not buy likelihood, which supervised steps buy more cheaply.
 
-`python selfplay.py ab` runs that A/B: see `run_ab` at the end of the file.
+The A/B benchmark behind these numbers is `python bench.py selfplay` (benchmarks live in bench.py).
 """
 
-import argparse
 import copy
-import functools
-import json
-import multiprocessing
-import shutil
-import sys
-import tempfile
-import time
-import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generate import rollouts
 from hardware import autocast
-from model import KVCache, PRESETS, SamplingConfig, compute_dtype, decode_step, generate_ids, pack_for_decoding
-from store import load_weights, weights_of
 
 
 @dataclass
@@ -109,38 +99,42 @@ class SelfPlayConfig:
 
 
 class SelfPlay:
-    """One self-play step at a time, on the Trainer's model, optimizer and data."""
+    """One self-play step at a time. It sees the trainer through a narrow interface: the model,
+    `get_batch()` -> a supervised (x, y) batch, `optimizer_step(loss)` -> backward and one
+    optimizer step, and the train split's token array."""
 
-    def __init__(self, trainer, cfg=None):
-        self.tr, self.cfg = trainer, cfg or SelfPlayConfig()
-        self.ref = frozen_copy(trainer.model)
-        seed = trainer.tc.seed + self.cfg.seed_offset
+    def __init__(self, model, get_batch, optimizer_step, train_tokens, precision, seed, cfg=None):
+        self.model, self.get_batch, self.optimizer_step = model, get_batch, optimizer_step
+        self.train_tokens, self.precision, self.cfg = train_tokens, precision, cfg or SelfPlayConfig()
+        self.device = next(model.parameters()).device
+        self.ref = frozen_copy(model)
+        seed = seed + self.cfg.seed_offset
         self.task_gen = torch.Generator().manual_seed(seed)  # proposer's choices, on the CPU
-        self.sample_gen = torch.Generator(device=trainer.device).manual_seed(seed)  # the solver's tokens
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)  # the solver's tokens
         self.proposer = Proposer(self.cfg.buffer_size, self.cfg.explore, self.cfg.max_uses)
         self.n_steps = 0
         self._set_lengths()
 
     def _set_lengths(self):
-        T, c = self.tr.model.config.max_seq_len, self.cfg
+        T, c = self.model.config.max_seq_len, self.cfg
         self.K = min(c.answer_tokens, T // 4)
         self.P = min(c.context_tokens, T - self.K)
         self.free_P = min(c.freerun_prompt_tokens, T // 4)
         self.free_new = T - self.free_P
         # the book's own rates on windows as long as a rollout: the targets for the rewards
-        self.book = {n: book_rates(self.tr.data["train"], n) for n in {self.K, self.free_new}}
+        self.book = {n: book_rates(self.train_tokens, n) for n in {self.K, self.free_new}}
 
     def step(self):
         """Propose, solve, reward, update. Returns a flat dict of floats for metrics.jsonl."""
         c = self.cfg
         if c.ref_reset_every and self.n_steps and self.n_steps % c.ref_reset_every == 0:
-            load_weights(self.ref, weights_of(self.tr.model))
+            self.ref.load_state_dict(self.model.state_dict())
         free = c.freerun_every and self.n_steps % c.freerun_every == c.freerun_every - 1
         prompts, refs, starts = self._freerun_tasks() if free else self._continue_tasks()
         n_new = self.free_new if free else self.K
         temperature = c.freerun_temperature if free else c.temperature
-        samples = sample_groups(self.tr.model, prompts, c.group_size, n_new, temperature,
-                                self.sample_gen, self.tr.precision)  # (N*G, n_new)
+        samples = sample_groups(self.model, prompts, c.group_size, n_new, temperature,
+                                self.sample_gen, self.precision)  # (N*G, n_new)
         rewards, parts = self._rewards(samples, refs, self.book[n_new])
         metrics = self._update(prompts, samples, rewards, temperature)
         metrics.update(parts, freerun=float(free), reward=rewards.mean().item(),
@@ -153,15 +147,15 @@ class SelfPlay:
     # tasks ---------------------------------------------------------------------
     def _continue_tasks(self):
         """N book windows: contexts (N, P), reference answers (N, K), their start offsets."""
-        data, span = self.tr.data["train"], self.P + self.K
+        data, span = self.train_tokens, self.P + self.K
         starts = self.proposer.propose(self.cfg.tasks_per_step, len(data) - span, self.task_gen)
-        rows = windows(data, starts, span).to(self.tr.device)
+        rows = windows(data, starts, span).to(self.device)
         return rows[:, :self.P], rows[:, self.P:], starts
 
     def _freerun_tasks(self):
-        data = self.tr.data["train"]
+        data = self.train_tokens
         starts = torch.randint(len(data) - self.free_P, (self.cfg.freerun_tasks,), generator=self.task_gen).tolist()
-        return windows(data, starts, self.free_P).to(self.tr.device), None, starts
+        return windows(data, starts, self.free_P).to(self.device), None, starts
 
     # rewards -------------------------------------------------------------------
     def _rewards(self, samples, refs, book):
@@ -196,34 +190,29 @@ class SelfPlay:
     # the update ----------------------------------------------------------------
     def _update(self, prompts, samples, rewards, temperature):
         """One optimizer step on pg_loss + kl_coef * KL + sup_coef * supervised loss."""
-        tr, c, model = self.tr, self.cfg, self.tr.model
+        c, model = self.cfg, self.model
         model.train()
         seqs = torch.cat([prompts.repeat_interleave(c.group_size, 0), samples], 1)  # (N*G, P+n)
         P = prompts.size(1)
-        with autocast(tr.device, tr.precision):
+        with autocast(self.device, self.precision):
             logits = model(seqs[:, :-1])[0][:, P - 1:].float()  # (N*G, n, V): the sampled positions
             with torch.no_grad():
                 ref_logits = self.ref(seqs[:, :-1])[0][:, P - 1:].float()
-            x, y = tr.get_batch("train")
+            x, y = self.get_batch()
             _, sup_loss = model(x, y)
         logp = token_logprobs(logits / temperature, samples)  # (N*G, n): the policy we sampled
         adv = group_advantages(rewards, c.group_size, c.scale_by_std)  # (N*G,)
         pg_loss = -(adv[:, None] * logp).sum() / samples.numel()  # normalised by token count
         kl = k3_kl(token_logprobs(logits, samples), token_logprobs(ref_logits, samples)).mean()
         loss = pg_loss + c.kl_coef * kl + c.sup_coef * sup_loss
-        tr.scaler.scale(loss).backward()
-        tr.scaler.unscale_(tr.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tr.tc.grad_clip)
-        tr.scaler.step(tr.optimizer)
-        tr.scaler.update()
-        tr.optimizer.zero_grad(set_to_none=True)
+        norm = self.optimizer_step(loss)
         return {"loss": loss.item(), "pg_loss": pg_loss.item(), "kl": kl.item(), "sup_loss": sup_loss.item(),
-                "entropy": -logp.mean().item(), "grad_norm": norm.item()}
+                "entropy": -logp.mean().item(), "grad_norm": norm}
 
     # checkpoints ---------------------------------------------------------------
     def state(self):
         """Everything a resumed run needs to continue bit for bit: (tensors, JSON meta)."""
-        tensors = {f"ref.{k}": v for k, v in weights_of(self.ref).items()}
+        tensors = {f"ref.{k}": v for k, v in self.ref.state_dict().items() if k != "lm_head.weight"}
         tensors["rng.task"] = self.task_gen.get_state()
         tensors["rng.sample"] = self.sample_gen.get_state()
         tensors.update(self.proposer.state())
@@ -232,7 +221,7 @@ class SelfPlay:
     def load_state(self, tensors, meta):
         self.cfg = SelfPlayConfig(**meta["config"])
         self._set_lengths()
-        load_weights(self.ref, {k[4:]: v for k, v in tensors.items() if k.startswith("ref.")})
+        self.ref.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}, strict=False)
         self.task_gen.set_state(tensors["rng.task"])
         self.sample_gen.set_state(tensors["rng.sample"])
         self.proposer = Proposer(self.cfg.buffer_size, self.cfg.explore, self.cfg.max_uses)
@@ -310,34 +299,13 @@ def learnability(success_rate):
 # ----------------------------------------------------------------------------- the solver
 
 
-@torch.no_grad()
 def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
-    """G continuations of n_new tokens for each prompt (N, P) -> (N*G, n_new), one batch.
-
-    The prompt goes through the model once (N rows, not N*G); its keys and values are then
-    copied to the G rows of its group, which decode together from there, one model.decode_step
-    per token (2 EPYC cores, N 2, G 8, 48 new tokens, tokens/s with the plain forward -> with it:
-    small fp32 6,636 -> 6,997, bf16 5,710 -> 6,460; medium fp32 2,130 -> 2,189, bf16 2,155 -> 2,913)."""
-    model.eval()
-    cfg, device = model.config, prompts.device
-    N, P = prompts.shape
-    with autocast(device, precision):
-        dtype = compute_dtype(model, device)
-        w = pack_for_decoding(model, dtype)
-        pre = KVCache(cfg, N, device, dtype)
-        logits = model(prompts, cache=pre)[0][:, -1].repeat_interleave(G, 0)  # (N, P, V) -> (N*G, V)
-        cache = KVCache(cfg, N * G, device, dtype)
-        cache.k[:, :, :, :P] = pre.k[:, :, :, :P].repeat_interleave(G, 1)  # (L, N, nh, P, hs) -> (L, N*G, ...)
-        cache.v[:, :, :, :P] = pre.v[:, :, :, :P].repeat_interleave(G, 1)
-        cache.pos = P
-        out = []
-        for t in range(n_new):
-            probs = F.softmax(logits.float() / temperature, dim=-1)  # (N*G, V)
-            out.append(torch.multinomial(probs, 1, generator=gen))  # (N*G, 1)
-            if t < n_new - 1:  # (N*G, 1) -> (N*G, V)
-                logits = decode_step(model, w, out[-1], cache)
+    """G continuations of n_new tokens for each prompt (N, P) -> (N*G, n_new), in one batch
+    through the KV cache (generate.rollouts)."""
+    with autocast(prompts.device, precision):
+        out = rollouts(model, prompts.repeat_interleave(G, 0), n_new, temperature, gen)
     model.train()
-    return torch.cat(out, 1)
+    return out
 
 
 def token_logprobs(logits, tokens):
@@ -408,260 +376,3 @@ def repetition_score(tokens, book_rep):
 def distinct_score(tokens, book_distinct):
     """distinct-2 relative to the book's, capped at 1: no bonus for more variety than real text."""
     return min(1.0, distinct_n(tokens, 2) / max(book_distinct, 1e-8))
-
-
-# ----------------------------------------------------------------------------- the A/B benchmark
-
-# Two arms from the same initial weights, the same data order and the same compute: supervised
-# steps only, or the same plus a self-play step after every `selfplay_every` of them. On a shared
-# CPU the wall clock measures the neighbours as much as us, so by default each arm is charged its
-# own process CPU time (one thread) and the arms' steps alternate in one process, the next step
-# always going to the arm that has used less. On a GPU of our own, wall time is the fair clock.
-
-ARMS = ("supervised", "selfplay")
-SCHEDULE_STEPS = 1000  # the lr schedule runs over the compute budget in 1000 virtual steps
-
-
-@dataclass
-class ABConfig:
-    book: str
-    minutes: float = 3.0  # compute per arm per seed
-    seeds: int = 3
-    jobs: int = 1  # seeds trained at once, one process each
-    threads: int = 1  # torch threads per process
-    selfplay_every: int = 8
-    warm_minutes: float = 0.0  # shared supervised warm start before the arms split (0 = from scratch)
-    clock: str = "cpu"  # cpu: process CPU time | wall: wall time (a GPU of our own)
-    device: str = "cpu"
-    prompts: int = 32  # held-out prompts for the generation metrics
-    prompt_tokens: int = 128  # their length (capped at max_seq_len - 16)
-    gen_tokens: int = 200
-    batch_size: int = 16
-    learning_rate: float = 2e-3
-
-    def validate(self):
-        checks = [(self.minutes > 0, "minutes must be > 0"), (self.seeds >= 1, "seeds must be >= 1"),
-                  (self.jobs >= 1, "jobs must be >= 1"),
-                  (self.selfplay_every >= 1, "selfplay-every must be >= 1"),
-                  (self.warm_minutes >= 0, "warm-minutes must be >= 0"), (self.prompts >= 1, "prompts must be >= 1")]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
-        return self
-
-
-def run_ab(ab, model_cfg, sp_cfg, log=print):
-    """Both arms for every seed -> {"arms": {arm: [per-seed results]}, "real": {...}}."""
-    job = functools.partial(ab_one_seed, ab, model_cfg, sp_cfg, log)
-    if ab.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(ab.jobs) as pool:
-            per_seed = pool.map(job, range(ab.seeds))
-    else:
-        per_seed = [job(seed) for seed in range(ab.seeds)]
-    return {"arms": {a: [r[a] for r in per_seed] for a in ARMS},
-            "real": {k: float(np.mean([r["real"][k] for r in per_seed])) for k in per_seed[0]["real"]}}
-
-
-def ab_one_seed(ab, model_cfg, sp_cfg, log, seed):
-    """Train and evaluate both arms from one initial model, in a temporary store of their own."""
-    from store import Store
-    torch.set_num_threads(ab.threads)
-    store = Store(tempfile.mkdtemp(prefix=f"azr-ab{seed}-"))
-    try:
-        return train_and_compare(store, ab, model_cfg, sp_cfg, log, seed)
-    finally:
-        shutil.rmtree(store.home, ignore_errors=True)
-
-
-def train_and_compare(store, ab, model_cfg, sp_cfg, log, seed):
-    tok_path = shared_tokenizer(store, ab.book, model_cfg)
-    trainers = {a: make_arm(store, a, model_cfg, tok_path, seed, ab) for a in ARMS}
-    if ab.warm_minutes:
-        pre = make_arm(store, "warm", model_cfg, tok_path, seed, ab)
-        train_for_budget({"warm": pre}, ab.warm_minutes * 60, 0, ab.clock)
-        for tr in trainers.values():
-            load_weights(tr.model, weights_of(pre.model))
-    trainers["selfplay"].selfplay = SelfPlay(trainers["selfplay"], sp_cfg)  # reference = the start weights
-    spent = train_for_budget(trainers, ab.minutes * 60, ab.selfplay_every, ab.clock)
-    tasks = heldout_prompts(trainers["supervised"], ab.prompts, ab.prompt_tokens, ab.gen_tokens)
-    out = {"real": real_text_rates(tasks)}
-    for a in ARMS:
-        out[a] = {**spent[a], **evaluate_arm(trainers[a], tasks, ab.gen_tokens)}
-        log(f"seed {seed} {a}: {json.dumps(out[a])}", flush=True)
-    return out
-
-
-def shared_tokenizer(store, book, model_cfg):
-    """Train the BPE once; every arm gets a copy (so all arms see the same token ids)."""
-    from tokenizer import Tokenizer
-    _, text, _ = store.resolve_book(book)
-    path = store.home / "ab-tokenizer.json"
-    Tokenizer.train([text], model_cfg.vocab_size).save(path)
-    return path
-
-
-def make_arm(store, name, model_cfg, tok_path, seed, ab):
-    from azr_trainer import Trainer, TrainConfig
-    store.create_model(name, model_cfg, seed=seed)  # same seed: every arm starts from the same weights
-    (store.model_dir(name) / "tokenizer.json").write_bytes(tok_path.read_bytes())
-    tc = TrainConfig(steps=SCHEDULE_STEPS, batch_size=ab.batch_size, learning_rate=ab.learning_rate,
-                     warmup_steps=SCHEDULE_STEPS // 50, seed=seed, device=ab.device, eval_batches=32)
-    run = {"run_id": uuid.uuid4().hex[:8], "books": [ab.book], "config": asdict(tc), "status": "running",
-           "base_steps": 0, "started": time.time()}
-    return Trainer(store, name, run)
-
-
-def train_for_budget(trainers, budget_s, selfplay_every, clock):
-    """Alternate the arms until each has used budget_s seconds of its own clock."""
-    used = {a: 0.0 for a in trainers}
-    sup = {a: 0 for a in trainers}
-    rewards = {a: [] for a in trainers}
-    while min(used.values()) < budget_s:
-        arm = min(used, key=used.get)
-        tr = trainers[arm]
-        t0 = now(clock, tr.device)
-        # the lr schedule runs on the share of the budget spent, so both arms warm up and decay
-        # over the same compute however many steps each one fits in
-        tr.step = min(SCHEDULE_STEPS - 1, int(SCHEDULE_STEPS * used[arm] / budget_s))
-        tr.train_step()
-        sup[arm] += 1
-        if tr.selfplay and sup[arm] % selfplay_every == 0:
-            rewards[arm].append(tr.selfplay.step())
-        used[arm] += now(clock, tr.device) - t0
-    return {a: {"seconds": round(used[a], 1), "supervised_steps": sup[a], "selfplay_steps": len(rewards[a]),
-                **reward_trend(rewards[a])} for a in trainers}
-
-
-def now(clock, device):
-    if clock == "cpu":
-        return time.process_time()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def reward_trend(rows):
-    """Self-play numbers averaged over the first and the last quarter of each kind of step."""
-    out = {}
-    for kind, keys in (("cont", ("reward", "kl", "entropy", "solve_rate", "buffer_size")),
-                       ("free", ("reward", "kl", "seq_rep_4", "distinct_2"))):
-        mine = [r for r in rows if r["freerun"] == (kind == "free")]
-        q = len(mine) // 4
-        for key in keys if q else ():
-            out[f"sp_{kind}_{key}_first"] = round(float(np.mean([r[key] for r in mine[:q]])), 4)
-            out[f"sp_{kind}_{key}_last"] = round(float(np.mean([r[key] for r in mine[-q:]])), 4)
-    return out
-
-
-def heldout_prompts(trainer, n, prompt_tokens, gen_tokens):
-    """n evenly spaced val windows: a prompt + the real next gen_tokens tokens.
-    Returns (prompts (n, P), real continuations (n, gen_tokens), K for prefix/F1 scoring)."""
-    T = trainer.model.config.max_seq_len
-    K = min(SelfPlayConfig.answer_tokens, T // 4)  # scored like a continue task's answer
-    P = min(prompt_tokens, T - K)
-    data = trainer.data["val"]
-    starts = np.linspace(0, len(data) - P - gen_tokens - 1, n).astype(np.int64)
-    rows = windows(data, starts, P + gen_tokens)
-    return rows[:, :P], rows[:, P:], K
-
-
-def real_text_rates(tasks):
-    _, real, _ = tasks
-    return {"seq_rep_4": float(np.mean([seq_rep_n(r, 4) for r in real.tolist()])),
-            "distinct_2": float(np.mean([distinct_n(r, 2) for r in real.tolist()]))}
-
-
-def evaluate_arm(trainer, tasks, gen_tokens):
-    """val bits/byte; greedy and sampled continuations of the held-out prompts."""
-    prompts, real, K = tasks
-    res = {"val_bpb": trainer.evaluate(max_windows=512)["val_bpb"]}
-    modes = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=0.8, top_k=50, top_p=0.95)}
-    for mode, opts in modes.items():
-        outs = [continuation(trainer.model, p, SamplingConfig(gen_tokens, seed=1000 + i, **opts), trainer.device)
-                for i, p in enumerate(prompts)]
-        res[f"{mode}_seq_rep_4"] = float(np.mean([seq_rep_n(o, 4) for o in outs]))
-        res[f"{mode}_distinct_2"] = float(np.mean([distinct_n(o, 2) for o in outs]))
-        res[f"{mode}_prefix_{K}"] = float(np.mean([prefix_match(o[:K], r[:K]) for o, r in zip(outs, real.tolist())]))
-        res[f"{mode}_f1_{K}"] = float(np.mean([token_f1(o[:K], r[:K]) for o, r in zip(outs, real.tolist())]))
-    return res
-
-
-def continuation(model, prompt, sc, device):
-    """gen_tokens token ids after a prompt (P,) of token ids, never stopping early."""
-    return [t for t, _ in generate_ids(model, prompt[None].to(device), sc)]
-
-
-def ab_table(out, clock_note):
-    """Markdown: mean ± std over seeds per arm, and the paired (same-seed) difference."""
-    arms, real = out["arms"], out["real"]
-    lines = [f"Budget per arm: {clock_note}. mean ± std over {len(arms['supervised'])} seeds.", "",
-             "| metric | real text | supervised | supervised + self-play | Δ (paired) |", "|---|---|---|---|---|"]
-    for k in arms["selfplay"][0]:
-        a = [r.get(k) for r in arms["supervised"]]
-        b = [r[k] for r in arms["selfplay"]]
-        real_v = next((f"{v:.4f}" for name, v in real.items() if k.endswith(name)), "")
-        if None in a:  # self-play's own numbers: no counterpart in the other arm
-            lines.append(f"| {k} | | - | {pm(b)} | - |")
-        else:
-            lines.append(f"| {k} | {real_v} | {pm(a)} | {pm(b)} | {pm([y - x for x, y in zip(a, b)])} |")
-    return "\n".join(lines)
-
-
-def pm(xs):
-    xs = np.asarray(xs, dtype=np.float64)
-    sd = xs.std(ddof=1) if len(xs) > 1 else 0.0
-    return f"{xs.mean():.4f} ± {sd:.4f}"
-
-
-def parse_overrides(pairs, base):
-    """["kl_coef=0.02", ...] -> a copy of the dataclass `base` with those fields changed (typed)."""
-    changes = {}
-    for pair in pairs or []:
-        key, _, value = pair.partition("=")
-        if key not in asdict(base):
-            raise ValueError(f"unknown option {key!r}; known: {sorted(asdict(base))}")
-        kind = type(getattr(base, key))
-        changes[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return replace(base, **changes)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="A/B: supervised vs supervised + self-play, at equal compute.")
-    sub = p.add_subparsers(required=True, metavar="command")
-    a = sub.add_parser("ab", help="train both arms for equal compute, compare them")
-    a.add_argument("--book", required=True, help="path to a book (or a store book name)")
-    for f in fields(ABConfig):
-        if f.name not in ("book", "clock", "device"):
-            a.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
-    a.add_argument("--clock", choices=["cpu", "wall"], help="default: cpu on a CPU, wall on a GPU")
-    a.add_argument("--device", default="auto")
-    a.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    a.add_argument("--model", action="append", metavar="KEY=VALUE", help="change a model config field")
-    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a SelfPlayConfig field")
-    a.add_argument("--out", help="write all results as JSON here")
-    args = vars(p.parse_args(argv))
-    from hardware import pick_device
-    device = pick_device(args["device"])
-    args.update(device=str(device), clock=args["clock"] or ("wall" if device.type == "cuda" else "cpu"))
-    try:
-        ab = ABConfig(**{f.name: args[f.name] for f in fields(ABConfig)}).validate()
-        model_cfg = parse_overrides(args["model"], PRESETS[args["preset"]]).validate()
-        sp_cfg = parse_overrides(args["set"], SelfPlayConfig())
-        out = run_ab(ab, model_cfg, sp_cfg)
-    except (ValueError, OSError) as e:  # a missing book, a bad option: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    clock = f"process CPU time, {ab.threads} thread(s)" if ab.clock == "cpu" else "wall time"
-    warm = f", after a shared {ab.warm_minutes} min supervised warm start" if ab.warm_minutes else ""
-    note = (f"{ab.minutes} min of {clock} per arm and seed, arms alternating step by step in one process, "
-            f"on {device}{warm}")
-    out.update(note=note, ab=asdict(ab), model=model_cfg.to_dict(), selfplay=asdict(sp_cfg))
-    table = ab_table(out, note)
-    print(table)
-    if args["out"]:
-        with open(args["out"], "w") as f:
-            json.dump({**out, "table": table}, f, indent=1)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

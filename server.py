@@ -3,9 +3,12 @@
     python server.py                      # http://127.0.0.1:8000, data in $AZR_HOME or here
     python server.py --port 8080 --home ~/azr --max-upload-mb 200
 
-A thin JSON API over the same functions the CLI calls (store.Store, azr_trainer, model.stream,
-lora), plus one page (templates/index.html + static/app.js) that uses exactly this API; FastAPI
-documents every endpoint at /docs. Three pieces hold the state that outlives one request:
+A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
+page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
+endpoint at /docs. The API is a few routers, one per tab of the page; each handler reads its
+request, calls the library and returns what it got. Request bodies are derived from the
+settings dataclasses (ModelConfig, TrainConfig, SamplingConfig, LoRAConfig), so a field, its
+default and its range are defined once. Three pieces hold the state that outlives a request:
 
 - JobRunner (jobs.py): the one training job, in a background thread, persisted under jobs/.
 - ModelCache: each model (or model + LoRA adapter) is loaded once for generation and reloaded
@@ -28,43 +31,45 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import uvicorn
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
-import azr_trainer
-import lora
+import config
+import runs
+from azr_trainer import TrainConfig
+from files import CorruptFile, Exists, NotFound
+from generate import SamplingConfig, generate, stream
 from hardware import pick_device
+from inside import attention_map, top_alternatives
 from jobs import RESUMABLE, Busy, JobRunner
-from model import LIMITS, PRESETS, ModelConfig, SamplingConfig, flops_per_token, generate, memory_estimate, param_count, stream
-from store import CorruptFile, Exists, NotFound, Store, check_name, read_json
-from tokenizer import prepare_tokens
+from lora import TARGETS, LoRAConfig
+from model import PRESETS, ModelConfig
+from sizing import flops_per_token, memory_estimate, param_count
+from store import Store, check_name
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "lineage.json", "metrics.jsonl")
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
-ATTENTION_MAX_TOKENS = 64  # a 64x64 heatmap is still readable; longer prompts keep their end
 ARENA_MAX_WINDOWS = 256
 # Generation runs on one CPU thread. Decoding one token is a chain of small matrix-vector products
 # where handing work between OpenMP threads costs more than it saves, and when a training job
-# keeps the cores busy the threads stall waiting for each other (measured on 2 busy cores: 50
-# tokens of the small preset in 27 ms on 1 thread, 241 ms on 2). With torch's OpenMP backend the
+# keeps the cores busy the threads stall waiting for each other. With torch's OpenMP backend the
 # setting is per thread, so the training thread keeps all of its threads.
 GENERATION_THREADS = 1
-TRAIN_FIELDS = {"batch_size", "learning_rate", "seq_len", "warmup_steps", "eval_every", "checkpoint_every",
-                "selfplay_every", "grad_accum", "seed", "compile"}  # TrainRequest fields passed to TrainConfig as they are
+SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 
 log = logging.getLogger("azr.server")
 
@@ -73,59 +78,46 @@ log = logging.getLogger("azr.server")
 
 
 class Body(BaseModel):
-    # a misspelt option is an error, not silently ignored; "model_*" field names are ours
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # a misspelt option is an error, not silently ignored; "5" is not a number; "model_*" names are ours
+    model_config = ConfigDict(extra="forbid", strict=True, protected_namespaces=())
 
 
-class CreateModelRequest(Body):
-    """A preset, or the six numbers; numbers given next to a preset override it."""
-    name: str
-    preset: Literal["small", "medium", "large"] | None = None
-    vocab_size: int | None = None
-    d_model: int | None = None
-    num_layers: int | None = None
-    num_heads: int | None = None
-    d_ff: int | None = None
-    max_seq_len: int | None = None
-    dropout: float | None = None
-    seed: int = 0
+def settings_fields(cls, skip=(), prefix=""):
+    """Pydantic fields for the fields of a settings dataclass: the same types and defaults, the
+    help as description, the range in the schema. The range itself is checked by cls.validate,
+    so that a value out of range is a 400 naming the field, like every other value we cannot use."""
+    out = {}
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        kind, optional = config.field_type(cls, f)
+        kind = list[str] if kind is tuple else kind
+        m = f.metadata
+        schema = {k: v for k, v in (("minimum", m["lo"]), ("maximum", m["hi"])) if v is not None}
+        if m["choices"]:
+            kind = Literal[m["choices"]] if kind is str else list[Literal[m["choices"]]]
+        default = config.default_of(f)
+        out[prefix + f.name] = (kind | None if optional else kind,
+                                Field(list(default) if isinstance(default, tuple) else default,
+                                      description=m["help"], json_schema_extra=schema or None))
+    return out
 
 
-class TrainRequest(Body):
-    """Train `model` on `books` (or one `book`) for `iterations` optimizer steps. Options left out
-    take azr_trainer.TrainConfig's defaults. selfplay_every=N adds a self-play step every N steps."""
-    model: str
-    book: str | None = None
-    books: list[str] = []
-    iterations: int = 1000
-    batch_size: int | None = None
-    learning_rate: float | None = None
-    seq_len: int | None = None
-    warmup_steps: int | None = None
-    eval_every: int | None = None
-    checkpoint_every: int | None = None
-    selfplay_every: int | None = None
-    grad_accum: int | None = None
-    seed: int | None = None
-    compile: Literal["auto", "on", "off"] | None = None
-    # mode="lora": fine-tune a LoRA adapter named `adapter` on top of the frozen model (lora.py)
-    mode: Literal["full", "lora"] = "full"
-    adapter: str | None = None
-    r: int = lora.LoRAConfig.r
-    alpha: float = lora.LoRAConfig.alpha
-    targets: list[str] = list(lora.LoRAConfig.targets)
-    nf4: bool = False
+CreateModelRequest = create_model(
+    "CreateModelRequest", __base__=Body, __doc__="A preset, or the config numbers; numbers given next to a preset override it.",
+    name=(str, ...), preset=(Literal[tuple(PRESETS)] | None, None), seed=(int, Field(0, ge=0, le=config.SEED_MAX)),
+    **{k: (v[0] | None, None) for k, v in settings_fields(ModelConfig).items()})
 
+TrainRequest = create_model(
+    "TrainRequest", __base__=Body,
+    __doc__="Train `model` on `books` (or one `book`); mode=lora fine-tunes an adapter named `adapter` "
+            "(options prefixed lora_) on top of the frozen model.",
+    model=(str, ...), book=(str | None, None), books=(list[str], []),
+    mode=(Literal["full", "lora"], "full"), adapter=(str | None, None),
+    **settings_fields(TrainConfig, skip=SERVER_CHOOSES), **settings_fields(LoRAConfig, prefix="lora_"))
 
-class SamplingRequest(Body):
-    prompt: str = Field("", max_length=MAX_PROMPT_CHARS)
-    max_tokens: int = 200
-    temperature: float = 0.8
-    top_k: int = 50
-    top_p: float = 0.95
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: str | None = None
+SamplingRequest = create_model("SamplingRequest", __base__=Body, prompt=(str, Field("", max_length=MAX_PROMPT_CHARS)),
+                               **settings_fields(SamplingConfig))
 
 
 class GenerateRequest(SamplingRequest):
@@ -149,7 +141,7 @@ class ArenaRequest(SamplingRequest):
     adapter_a: str | None = None
     adapter_b: str | None = None
     book: str | None = None
-    windows: int = 64
+    windows: int = Field(64, json_schema_extra={"minimum": 1, "maximum": ARENA_MAX_WINDOWS})
 
 
 class RollbackRequest(Body):
@@ -163,207 +155,337 @@ class MergeRequest(Body):
     out: str
 
 
+def settings_from(req, cls, prefix=""):
+    """The dataclass `cls` from the matching fields of a request body, validated."""
+    return config.build(cls, {f.name: getattr(req, prefix + f.name) for f in fields(cls) if hasattr(req, prefix + f.name)},
+                        prefix)
+
+
 # ----------------------------------------------------------------------------- the app
+
+
+class App:
+    """What the handlers share: the store, the job runner, the model cache, the device."""
+
+    def __init__(self, home, max_upload_mb):
+        self.store = Store(home)
+        self.jobs = JobRunner(self.store)
+        self.device = pick_device("auto")
+        self.models = ModelCache(self.store, self.device)
+        self.max_upload_bytes = int(max_upload_mb * 2**20)
+
+
+def app_of(request: Request) -> App:
+    return request.app.state.azr
+
+
+Azr = Annotated[App, Depends(app_of)]
 
 
 def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB):
     """A new app over the store at `home`. Tests build several on one home to mimic restarts."""
-    store = Store(home)
-    jobs = JobRunner(store)
-    device = pick_device("auto")
-    models = ModelCache(store, device)
-    max_upload_bytes = int(max_upload_mb * 2**20)
-    templates = Jinja2Templates(directory=ROOT / "templates")
-
     app = FastAPI(title="AZR Model Trainer", version="1.0",
-                  description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\"}.")
-    app.state.store, app.state.jobs, app.state.models = store, jobs, models
+                  description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\", \"field\": \"...\"}.")
+    app.state.azr = azr = App(home, max_upload_mb)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    add_error_handlers(app, max_upload_bytes)
-
-    # -- page and health ---------------------------------------------------------------------
-    @app.get("/", include_in_schema=False)
-    def index(request: Request):
-        return templates.TemplateResponse(request, "index.html", {
-            "presets": {k: v.to_dict() for k, v in PRESETS.items()}, "limits": LIMITS,
-            "max_upload_bytes": max_upload_bytes, "lora_targets": lora.TARGETS, "lora": lora.LoRAConfig(),
-        })
-
-    @app.get("/health", summary="Server is up: device, counts, job state")
-    def health():
-        return {"ok": True, "device": str(device), "models": len(store.list_models()),
-                "books": len(store.list_books()), "job": jobs.status()["state"], "max_upload_bytes": max_upload_bytes}
-
-    # -- models -------------------------------------------------------------------------------
-    @app.get("/estimate", summary="Parameter count and training memory of a config (live form check)")
-    def estimate(vocab_size: int = 5000, d_model: int = 128, num_layers: int = 4, num_heads: int = 4,
-                 d_ff: int = 512, max_seq_len: int = 128, batch_size: int = Query(16, ge=1, le=4096)):
-        cfg = ModelConfig(vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_len).validate()
-        return {"params": param_count(cfg), "memory": memory_estimate(cfg, batch_size),
-                "flops_per_token": flops_per_token(cfg), "batch_size": batch_size}
-
-    @app.post("/create_model", status_code=201, summary="Create a model from a preset or six numbers")
-    def create_model(req: CreateModelRequest):
-        base = PRESETS[req.preset].to_dict() if req.preset else ModelConfig().to_dict()
-        given = req.model_dump(exclude={"name", "preset", "seed"}, exclude_none=True)
-        cfg = ModelConfig.from_dict({**base, **given})
-        store.create_model(req.name, cfg, seed=req.seed)
-        return store.info(req.name)
-
-    @app.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage")
-    def list_models():
-        return store.list_models()
-
-    @app.get("/models/{name}", summary="One model: info, runs, versions, adapters")
-    def model_info(name: str):
-        info = store.info(name)
-        adapters = [lora.adapter_info(store, name, a) for a in info["adapters"]]
-        return {**info, "adapters": adapters, "runs": store.lineage(name)["runs"], "training": jobs.is_active(name)}
-
-    @app.get("/models/{name}/metrics", summary="Rows of metrics.jsonl from line `since`, optionally one run or adapter")
-    def model_metrics(name: str, since: int = Query(0, ge=0), run: str | None = None, adapter: str | None = None):
-        rows = store.metrics(name, since, adapter)
-        # a resume rewrites the file without the steps it redoes, so `since` can point past its end:
-        # then the client starts over from line 0
-        reset = not rows and since > 0 and len(store.metrics(name, 0, adapter)) < since
-        if reset:
-            rows = store.metrics(name, 0, adapter)
-        return {"rows": [r for r in rows if run is None or r.get("run") == run],
-                "next": (0 if reset else since) + len(rows), "reset": reset}
-
-    @app.delete("/models/{name}", summary="Delete a model, its versions and checkpoints")
-    def delete_model(name: str):
-        refuse_while_training(jobs, name, "delete")
-        store.delete_model(name)
-        models.forget(name)
-        return {"deleted": name}
-
-    @app.delete("/models/{name}/adapters/{adapter}", summary="Delete one LoRA adapter of a model")
-    def delete_adapter(name: str, adapter: str):
-        refuse_while_training(jobs, name, "delete an adapter of")
-        store.delete_adapter(name, adapter)
-        models.forget(name)
-        return {"deleted": adapter, "model": name}
-
-    @app.post("/models/{name}/rollback", summary="Make a saved version the current weights")
-    def rollback(name: str, req: RollbackRequest):
-        refuse_while_training(jobs, name, "roll back")
-        store.rollback(name, req.version)
-        return store.info(name)
-
-    @app.post("/merge", status_code=201, summary="Merge a LoRA adapter into a new model")
-    def merge(req: MergeRequest):
-        lora.merge_adapter(store, req.model, req.adapter, req.out)
-        return store.info(req.out)
-
-    @app.get("/download_model/{name}", summary="A zip of the model: weights, config, tokenizer, lineage, metrics, README")
-    def download_model(name: str):
-        path = build_model_zip(store, name)
-        return FileResponse(path, media_type="application/zip", filename=f"{name}.zip",
-                            background=BackgroundTask(os.unlink, path))
-
-    # -- books --------------------------------------------------------------------------------
+    for router in (page, models, training, generation):
+        app.include_router(router)
     # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
     # at the limit instead of being spooled to a temp file in full before read_upload sees it
-    @app.post("/upload_book", status_code=201, summary="Upload a .txt (any encoding), .fb2 or .epub book",
-              max_body_size=max_upload_bytes + 2**16)  # + room for the multipart headers
-    def upload_book(file: UploadFile = File(...), name: str | None = Form(None)):
-        data = read_upload(file, max_upload_bytes)
-        name = name or book_name_from(file.filename)
-        info = store.add_book(check_name(name, "book"), data, file.filename or "book.txt")
-        return {**info, "preview": preview(store.book_text(name))}
-
-    @app.get("/books", summary="Uploaded books with size, encoding and language")
-    def list_books():
-        return store.list_books()
-
-    @app.get("/books/{name}", summary="One book's info and the first lines of its text")
-    def book_info(name: str):
-        return {**store.book_info(name), "preview": preview(store.book_text(name))}
-
-    @app.delete("/books/{name}", summary="Delete a book")
-    def delete_book(name: str):
-        store.delete_book(name)
-        return {"deleted": name}
-
-    # -- training -----------------------------------------------------------------------------
-    @app.post("/train", status_code=202, summary="Start a training job, or a LoRA fine-tune (409 if one is running)")
-    def train(req: TrainRequest):
-        books = ([req.book] if req.book else []) + req.books
-        tc = train_config(req)
-        check_training_inputs(store, req.model, books)
-        fields = {"kind": req.mode, "model": req.model, "adapter": None, "books": books, "config": asdict(tc),
-                  "state": "queued", "step": 0, "total": tc.steps}
-        if req.mode == "full":
-            return jobs.start(fields, lambda on_event, should_stop: azr_trainer.train(
-                store, req.model, books, tc, on_event, should_stop))
-        lc = lora_config(store, req)
-        fields.update(adapter=req.adapter, lora=lc.to_dict())
-        return jobs.start(fields, lambda on_event, should_stop: azr_trainer.finetune(
-            store, req.model, books, tc, req.adapter, lc, on_event, should_stop))
-
-    @app.get("/training_status", summary="The current job: state, step/total, losses, bits/byte, reward, tokens/s, ETA, log")
-    def training_status(since: int = Query(0, ge=0, description="only log events with seq > since")):
-        return jobs.status(since)
-
-    @app.post("/stop_training", summary="Stop the job after its current step (it saves a checkpoint)")
-    def stop_training():
-        return jobs.stop()
-
-    @app.post("/resume_training", summary="Continue a stopped, interrupted or failed job from its checkpoint")
-    def resume_training():
-        job = jobs.status()
-        if job["state"] in RESUMABLE:
-            check_resumable(store, job["model"], job.get("adapter"))
-        return jobs.resume(lambda on_event, should_stop: azr_trainer.resume(
-            store, job["model"], on_event, should_stop, adapter=job.get("adapter")))
-
-    # -- generation -------------------------------------------------------------------------
-    @app.post("/generate", summary="Continue a prompt; the whole text at once")
-    def generate_text(req: GenerateRequest):
-        model, tok = models.get(req.model, req.adapter)
-        sc = sampling_config(req)
-        torch.set_num_threads(GENERATION_THREADS)
-        t0 = time.perf_counter()
-        text = generate(model, tok, req.prompt, sc, device)
-        return {"text": text, "seconds": round(time.perf_counter() - t0, 3)}
-
-    @app.post("/generate_stream", summary="Continue a prompt as Server-Sent Events, one per token",
-              response_class=StreamingResponse,
-              responses={200: {"content": {"text/event-stream": {}},
-                               "description": "data: {text, token, prob, top: [[text, prob] x5]} per token, "
-                                              "then event: done with {tokens, seconds, first_token_s}"}})
-    def generate_stream(req: GenerateRequest):
-        model, tok = models.get(req.model, req.adapter)  # errors here are still plain 4xx JSON
-        sc = sampling_config(req)
-        return StreamingResponse(sse_tokens(model, tok, req.prompt, sc, device), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
-    def attention(req: AttentionRequest):
-        model, tok = models.get(req.model, req.adapter)
-        torch.set_num_threads(GENERATION_THREADS)
-        return attention_map(model, tok, req.prompt, req.layer, req.head, device)
-
-    @app.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)")
-    def arena(req: ArenaRequest):
-        sc = sampling_config(req)
-        if sc.seed is None:  # both sides draw the same random numbers: a fair comparison
-            sc.seed = secrets.randbelow(2**31)  # not torch's generator: training re-seeds it
-        if not 1 <= req.windows <= ARENA_MAX_WINDOWS:
-            raise ValueError(f"windows must be between 1 and {ARENA_MAX_WINDOWS}")
-        if req.book:
-            store.book_info(req.book)
-        torch.set_num_threads(GENERATION_THREADS)
-        sides = {}
-        for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
-            model, tok = models.get(name, adapter)
-            sides[side] = {"model": name, "adapter": adapter, "text": generate(model, tok, req.prompt, sc, device)}
-            if req.book:
-                sides[side]["bits_per_byte"] = book_bpb(store, model, tok, req.book, req.windows, device)
-        return {**sides, "seed": sc.seed, "book": req.book}
-
+    app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16)  # + room for the multipart headers
+    add_error_handlers(app, azr.max_upload_bytes)
     return app
+
+
+# ----------------------------------------------------------------------------- page and health
+
+page = APIRouter()
+templates = Jinja2Templates(directory=ROOT / "templates")
+
+
+@page.get("/", include_in_schema=False)
+def index(request: Request, azr: Azr):
+    return templates.TemplateResponse(request, "index.html", {"page": page_data(azr)})
+
+
+def page_data(azr):
+    """What the page needs before its first request: presets, every form field's default,
+    range and help (from the settings dataclasses), the upload limit."""
+    def specs(cls):
+        return {f.name: {"default": config.default_of(f), "lo": f.metadata["lo"], "hi": f.metadata["hi"],
+                         "help": f.metadata["help"]} for f in fields(cls)}
+    return {"presets": {k: v.to_dict() for k, v in PRESETS.items()}, "model": specs(ModelConfig),
+            "train": specs(TrainConfig), "sampling": specs(SamplingConfig), "lora": specs(LoRAConfig),
+            "lora_targets": TARGETS, "max_upload_bytes": azr.max_upload_bytes}
+
+
+@page.get("/health", summary="Server is up: device, counts, job state")
+def health(azr: Azr):
+    return {"ok": True, "device": str(azr.device), "models": len(azr.store.list_models()),
+            "books": len(azr.store.list_books()), "job": azr.jobs.status()["state"],
+            "max_upload_bytes": azr.max_upload_bytes}
+
+
+# ----------------------------------------------------------------------------- models
+
+models = APIRouter(tags=["models"])
+
+
+@models.get("/estimate", summary="Parameter count and training memory of a config (live form check)")
+def estimate(vocab_size: int = 5000, d_model: int = 128, num_layers: int = 4, num_heads: int = 4,
+             d_ff: int = 512, max_seq_len: int = 128, batch_size: int = Query(16, ge=1, le=4096)):
+    cfg = ModelConfig(vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_len).validate()
+    return {"params": param_count(cfg), "memory": memory_estimate(cfg, batch_size),
+            "flops_per_token": flops_per_token(cfg), "batch_size": batch_size}
+
+
+@models.post("/create_model", status_code=201, summary="Create a model from a preset or the config numbers")
+def create_model_(req: CreateModelRequest, azr: Azr):
+    base = PRESETS[req.preset].to_dict() if req.preset else ModelConfig().to_dict()
+    given = req.model_dump(exclude={"name", "preset", "seed"}, exclude_none=True)
+    azr.store.create_model(req.name, ModelConfig.from_dict({**base, **given}), seed=req.seed)
+    return azr.store.info(req.name)
+
+
+@models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage")
+def list_models(azr: Azr):
+    return azr.store.list_models()
+
+
+@models.get("/models/{name}", summary="One model: info, runs, versions, adapters")
+def model_info(name: str, azr: Azr):
+    info = azr.store.info(name)
+    adapters = [azr.store.adapter_info(name, a) for a in info["adapters"]]
+    return {**info, "adapters": adapters, "runs": azr.store.lineage(name)["runs"], "training": azr.jobs.is_active(name)}
+
+
+@models.get("/models/{name}/metrics", summary="Rows of metrics.jsonl from line `since`, optionally one run or adapter")
+def model_metrics(name: str, azr: Azr, since: int = Query(0, ge=0), run: str | None = None, adapter: str | None = None):
+    rows = azr.store.metrics(name, since, adapter)
+    # a resume rewrites the file without the steps it redoes, so `since` can point past its end:
+    # then the client starts over from line 0
+    reset = not rows and since > 0 and len(azr.store.metrics(name, 0, adapter)) < since
+    if reset:
+        rows = azr.store.metrics(name, 0, adapter)
+    return {"rows": [r for r in rows if run is None or r.get("run") == run],
+            "next": (0 if reset else since) + len(rows), "reset": reset}
+
+
+@models.delete("/models/{name}", summary="Delete a model, its versions and checkpoints")
+def delete_model(name: str, azr: Azr):
+    refuse_while_training(azr.jobs, name, "delete")
+    azr.store.delete_model(name)
+    azr.models.forget(name)
+    return {"deleted": name}
+
+
+@models.delete("/models/{name}/adapters/{adapter}", summary="Delete one LoRA adapter of a model")
+def delete_adapter(name: str, adapter: str, azr: Azr):
+    refuse_while_training(azr.jobs, name, "delete an adapter of")
+    azr.store.delete_adapter(name, adapter)
+    azr.models.forget(name)
+    return {"deleted": adapter, "model": name}
+
+
+@models.post("/models/{name}/rollback", summary="Make a saved version the current weights")
+def rollback(name: str, req: RollbackRequest, azr: Azr):
+    refuse_while_training(azr.jobs, name, "roll back")
+    azr.store.rollback(name, req.version)
+    return azr.store.info(name)
+
+
+@models.post("/merge", status_code=201, summary="Merge a LoRA adapter into a new model")
+def merge(req: MergeRequest, azr: Azr):
+    azr.store.merge_adapter(req.model, req.adapter, req.out)
+    return azr.store.info(req.out)
+
+
+@models.get("/download_model/{name}", summary="A zip of the model: weights, config, tokenizer, lineage, metrics, README")
+def download_model(name: str, azr: Azr):
+    path = build_model_zip(azr.store, name)
+    return FileResponse(path, media_type="application/zip", filename=f"{name}.zip",
+                        background=BackgroundTask(os.unlink, path))
+
+
+# ----------------------------------------------------------------------------- books
+
+books = APIRouter(tags=["books"])
+
+
+@books.post("/upload_book", status_code=201, summary="Upload a .txt (any encoding), .fb2 or .epub book")
+def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(None)):
+    data = read_upload(file, azr.max_upload_bytes)
+    name = check_name(name or book_name_from(file.filename), "book")
+    info = azr.store.add_book(name, data, file.filename or "book.txt")
+    return {**info, "preview": preview(azr.store.book_text(name))}
+
+
+@books.get("/books", summary="Uploaded books with size, encoding and language")
+def list_books(azr: Azr):
+    return azr.store.list_books()
+
+
+@books.get("/books/{name}", summary="One book's info and the first lines of its text")
+def book_info(name: str, azr: Azr):
+    return {**azr.store.book_info(name), "preview": preview(azr.store.book_text(name))}
+
+
+@books.delete("/books/{name}", summary="Delete a book")
+def delete_book(name: str, azr: Azr):
+    azr.store.delete_book(name)
+    return {"deleted": name}
+
+
+# ----------------------------------------------------------------------------- training
+
+training = APIRouter(tags=["training"])
+
+
+@training.post("/train", status_code=202, summary="Start a training job, or a LoRA fine-tune (409 if one is running)")
+def train(req: TrainRequest, azr: Azr):
+    store, books_ = azr.store, ([req.book] if req.book else []) + req.books
+    tc = settings_from(req, TrainConfig)
+    check_training_inputs(store, req.model, books_)
+    job = {"kind": req.mode, "model": req.model, "adapter": None, "books": books_, "config": asdict(tc),
+           "state": "queued", "step": 0, "total": tc.steps}
+    if req.mode == "full":
+        return azr.jobs.start(job, lambda on_event, should_stop: runs.train(
+            store, req.model, books_, tc, on_event, should_stop))
+    lc = lora_config(store, req)
+    job.update(adapter=req.adapter, lora=lc.to_dict())
+    return azr.jobs.start(job, lambda on_event, should_stop: runs.finetune(
+        store, req.model, books_, tc, req.adapter, lc, on_event, should_stop))
+
+
+@training.get("/training_status", summary="The current job: state, step/total, losses, bits/byte, reward, tokens/s, ETA, log")
+def training_status(azr: Azr, since: int = Query(0, ge=0, description="only log events with seq > since")):
+    return azr.jobs.status(since)
+
+
+@training.post("/stop_training", summary="Stop the job after its current step (it saves a checkpoint)")
+def stop_training(azr: Azr):
+    return azr.jobs.stop()
+
+
+@training.post("/resume_training", summary="Continue a stopped, interrupted or failed job from its checkpoint")
+def resume_training(azr: Azr):
+    store, job = azr.store, azr.jobs.status()
+    if job["state"] in RESUMABLE:
+        check_resumable(store, job["model"], job.get("adapter"))
+    return azr.jobs.resume(lambda on_event, should_stop: runs.resume(
+        store, job["model"], on_event, should_stop, adapter=job.get("adapter")))
+
+
+def check_training_inputs(store, model, books_):
+    """Everything a job needs, checked now so the user gets the error instead of a failed job.
+    Books must be uploaded books: the web API never reads a path on the server."""
+    store.model_dir(model)
+    if not books_:
+        raise ValueError("choose at least one book to train on")
+    for b in books_:
+        store.book_info(b)
+
+
+def lora_config(store, req):
+    """The LoRA options of a fine-tune request, checked before the job starts."""
+    if not req.adapter:
+        raise ValueError("name the adapter to train (mode=lora saves it under the model's adapters)")
+    check_name(req.adapter, "adapter")
+    if store.tokenizer(req.model) is None:
+        raise ValueError(f"model {req.model!r} has no tokenizer yet: train it on a book before fine-tuning it")
+    if req.adapter in store.list_adapters(req.model):
+        raise Exists(f"model {req.model!r} already has an adapter {req.adapter!r}; pick another name")
+    return settings_from(req, LoRAConfig, prefix="lora_")
+
+
+def check_resumable(store, model, adapter=None):
+    try:
+        runs.load_run(store, model, adapter)
+    except NotFound:
+        raise Busy(f"model {model!r} has no checkpointed run to resume (it failed before its first step); "
+                   "start a new training run instead") from None
+    except CorruptFile:
+        raise
+    except ValueError as e:
+        raise Busy(str(e)) from None
+
+
+def refuse_while_training(jobs, name, what):
+    if jobs.is_active(name):
+        raise Busy(f"cannot {what} model {name!r} while it is training; stop the job first")
+
+
+# ----------------------------------------------------------------------------- generation
+
+generation = APIRouter(tags=["generation"])
+
+
+@generation.post("/generate", summary="Continue a prompt; the whole text at once")
+def generate_text(req: GenerateRequest, azr: Azr):
+    model, tok = azr.models.get(req.model, req.adapter)
+    sc = settings_from(req, SamplingConfig)
+    torch.set_num_threads(GENERATION_THREADS)
+    t0 = time.perf_counter()
+    text = generate(model, tok, req.prompt, sc, azr.device)
+    return {"text": text, "seconds": round(time.perf_counter() - t0, 3)}
+
+
+@generation.post("/generate_stream", summary="Continue a prompt as Server-Sent Events, one per token",
+                 response_class=StreamingResponse,
+                 responses={200: {"content": {"text/event-stream": {}},
+                                  "description": "data: {text, token, prob, top: [[text, prob] x5]} per token, "
+                                                 "then event: done with {tokens, seconds, first_token_s}"}})
+def generate_stream(req: GenerateRequest, azr: Azr):
+    model, tok = azr.models.get(req.model, req.adapter)  # errors here are still plain 4xx JSON
+    sc = settings_from(req, SamplingConfig)
+    return StreamingResponse(sse_tokens(model, tok, req.prompt, sc, azr.device), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@generation.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
+def attention(req: AttentionRequest, azr: Azr):
+    model, tok = azr.models.get(req.model, req.adapter)
+    torch.set_num_threads(GENERATION_THREADS)
+    return attention_map(model, tok, req.prompt, req.layer, req.head)
+
+
+@generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)")
+def arena(req: ArenaRequest, azr: Azr):
+    sc = settings_from(req, SamplingConfig)
+    if not 1 <= req.windows <= ARENA_MAX_WINDOWS:
+        raise ValueError(f"windows must be between 1 and {ARENA_MAX_WINDOWS}")
+    if sc.seed is None:  # both sides draw the same random numbers: a fair comparison
+        sc.seed = secrets.randbelow(2**31)  # not torch's generator: training re-seeds it
+    if req.book:
+        azr.store.book_info(req.book)
+    torch.set_num_threads(GENERATION_THREADS)
+    sides = {}
+    for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
+        model, tok = azr.models.get(name, adapter)
+        sides[side] = {"model": name, "adapter": adapter, "text": generate(model, tok, req.prompt, sc, azr.device)}
+        if req.book:
+            sides[side]["bits_per_byte"] = runs.evaluate_on_book(azr.store, model, tok, req.book, req.windows,
+                                                                 azr.device)["val_bpb"]
+    return {**sides, "seed": sc.seed, "book": req.book}
+
+
+def sse_tokens(model, tok, prompt, sc, device):
+    """Server-Sent Events: one `data:` line of JSON per token, then `event: done` (or `error`)."""
+    t0, first, n = time.perf_counter(), None, 0
+    try:
+        torch.set_num_threads(GENERATION_THREADS)
+        for text, token, probs in stream(model, tok, prompt, sc, device):
+            first = first or time.perf_counter() - t0
+            n += 1
+            piece = {"text": text, "token": token, "prob": None if probs is None else probs[token].item(),
+                     "top": [] if probs is None else top_alternatives(tok, probs)}
+            yield f"data: {json.dumps(piece)}\n\n"
+            torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
+        done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
+        yield f"event: done\ndata: {json.dumps(done)}\n\n"
+    except Exception as e:  # the 200 header is gone: report the error in the stream itself
+        log.exception("generation failed")
+        yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
 
 
 # ----------------------------------------------------------------------------- errors
@@ -397,7 +519,7 @@ def add_error_handlers(app, max_upload_bytes):
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
         return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
 
-    # ValueError covers StoreError, BookError and every config/sampling check
+    # ValueError covers StoreError, BookError and every settings check
     for cls in (ValueError, Busy):
         app.add_exception_handler(cls, known_error)
     app.add_exception_handler(Exception, unexpected_error)
@@ -428,11 +550,18 @@ def error_status(exc):
     return 400
 
 
+FORM_FIELDS = {f.name for cls in (ModelConfig, TrainConfig, SamplingConfig) for f in fields(cls)}
+FORM_FIELDS |= {"lora_" + f.name for f in fields(LoRAConfig)}
+
+
 def config_field(message):
     """The field to change, so the page can mark it: the one the message suggests ("try
     num_heads in ..."), else the one it starts with ("d_model must be between ...")."""
     m = re.search(r"\btry (\w+)", message) or re.match(r"(\w+) ", message)
-    return m.group(1) if m and m.group(1) in {*LIMITS, "dropout", "iterations", *TRAIN_FIELDS} else None
+    if not m:
+        return None
+    name = m.group(1)
+    return name if name in FORM_FIELDS else "lora_" + name if "lora_" + name in FORM_FIELDS else None
 
 
 def too_big(max_upload_bytes):
@@ -471,7 +600,7 @@ class ModelCache:
         if tok is None:
             raise HTTPException(409, f"model {name!r} has no tokenizer yet: train it on a book first")
         if adapter:
-            model = lora.load_adapter(self.store, name, adapter, self.device)
+            model = self.store.load_adapter(name, adapter, self.device)
         else:
             model = self.store.load_model(name, self.device).eval()
         with self.lock:
@@ -492,101 +621,6 @@ def file_key(path):
     except FileNotFoundError:
         return None
     return st.st_ino, st.st_mtime_ns, st.st_size
-
-
-def sampling_config(req):
-    return SamplingConfig(req.max_tokens, req.temperature, req.top_k, req.top_p, req.repetition_penalty,
-                          req.seed, req.stop or None).validate()
-
-
-def sse_tokens(model, tok, prompt, sc, device):
-    """Server-Sent Events: one `data:` line of JSON per token, then `event: done` (or `error`)."""
-    t0, first, n = time.perf_counter(), None, 0
-    try:
-        torch.set_num_threads(GENERATION_THREADS)
-        for piece in stream(model, tok, prompt, sc, device):
-            first = first or time.perf_counter() - t0
-            n += 1
-            yield f"data: {json.dumps(piece)}\n\n"
-            torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
-        done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
-        yield f"event: done\ndata: {json.dumps(done)}\n\n"
-    except Exception as e:  # the 200 header is gone: report the error in the stream itself
-        log.exception("generation failed")
-        yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
-
-
-@torch.no_grad()
-def attention_map(model, tok, prompt, layer, head, device):
-    cfg = model.config
-    if not 0 <= layer < cfg.num_layers:
-        raise ValueError(f"layer must be between 0 and {cfg.num_layers - 1}")
-    if head is not None and not 0 <= head < cfg.num_heads:
-        raise ValueError(f"head must be between 0 and {cfg.num_heads - 1} (or null for the mean of all heads)")
-    ids = tok.encode(prompt)[-min(ATTENTION_MAX_TOKENS, cfg.max_seq_len):]
-    if not ids:
-        raise ValueError("type a prompt first: attention needs at least one token")
-    _, _, atts = model(torch.tensor([ids], device=device), explain=True)
-    att = atts[layer][0]  # (nh, T, T)
-    att = att.mean(0) if head is None else att[head]  # (T, T)
-    return {"tokens": [tok.decode([i]) for i in ids], "layer": layer, "head": head,
-            "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
-            "attention": [[round(v, 4) for v in row] for row in att.tolist()]}
-
-
-def book_bpb(store, model, tok, book, windows, device):
-    """Bits/byte of `model` on the validation split of `book`, cut with the model's own tokenizer."""
-    data = prepare_tokens(tok, {book: store.book_text(book)}, store.home / "cache" / "tokens")
-    T = min(model.config.max_seq_len, len(data["val"]) - 1)
-    if T < 8:
-        raise ValueError(f"book {book!r} is too short to score: its validation split has {len(data['val'])} tokens")
-    byte_len = torch.from_numpy(tok.byte_lengths())
-    return azr_trainer.evaluate_bpb(model, data["val"], byte_len, T, windows, device)["val_bpb"]
-
-
-def train_config(req):
-    opts = req.model_dump(include=TRAIN_FIELDS, exclude_none=True)
-    try:
-        return azr_trainer.TrainConfig.from_dict({"steps": req.iterations, **opts})
-    except ValueError as e:  # the API calls the trainer's `steps` "iterations"
-        raise ValueError(re.sub(r"^steps ", "iterations ", str(e))) from None
-
-
-def check_training_inputs(store, model, books):
-    """Everything a job needs, checked now so the user gets the error instead of a failed job.
-    Books must be uploaded books: the web API never reads a path on the server."""
-    store.model_dir(model)
-    if not books:
-        raise ValueError("choose at least one book to train on")
-    for b in books:
-        store.book_info(b)
-
-
-def lora_config(store, req):
-    """The LoRA options of a fine-tune request, checked before the job starts."""
-    if not req.adapter:
-        raise ValueError("name the adapter to train (mode=lora saves it under the model's adapters)")
-    check_name(req.adapter, "adapter")
-    if store.tokenizer(req.model) is None:
-        raise ValueError(f"model {req.model!r} has no tokenizer yet: train it on a book before fine-tuning it")
-    if req.adapter in store.list_adapters(req.model):
-        raise Exists(f"model {req.model!r} already has an adapter {req.adapter!r}; pick another name")
-    return lora.LoRAConfig(r=req.r, alpha=req.alpha, targets=tuple(req.targets), nf4=req.nf4).validate()
-
-
-def check_resumable(store, model, adapter=None):
-    store.model_dir(model)
-    run = azr_trainer.run_dir(store, model, adapter) / "run.json"
-    if not run.exists():
-        raise Busy(f"model {model!r} has no checkpointed run to resume (it failed before its first step); "
-                   "start a new training run instead")
-    if read_json(run)["status"] == "done":
-        raise Busy(f"the last run of {model!r} already finished; start a new one")
-
-
-def refuse_while_training(jobs, name, what):
-    if jobs.is_active(name):
-        raise Busy(f"cannot {what} model {name!r} while it is training; stop the job first")
 
 
 def read_upload(file, max_upload_bytes):
@@ -624,12 +658,13 @@ Files
 Load it with the project's code (run from the project folder, this folder unzipped next to it):
 
     import json
-    from model import GPT, ModelConfig, SamplingConfig, generate
-    from store import load_tensors, load_weights
+    from files import load_tensors
+    from generate import SamplingConfig, generate
+    from model import GPT, ModelConfig
+    from store import load_weights
     from tokenizer import Tokenizer
 
-    cfg = ModelConfig.from_dict(json.load(open("{name}/config.json")))
-    model = GPT(cfg)
+    model = GPT(ModelConfig.from_dict(json.load(open("{name}/config.json"))))
     tensors, meta = load_tensors("{name}/model.safetensors")  # checks the sha256 too
     load_weights(model, tensors)
     tok = Tokenizer.load("{name}/tokenizer.json")
@@ -663,13 +698,13 @@ def build_model_zip(store, name):
 def main(argv=None):
     p = argparse.ArgumentParser(description="AZR Model Trainer web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     p.add_argument("--home", help="data folder (default: $AZR_HOME or the project folder)")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="largest book upload, in MB")
+    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"largest book upload, in MB (default: {MAX_UPLOAD_MB})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     app = create_app(args.home, args.max_upload_mb)
-    print(f"AZR Model Trainer: http://{args.host}:{args.port}  (data in {app.state.store.home})")
+    print(f"AZR Model Trainer: http://{args.host}:{args.port}  (data in {app.state.azr.store.home})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

@@ -23,108 +23,31 @@ import os
 import re
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from model import GPT, ModelConfig, param_count
+from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, load_tensors, read_json, replacing,
+                   save_tensors, tensors_sha256_of_file, write_json)
+from lora import LoRAConfig, attach_lora, count_params, load_lora_state, lora_state, merge_lora
+from model import GPT, ModelConfig
+from sizing import check_fits_in_memory, param_count
 from tokenizer import BookError, Tokenizer, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_DIR = Path(__file__).resolve().parent
 
 
-class StoreError(ValueError):
-    """A request the store cannot satisfy; the message says why."""
-
-
-class NotFound(StoreError):
-    pass
-
-
-class CorruptFile(StoreError):
-    pass
-
-
-class Exists(StoreError):
-    """The name is taken (the web API answers 409 Conflict)."""
-
-
 def check_name(name, what="model"):
     if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise StoreError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-'")
+        raise StoreError(f"invalid {what} name {name[:80]!r}: use 1-64 letters, digits, '_' or '-'"
+                         if isinstance(name, str) else f"invalid {what} name: use 1-64 letters, digits, '_' or '-'")
     return name
 
 
 def home_dir(home=None):
     return Path(home or os.environ.get("AZR_HOME") or PROJECT_DIR).resolve()
-
-
-# ----------------------------------------------------------------------------- atomic files
-
-
-def atomic_write(path, data):
-    """Write bytes or str to path via temp file + os.replace; an error leaves the old file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_json(path, obj):
-    atomic_write(path, json.dumps(obj, indent=1, ensure_ascii=False))
-
-
-def read_json(path):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def tensors_sha256(tensors):
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        h.update(k.encode())
-        h.update(tensors[k].contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def save_tensors(path, tensors, meta=None):
-    """safetensors file with our JSON metadata and a checksum of the tensors, atomically."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    header = {"meta": json.dumps(meta or {}), "sha256": tensors_sha256(tensors)}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=header)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_tensors(path):
-    """-> (tensors, meta). CorruptFile if the file is truncated, garbled or fails its checksum."""
-    path = Path(path)
-    if not path.exists():
-        raise NotFound(f"{path.name} not found")
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CorruptFile(f"{path} is damaged (truncated or not a safetensors file): {e}") from e
-    if header.get("sha256") != tensors_sha256(tensors):
-        raise CorruptFile(f"{path} failed its checksum: the file was corrupted after it was written")
-    return tensors, json.loads(header.get("meta", "{}"))
 
 
 # ----------------------------------------------------------------------------- the store
@@ -164,8 +87,7 @@ class Store:
             raise Exists(f"a model named {name!r} already exists; pick another name or delete it")
         cfg.validate()
         check_fits_in_memory(cfg)
-        torch.manual_seed(seed)
-        model = model if model is not None else GPT(cfg)
+        model = model if model is not None else GPT(cfg, torch.Generator().manual_seed(seed))
         d.mkdir(parents=True, exist_ok=True)
         self.save_weights(name, model)
         if tokenizer is not None:
@@ -195,8 +117,7 @@ class Store:
     def weights_sha256(self, name):
         """The checksum in the header of the current weights: names the exact weights (adapters
         record the one they were trained on)."""
-        with safe_open(str(self.model_dir(name) / "model.safetensors"), framework="pt") as f:
-            return (f.metadata() or {}).get("sha256")
+        return tensors_sha256_of_file(self.model_dir(name) / "model.safetensors")
 
     def tokenizer(self, name):
         """The model's tokenizer, or None before its first training run."""
@@ -243,6 +164,60 @@ class Store:
         d = self.model_dir(name) / "adapters"
         return sorted(p.parent.name for p in d.glob("*/adapter_config.json")) if d.exists() else []
 
+    # adapters ----------------------------------------------------------------
+    def save_adapter(self, name, adapter, model, lc, base_sha256, run=None):
+        """adapters/<adapter>/adapter.safetensors (A and B of every wrapped layer) + adapter_config.json,
+        written last: its presence marks a complete adapter."""
+        d = self.adapter_dir(name, adapter, must_exist=False)
+        d.mkdir(parents=True, exist_ok=True)
+        save_tensors(d / "adapter.safetensors", lora_state(model), {"base_sha256": base_sha256})
+        info = {"name": adapter, "base_model": name, "base_sha256": base_sha256, "lora": lc.to_dict(),
+                "params": count_params(model), "run": run, "saved": _now()}
+        write_json(d / "adapter_config.json", info)
+        return info
+
+    def adapter_info(self, name, adapter):
+        return read_json(self.adapter_dir(name, adapter) / "adapter_config.json")
+
+    def load_adapter(self, name, adapter, device="cpu", nf4=None):
+        """The base model `name` with its saved adapter attached, in eval mode.
+
+        nf4=None rebuilds the base as it was during training (NF4 for a QLoRA adapter); False/True
+        force a full-precision or NF4 base. Refuses an adapter trained on other base weights."""
+        info = self.adapter_info(name, adapter)
+        self.check_base(name, info)
+        lc = LoRAConfig.from_dict(info["lora"])
+        model = attach_lora(self.load_model(name, device), lc if nf4 is None else replace(lc, nf4=nf4))
+        tensors, _ = load_tensors(self.adapter_dir(name, adapter) / "adapter.safetensors")
+        load_lora_state(model, tensors)
+        return model.eval()
+
+    def check_base(self, name, info):
+        """An adapter is a correction to one exact set of base weights: anything else is refused."""
+        if info["base_model"] != name:
+            raise StoreError(f"adapter {info['name']!r} was trained on model {info['base_model']!r}, not {name!r}")
+        current = self.weights_sha256(name)
+        if info["base_sha256"] != current:
+            raise StoreError(
+                f"adapter {info['name']!r} was trained on other weights of {name!r} (sha256 "
+                f"{info['base_sha256'][:12]}, now {current[:12]}): the model was trained further or rolled "
+                f"back since. Roll it back to the version the adapter was trained on, or fine-tune again.")
+
+    def merge_adapter(self, name, adapter, out):
+        """A new model `out` = base `name` with `adapter` merged in; copies the tokenizer, and its
+        lineage records parent {model, adapter}.
+
+        A QLoRA adapter is merged into the full-precision base weights W, not into NF4(W): it was
+        trained against NF4(W), so the merged model differs from what it learned with by the
+        quantization error of W (see quant.nf4_report), but it stays a full-precision model."""
+        info = self.adapter_info(name, adapter)
+        model = merge_lora(self.load_adapter(name, adapter, nf4=False))
+        self.create_model(out, model.config, parent={"model": name, "adapter": adapter},
+                          model=model, tokenizer=self.tokenizer(name))
+        base, run = self.lineage(name), info.get("run") or {}
+        return self.update_lineage(out, books=merge_books(base["books"], run.get("books", [])),
+                                   steps=base["steps"] + run.get("steps", 0))
+
     # versions ----------------------------------------------------------------
     def save_version(self, name, note=""):
         """Snapshot the current weights as the next version vNNN; returns its name."""
@@ -251,8 +226,7 @@ class Store:
         version = f"v{len(lin.get('versions', [])) + 1:03d}"
         vdir = d / "versions" / version
         vdir.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(d / "model.safetensors", vdir / ".model.tmp")
-        os.replace(vdir / ".model.tmp", vdir / "model.safetensors")
+        copy_file(d / "model.safetensors", vdir / "model.safetensors")
         entry = {"version": version, "date": _now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
         self.update_lineage(name, versions=lin.get("versions", []) + [entry])
         return version
@@ -264,8 +238,7 @@ class Store:
         if entry is None:
             raise NotFound(f"model {name!r} has no version {version!r}; versions: {[v['version'] for v in lin.get('versions', [])]}")
         load_tensors(d / "versions" / version / "model.safetensors")  # verify before replacing
-        shutil.copyfile(d / "versions" / version / "model.safetensors", d / ".model.rollback.tmp")
-        os.replace(d / ".model.rollback.tmp", d / "model.safetensors")
+        copy_file(d / "versions" / version / "model.safetensors", d / "model.safetensors")
         return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)
 
     # metrics -----------------------------------------------------------------
@@ -345,17 +318,16 @@ class Store:
         return stem, text, hashlib.sha256(text.encode()).hexdigest()
 
 
-def check_fits_in_memory(cfg):
-    """Refuse a model whose training state (weights, grads, AdamW: 16 bytes a parameter) would
-    take more than half of the memory this machine has free, before allocating anything."""
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: no cheap reading, trust the limits
-        return
-    need = 16 * param_count(cfg)
-    if need > free / 2:
-        raise StoreError(f"this config needs about {need / 2**30:.1f} GiB to train ({param_count(cfg):,} parameters), "
-                         f"more than half of the {free / 2**30:.1f} GiB free here; make it smaller")
+def merge_books(known, new):
+    """The books of a lineage plus the new ones (by sha256), in order."""
+    seen = {b["sha256"] for b in known}
+    return known + [b for b in new if b["sha256"] not in seen]
+
+
+def copy_file(src, dst):
+    """Copy src over dst atomically."""
+    with replacing(dst) as tmp:
+        shutil.copyfile(src, tmp)
 
 
 def weights_of(model):

@@ -7,8 +7,8 @@
 
 const $ = (sel, root = document) => root.querySelector(sel);
 const $$ = (sel, root = document) => [...root.querySelectorAll(sel)];
-const PAGE = JSON.parse($("#page-data").textContent);  // presets, limits, upload limit
-const CONFIG_FIELDS = Object.keys(PAGE.limits);
+const PAGE = JSON.parse($("#page-data").textContent);  // presets, every settings field's default/range/help, upload limit
+const CONFIG_FIELDS = Object.keys(PAGE.model).filter(f => f !== "dropout");
 const ACTIVE = ["queued", "running"];
 const RESUMABLE = ["stopped", "interrupted", "failed"];
 
@@ -48,6 +48,9 @@ function el(tag, attrs = {}, ...children) {
   e.append(...children.filter(c => c != null));
   return e;
 }
+
+// the settings fields of a form (inputs marked data-setting), by name
+const settingNames = form => $$("[data-setting]", form).map(i => i.name);
 
 // form fields -> object; numbers become numbers, empty fields are left out
 function formValues(form, names) {
@@ -376,7 +379,8 @@ function logLine(e) {
       (e.selfplay ? ` · self-play reward ${fmt.num(e.selfplay.reward, 3)}` : "") + ` · ${fmt.int(Math.round(e.tokens_per_s))} tok/s`;
     case "stop_requested": return `${t} stop requested: finishing the current step`;
     case "stopped": return `${t} stopped at step ${e.step}/${e.total}; checkpoint saved, Resume continues from here`;
-    case "done": return `${t} done: ${e.step} steps, best val bits/byte ${fmt.num(e.best_val_bpb)}`;
+    case "done": return `${t} done: ${e.step} steps, best val bits/byte ${fmt.num(e.best && e.best[0])}` +
+      (e.best ? ` (step ${e.best[1]})` : "");
     case "failed": return `${t} failed: ${e.error}`;
     case "warning": return `${t} warning: ${e.message}`;
     default: return `${t} ${JSON.stringify(e)}`;
@@ -395,13 +399,14 @@ trainForm.addEventListener("submit", async ev => {
   ev.preventDefault();
   const msg = $("#train-msg");
   const body = {model: trainForm.elements.model.value, books: $$("#train-books input:checked").map(c => c.value),
-                ...formValues(trainForm, ["iterations", "batch_size", "learning_rate", "eval_every", "warmup_steps"])};
+                ...formValues(trainForm, settingNames($("#train-form .fields")))};
   body.selfplay_every = trainForm.elements.selfplay.checked ? Number(trainForm.elements.selfplay_every.value) : 0;
   if (!body.model) return say(msg, "create a model first", "error");
   if (!body.books.length) return say(msg, "tick at least one book", "error");
   if (trainForm.elements.mode.value === "lora") {
-    Object.assign(body, {mode: "lora", targets: $$("#lora-options [name=targets]:checked").map(c => c.value),
-                         nf4: trainForm.elements.nf4.checked, ...formValues(trainForm, ["adapter", "r", "alpha"])});
+    Object.assign(body, {mode: "lora", lora_targets: $$("#lora-options [name=lora_targets]:checked").map(c => c.value),
+                         lora_nf4: trainForm.elements.lora_nf4.checked,
+                         ...formValues(trainForm, ["adapter", ...settingNames($("#lora-options"))])});
   }
   try {
     const job = await api("POST", "/train", body);
@@ -427,7 +432,7 @@ $("#train-resume").addEventListener("click", async () => {
 // ----------------------------------------------------------------------------- generation
 
 const genForm = $("#gen-form");
-const SAMPLING = ["adapter", "max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed"];
+const SAMPLING = ["adapter", ...settingNames(genForm)];
 let genAbort = null;
 
 function tokenColour(p) { return `hsl(${Math.round(120 * p)}, 75%, 85%)`; }  // red = unlikely, green = likely
@@ -673,7 +678,7 @@ $("#arena-form").addEventListener("submit", async ev => {
   ev.preventDefault();
   const form = ev.target, msg = $("#arena-msg"), out = $("#arena-out");
   const body = {model_a: form.elements.model_a.value, model_b: form.elements.model_b.value, prompt: form.elements.prompt.value,
-                ...formValues(form, ["adapter_a", "adapter_b", "max_tokens", "temperature", "seed"])};
+                ...formValues(form, ["adapter_a", "adapter_b", ...settingNames(form)])};
   if (form.elements.book.value) body.book = form.elements.book.value;
   say(msg, "running both models…", "muted");
   try {

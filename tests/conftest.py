@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from azr_trainer import TrainConfig, train  # noqa: E402
+from azr_trainer import TrainConfig  # noqa: E402
+from runs import train  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from store import Store  # noqa: E402
 

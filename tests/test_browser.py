@@ -75,7 +75,7 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     # Training: a few iterations; the job runs in the server and the chart fills in
     page.click("#tabs button[data-tab=training]")
     page.select_option("#train-form [name=model]", "web")
-    page.fill("#train-form [name=iterations]", "60")
+    page.fill("#train-form [name=steps]", "60")
     page.fill("#train-form [name=batch_size]", "8")
     page.fill("#train-form [name=eval_every]", "10")
     page.fill("#train-form [name=warmup_steps]", "5")
@@ -92,7 +92,7 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     # LoRA: fine-tune an adapter of the trained model (its weights stay frozen)
     page.check("#train-form [name=mode][value=lora]")
     page.fill("#train-form [name=adapter]", "poems")
-    page.fill("#train-form [name=iterations]", "10")
+    page.fill("#train-form [name=steps]", "10")
     page.click("#train-start")
     page.wait_for_function("document.querySelector('#job-title').textContent.includes('adapter poems')"
                            " && document.querySelector('#job-state').textContent === 'done'", timeout=120_000)
@@ -102,7 +102,7 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.click("#tabs button[data-tab=generation]")
     page.select_option("#gen-form [name=model]", "web")
     page.select_option("#gen-form [name=adapter]", "poems")
-    page.fill("#gen-form [name=max_tokens]", "40")
+    page.fill("#gen-form [name=max_new_tokens]", "40")
     page.fill("#gen-form [name=seed]", "1")
     page.click("#gen-start")
     page.wait_for_selector("#gen-stats:has-text('tokens in')")

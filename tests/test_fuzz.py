@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cli
-from azr_trainer import train
+from runs import train
 from conftest import ROOT, quick_train_config, tiny_config
 from store import NAME_RE, Store
 
@@ -75,7 +75,7 @@ SAMPLING = {  # option -> values outside its range
     "max_new_tokens": absurd_ints | st.integers(10_001, 10**7),
     "temperature": st.floats(max_value=-1e-9) | st.floats(min_value=5.0001) | st.just(math.nan),
     "top_k": st.integers(max_value=-1) | st.integers(min_value=200_001),
-    "top_p": st.floats(max_value=0) | st.floats(min_value=1.0001) | st.just(math.nan),
+    "top_p": st.floats(max_value=-1e-9) | st.floats(min_value=1.0001) | st.just(math.nan),
     "repetition_penalty": st.floats(max_value=0.4999) | st.floats(min_value=5.0001) | st.just(math.nan),
 }
 bad_sampling = st.sampled_from(sorted(SAMPLING)).flatmap(lambda k: st.tuples(st.just(k), SAMPLING[k]))
@@ -286,7 +286,7 @@ def api(tmp_path_factory):
 def guarded(api):
     """Snapshot everything next to the data folder; after the test: the same files, no temp
     leftovers, and the server still answers /health."""
-    home = api.app.state.store.home
+    home = api.app.state.azr.store.home
     outside = lambda: {k: v for k, v in tree(home.parent).items() if not k.startswith(str(home) + "/")}  # noqa: E731
     before = outside()
     yield api
@@ -336,10 +336,10 @@ def test_api_refuses_bad_names_in_paths(guarded, name, route):
 
 NAME_BODIES = [  # (path, body with NAME where the hostile name goes)
     ("/create_model", {"name": "NAME", **{k: v for k, v in tiny_config(vocab_size=400).to_dict().items()}}),
-    ("/train", {"model": "NAME", "book": "book", "iterations": 5}),
-    ("/train", {"model": "m", "book": "NAME", "iterations": 5}),
-    ("/train", {"model": "m", "books": ["book", "NAME"], "iterations": 5}),
-    ("/train", {"model": "m", "book": "book", "iterations": 5, "mode": "lora", "adapter": "NAME"}),
+    ("/train", {"model": "NAME", "book": "book", "steps": 5}),
+    ("/train", {"model": "m", "book": "NAME", "steps": 5}),
+    ("/train", {"model": "m", "books": ["book", "NAME"], "steps": 5}),
+    ("/train", {"model": "m", "book": "book", "steps": 5, "mode": "lora", "adapter": "NAME"}),
     ("/generate", {"model": "NAME", "prompt": "The"}),
     ("/generate", {"model": "m", "adapter": "NAME", "prompt": "The"}),  # optional: "" means none
     ("/generate_stream", {"model": "NAME", "prompt": "The"}),
@@ -395,7 +395,7 @@ def test_api_refuses_absurd_model_configs(guarded, change, via):
     assert guarded.get("/models/bad").status_code == 404
 
 
-API_SAMPLING = {"max_tokens" if k == "max_new_tokens" else k: v for k, v in SAMPLING.items()}
+API_SAMPLING = SAMPLING
 
 
 @FUZZ
@@ -457,7 +457,7 @@ def test_api_oversize_and_missing_uploads(guarded):
        ext=st.sampled_from([".txt", ".epub", ".fb2", "", "/../../x.txt"]))
 def test_api_upload_any_bytes_any_file_name(guarded, data, stem, ext):
     CASES["api random uploads"] += 1
-    home = guarded.app.state.store.home
+    home = guarded.app.state.azr.store.home
     r = guarded.post("/upload_book", files={"file": (stem + ext, data)})
     if r.status_code != 201:
         assert_api_error(r)
@@ -487,11 +487,11 @@ def test_api_upload_any_bytes_any_file_name(guarded, data, stem, ext):
     ("POST", "/train", {"model": "m", "book": "ghost"}, 404, ["ghost"]),
     ("POST", "/train", {"model": "m", "books": []}, 400, ["book"]),
     ("POST", "/train", {"model": "m", "book": "/etc/passwd"}, 400, ["invalid book name"]),
-    ("POST", "/train", {"model": "m", "book": "book", "iterations": 0}, 400, ["iterations"]),
-    ("POST", "/train", {"model": "m", "book": "book", "iterations": 10**12}, 400, ["iterations"]),
+    ("POST", "/train", {"model": "m", "book": "book", "steps": 0}, 400, ["steps"]),
+    ("POST", "/train", {"model": "m", "book": "book", "steps": 10**12}, 400, ["steps"]),
     ("POST", "/train", {"model": "m", "book": "book", "learning_rate": -1}, 400, ["learning_rate"]),
     ("POST", "/train", {"model": "m", "book": "book", "batch_size": 10**9}, 400, ["batch_size"]),
-    ("POST", "/train", {"model": "m", "book": "book", "mode": "lora", "adapter": "a", "r": -3}, 400, ["r"]),
+    ("POST", "/train", {"model": "m", "book": "book", "mode": "lora", "adapter": "a", "lora_r": -3}, 400, ["lora_r"]),
     ("POST", "/train", {"model": "m", "book": "book", "secret_option": 1}, 422, ["secret_option"]),
     ("POST", "/merge", {"model": "m", "adapter": "nope", "out": "x"}, 404, ["nope"]),
     ("POST", "/models/m/rollback", {"version": "v999"}, 404, ["v999"]),

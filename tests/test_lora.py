@@ -1,4 +1,4 @@
-"""LoRA and QLoRA (lora.py): the layer, merging, adapters on disk, fine-tuning, the CLI."""
+"""LoRA and QLoRA (lora.py): the layer, merging, adapters on disk (store.py), fine-tuning (runs.py), the CLI."""
 
 import copy
 import shutil
@@ -8,12 +8,11 @@ import torch
 from conftest import ROOT, quick_train_config, tiny_config
 
 import cli
-from azr_trainer import finetune, resume, train
-from lora import (LoRAConfig, LoRALinear, adapter_info, apply_lora, count_params, load_adapter, lora_layers,
-                  lora_state, merge_lora, save_adapter)
+from files import StoreError
+from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, lora_state, merge_lora
 from model import GPT
 from quant import NF4Linear, quantize_model
-from store import StoreError
+from runs import finetune, resume, train
 
 
 def tiny_gpt(seed=0):
@@ -114,9 +113,9 @@ def test_lora_merge_matches_unmerged_output():
 
 
 def test_lora_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="unknown LoRA targets"):
+    with pytest.raises(ValueError, match="targets must be any of"):
         LoRAConfig(targets=("c_atn",)).validate()
-    with pytest.raises(ValueError, match="lora r"):
+    with pytest.raises(ValueError, match="r must be between"):
         LoRAConfig(r=0).validate()
     with pytest.raises(ValueError, match="match no linear layer"):
         apply_lora(tiny_gpt(), targets=("wte",))
@@ -155,10 +154,10 @@ def test_adapter_save_load_round_trip(trained):
     store, name = trained
     lc = LoRAConfig(r=4, alpha=8, targets=("c_attn", "c_fc"))
     model = randomize_B(apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha).eval())
-    save_adapter(store, name, "a", model, lc, store.weights_sha256(name))
+    store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     assert store.list_adapters(name) == ["a"]
-    assert adapter_info(store, name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
-    loaded = load_adapter(store, name, "a")
+    assert store.adapter_info(name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
+    loaded = store.load_adapter(name, "a")
     assert torch.equal(loaded(IDX)[0], model(IDX)[0])
 
 
@@ -166,17 +165,17 @@ def test_adapter_refused_on_a_different_base(trained):
     store, name = trained
     lc = LoRAConfig(r=4)
     model = apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha)
-    save_adapter(store, name, "a", model, lc, store.weights_sha256(name))
+    store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     store.create_model("other", tiny_config())  # same shapes, other weights
     (store.model_dir("other") / "adapters").mkdir()
     shutil.copytree(store.adapter_dir(name, "a"), store.model_dir("other") / "adapters" / "a")
     with pytest.raises(StoreError, match="trained on model 'tiny', not 'other'"):
-        load_adapter(store, "other", "a")
+        store.load_adapter("other", "a")
     train(store, name, ["book"], quick_train_config(steps=2))  # the base itself moves on
     with pytest.raises(StoreError, match="trained on other weights"):
-        load_adapter(store, name, "a")
+        store.load_adapter(name, "a")
     store.rollback(name, "v001")  # back to the weights the adapter knows
-    load_adapter(store, name, "a")
+    store.load_adapter(name, "a")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -191,9 +190,9 @@ def test_finetune_trains_adapter_and_leaves_base_untouched(trained):
     assert summary["status"] == "done" and summary["params"]["trainable"] == events[0]["params"]["trainable"]
     assert 0 < summary["params"]["trainable"] < summary["params"]["total"] / 5
     assert store.weights_sha256(name) == sha and store.lineage(name) == lineage
-    info = adapter_info(store, name, "a")
+    info = store.adapter_info(name, "a")
     assert info["base_sha256"] == sha and info["lora"]["nf4"] and info["run"]["steps"] == 6
-    state = lora_state(load_adapter(store, name, "a"))
+    state = lora_state(store.load_adapter(name, "a"))
     assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # B moved away from 0
     with pytest.raises(StoreError, match="already has an adapter"):
         finetune(store, name, ["book"], quick_train_config(steps=2), "a")
@@ -206,9 +205,9 @@ def test_finetune_stop_and_resume_matches_uninterrupted_run(trained):
     calls = iter(range(100))
     stopped = finetune(store, name, ["book"], tc, "halves", LoRAConfig(r=4, dropout=0.1),
                        should_stop=lambda: next(calls) >= 5)
-    assert stopped["status"] == "stopped" and adapter_info(store, name, "halves")["run"]["status"] == "stopped"
+    assert stopped["status"] == "stopped" and store.adapter_info(name, "halves")["run"]["status"] == "stopped"
     assert resume(store, name, adapter="halves")["status"] == "done"
-    whole, halves = (lora_state(load_adapter(store, name, a)) for a in ("whole", "halves"))
+    whole, halves = (lora_state(store.load_adapter(name, a)) for a in ("whole", "halves"))
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
@@ -225,7 +224,7 @@ def test_cli_finetune_generate_merge(trained, capsys):
     store, name = trained
     home = str(store.home)
     book = str(ROOT / "books" / "example_book.txt")
-    assert cli.main(["--home", home, "finetune", name, "--book", book, "--adapter", "ft", "--nf4", "--lora-r", "4",
+    assert cli.main(["--home", home, "finetune", name, "--book", book, "--adapter", "ft", "--lora-nf4", "--lora-r", "4",
                      "--steps", "4", "--batch-size", "4", "--eval-every", "2", "--precision", "fp32",
                      "--device", "cpu"]) == 0
     assert "trained 3,072 of" in capsys.readouterr().out  # 2 blocks x r=4 x (32+96 + 32+32 + 32+64 + 64+32)
@@ -237,7 +236,7 @@ def test_cli_finetune_generate_merge(trained, capsys):
     assert lineage["parent"] == {"model": name, "adapter": "ft"} and lineage["steps"] == 20 + 4
     tokenizer_json = (store.model_dir(name) / "tokenizer.json").read_text()
     assert (store.model_dir("merged") / "tokenizer.json").read_text() == tokenizer_json
-    full_precision = load_adapter(store, name, "ft", nf4=False)
+    full_precision = store.load_adapter(name, "ft", nf4=False)
     assert torch.allclose(store.load_model("merged").eval()(IDX)[0], full_precision(IDX)[0], atol=1e-5)
     assert cli.main(["--home", home, "merge", name, "--adapter", "ft", "--out", "merged"]) == 2  # name taken
     assert cli.main(["--home", home, "generate", name, "--adapter", "nope"]) == 2

@@ -1,11 +1,17 @@
-"""The transformer: shapes, causality, the KV cache, sampling filters, streaming, configs."""
+"""The transformer and its engine: shapes, causality, the KV cache and decoding copy, sampling
+filters, streaming, configs, the chunked loss."""
 
 import pytest
 import torch
 
+import generate as G
 import model as M
+import sizing
 from conftest import tiny_config
-from model import GPT, KVCache, ModelConfig, SamplingConfig, filter_logits, param_count
+from generate import KVCache, SamplingConfig, filter_logits
+from model import GPT, ModelConfig
+from sizing import param_count
+from speed import HeadLoss, TrainLoss
 
 
 @pytest.fixture
@@ -18,16 +24,13 @@ def test_forward_shapes_and_loss(gpt):
     idx = torch.randint(0, 512, (3, 17))
     logits, loss = gpt(idx)
     assert logits.shape == (3, 17, 512) and loss is None
-    logits, loss = gpt(idx, idx)  # training: only the loss, from HeadLoss
-    assert logits is None and loss.shape == () and loss.item() > 0
-    with torch.no_grad():  # evaluating: both
-        logits, loss = gpt(idx, idx)
-    assert logits.shape == (3, 17, 512) and loss.shape == ()
+    logits, loss = gpt(idx, idx)  # one return shape, training or not
+    assert logits.shape == (3, 17, 512) and loss.shape == () and loss.item() > 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_head_loss_has_the_loss_and_gradients_of_plain_cross_entropy(monkeypatch, dtype):
-    monkeypatch.setattr(M.HeadLoss, "CHUNK", 7)  # several chunks, the last one short
+    monkeypatch.setattr(HeadLoss, "CHUNK", 7)  # several chunks, the last one short
     torch.manual_seed(0)
     gpt = GPT(tiny_config())
     idx, targets = torch.randint(0, 512, (2, 3, 20))
@@ -36,11 +39,7 @@ def test_chunked_head_loss_has_the_loss_and_gradients_of_plain_cross_entropy(mon
     def loss_and_grads(use_head_loss):
         gpt.zero_grad()
         with torch.autocast("cpu", dtype, enabled=dtype != torch.float32):
-            if use_head_loss:
-                loss = gpt(idx, targets)[1]
-            else:
-                logits = gpt(idx)[0]
-                loss = torch.nn.functional.cross_entropy(logits.float().view(-1, 512), targets.view(-1), ignore_index=-1)
+            loss = TrainLoss(gpt)(idx, targets) if use_head_loss else gpt(idx, targets)[1]
         (3 * loss).backward()  # an outer factor, as grad accumulation or GradScaler apply
         return loss, [p.grad.clone() for p in gpt.parameters()]
 
@@ -80,14 +79,22 @@ def test_future_tokens_do_not_change_past_logits(gpt):
 def test_explicit_attention_equals_the_fused_kernel(gpt):
     idx = torch.randint(0, 512, (2, 16))
     fused, _ = gpt(idx)
-    explicit, _, atts = gpt(idx, explain=True)
+    for m in gpt.modules():
+        if isinstance(m, M.CausalSelfAttention):
+            m.fused = False
+    explicit, _ = gpt(idx)
     assert torch.allclose(fused, explicit, atol=1e-5)
+    atts = gpt.attention_maps(idx)
     assert len(atts) == 2 and atts[0].shape == (2, 2, 16, 16)
     assert torch.allclose(atts[0].sum(-1), torch.ones(2, 2, 16), atol=1e-5)  # rows are distributions
     assert atts[0][0, 0].triu(1).abs().max() == 0  # nothing attends to the future
 
 
-def test_kv_cache_gives_the_same_logits_as_the_full_forward(gpt):
+@pytest.mark.parametrize("fused", [True, False])
+def test_kv_cache_gives_the_same_logits_as_the_full_forward(gpt, fused):
+    for m in gpt.modules():
+        if isinstance(m, M.CausalSelfAttention):
+            m.fused = fused
     idx = torch.randint(0, 512, (2, 24))
     full, _ = gpt(idx)
     cache = KVCache(gpt.config, 2, "cpu")
@@ -107,39 +114,54 @@ def rough():
     return gpt
 
 
-def test_decode_step_is_the_forward_for_one_token(rough):
-    """The packed (in, out) weights and written-out casts compute what GPT.forward computes."""
+def test_the_decoding_copy_computes_the_forward(rough):
+    """Repacked weights give the model's own logits, for a prefill and then one token at a time."""
     gpt = rough
     idx = torch.randint(0, 512, (2, 12))
     full, _ = gpt(idx)
-    w = M.pack_for_decoding(gpt, torch.float32)
+    fast = G.decoding_copy(gpt, torch.float32)
     cache = KVCache(gpt.config, 2, "cpu")
-    gpt(idx[:, :8], cache=cache)  # prefill
-    steps = [M.decode_step(gpt, w, idx[:, t:t + 1], cache) for t in range(8, 12)]  # 4 x (2, V)
-    assert torch.allclose(full[:, 8:], torch.stack(steps, 1), atol=1e-4, rtol=1e-4)
+    steps = [fast(idx[:, :8], cache=cache)[0]] + [fast(idx[:, t:t + 1], cache=cache)[0] for t in range(8, 12)]
+    assert torch.allclose(full, torch.cat(steps, 1), atol=1e-4, rtol=1e-4)
+    assert fast.transformer.wte.weight is gpt.transformer.wte.weight  # shared, not copied
+    assert not gpt.transformer.h[0].mlp.c_fc.weight.is_contiguous() is fast.transformer.h[0].mlp.c_fc.weight.is_contiguous()
 
 
-def test_decode_step_under_bf16_matches_autocast(rough):
-    """Weights cast once to bf16 give the logits autocast gets by casting them on every call."""
+def test_the_decoding_copy_follows_a_change_to_the_model(rough, monkeypatch):
+    """Decoding runs the model's own forward: change the MLP and the decoding copy changes with it."""
+    idx = torch.randint(0, 512, (1, 6))
+    gelu = G.decoding_copy(rough, torch.float32)(idx)[0]
+    monkeypatch.setattr(M.MLP, "forward", lambda self, x: self.c_proj(torch.relu(self.c_fc(x))))  # GELU -> ReLU
+    relu = G.decoding_copy(rough, torch.float32)(idx)[0]
+    assert torch.allclose(relu, rough(idx)[0], atol=1e-4) and not torch.allclose(relu, gelu, atol=1e-2)
+
+
+def test_decoding_in_bf16_matches_the_autocast_forward(rough):
     gpt = rough
     idx = torch.randint(0, 512, (1, 12))
     with torch.autocast("cpu", torch.bfloat16):
-        ref, fast = KVCache(gpt.config, 1, "cpu", torch.bfloat16), KVCache(gpt.config, 1, "cpu", torch.bfloat16)
-        gpt(idx[:, :8], cache=ref), gpt(idx[:, :8], cache=fast)
-        w = M.pack_for_decoding(gpt, torch.bfloat16)
-        for t in range(8, 12):
-            a = gpt(idx[:, t:t + 1], cache=ref)[0][:, -1]
-            b = M.decode_step(gpt, w, idx[:, t:t + 1], fast)
-            assert b.dtype == torch.bfloat16 and torch.allclose(a.float(), b.float(), atol=2e-2)
+        ref, _ = gpt(idx)
+    fast = G.decoding_copy(gpt, torch.bfloat16)
+    assert fast.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    with torch.autocast("cpu", torch.bfloat16):
+        out, _ = fast(idx)
+    assert torch.allclose(ref.float(), out.float(), atol=2e-2)
 
 
-def test_generation_with_lora_layers_takes_the_plain_forward(gpt):
+def test_generation_with_lora_layers_is_unchanged_while_B_is_zero(gpt):
     from lora import apply_lora
     idx = torch.randint(0, 512, (1, 5))
-    before = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))]
-    apply_lora(gpt)  # B = 0: the same function, in modules the packer does not know
-    assert M.pack_for_decoding(gpt, torch.float32) is None
-    assert [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))] == before
+    before = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))]
+    apply_lora(gpt)  # B = 0: the same function, in modules the decoding copy leaves as they are
+    assert [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))] == before
+
+
+def test_rollouts_are_greedy_continuations_in_one_batch(gpt):
+    prompts = torch.randint(0, 512, (3, 6))
+    out = G.rollouts(gpt, prompts, 7)
+    for row, prompt in zip(out, prompts):
+        alone = [t for t, _ in G.generate_ids(gpt, prompt[None], SamplingConfig(7, temperature=0))]
+        assert row.tolist() == alone
 
 
 def test_sequence_longer_than_context_is_a_clear_error(gpt):
@@ -170,23 +192,23 @@ def test_repetition_penalty_lowers_seen_tokens():
 
 def test_temperature_zero_is_greedy_and_seeds_repeat(gpt):
     idx = torch.randint(0, 512, (1, 5))
-    greedy = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
-    again = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
+    greedy = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
+    again = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(10, temperature=0))]
     assert greedy == again
-    a = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
-    b = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
-    c = [t for t, _ in M.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=4))]
+    a = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
+    b = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=3))]
+    c = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(30, temperature=1.5, top_k=0, top_p=1, seed=4))]
     assert a == b and a != c
 
 
 def test_generation_runs_past_the_context_window(gpt):
-    toks = list(M.generate_ids(gpt, torch.zeros(1, 30, dtype=torch.long), SamplingConfig(50, seed=0)))
+    toks = list(G.generate_ids(gpt, torch.zeros(1, 30, dtype=torch.long), SamplingConfig(50, seed=0)))
     assert len(toks) == 50
 
 
 def test_generation_stops_at_eos(gpt):
-    first = next(M.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0)))[0]
-    toks = list(M.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0), eos_id=first))
+    first = next(G.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0)))[0]
+    toks = list(G.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), SamplingConfig(5, temperature=0), eos_id=first))
     assert [t for t, _ in toks] == [first]
 
 
@@ -207,8 +229,8 @@ class ByteTokenizer:
 def test_stream_never_emits_half_a_character(gpt, monkeypatch):
     text = "Żółw и ёж 😀!"
     ids = list(text.encode())
-    monkeypatch.setattr(M, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
-    pieces = [p["text"] for p in M.stream(gpt, ByteTokenizer(), "x", SamplingConfig(len(ids)))]
+    monkeypatch.setattr(G, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
+    pieces = [text for text, _, _ in G.stream(gpt, ByteTokenizer(), "x", SamplingConfig(len(ids)))]
     assert "".join(pieces) == text
     assert "\ufffd" not in "".join(pieces)
     assert "" in pieces  # bytes of a split character were held back, not emitted broken
@@ -216,8 +238,8 @@ def test_stream_never_emits_half_a_character(gpt, monkeypatch):
 
 def test_stop_string_cuts_the_text(gpt, monkeypatch):
     ids = list("one. two. three.".encode())
-    monkeypatch.setattr(M, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
-    assert M.generate(gpt, ByteTokenizer(), "x", SamplingConfig(100, stop="two")) == "one. "
+    monkeypatch.setattr(G, "generate_ids", lambda *a, **k: ((t, torch.full((257,), 1 / 257)) for t in ids))
+    assert G.generate(gpt, ByteTokenizer(), "x", SamplingConfig(100, stop="two")) == "one. "
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -239,15 +261,15 @@ def test_unknown_config_field_is_named():
         ModelConfig.from_dict({**tiny_config().to_dict(), "n_embd": 3})
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-3), dict(max_new_tokens=0),
-                                 dict(repetition_penalty=100)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=1.5), dict(top_k=-3), dict(max_new_tokens=0),
+                                 dict(repetition_penalty=100), dict(seed=2**63), dict(top_k=2.5)])
 def test_absurd_sampling_values_are_rejected(bad):
     with pytest.raises(ValueError):
         SamplingConfig(**bad).validate()
 
 
 def test_memory_estimate_grows_with_batch():
-    small, big = M.memory_estimate(M.PRESETS["small"], 8), M.memory_estimate(M.PRESETS["small"], 32)
+    small, big = sizing.memory_estimate(M.PRESETS["small"], 8), sizing.memory_estimate(M.PRESETS["small"], 32)
     assert small["weights"] == 4 * param_count(M.PRESETS["small"])
     assert big["activations"] > small["activations"] and big["weights"] == small["weights"]
 
@@ -256,6 +278,14 @@ def test_sampling_draws_each_token_with_its_filtered_probability():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])  # top_k=3 removes the last two
     logits = probs.clamp_min(1e-9).log().expand(40_000, 5)
     sc = SamplingConfig(temperature=1.0, top_k=3, top_p=1.0)
-    draws = M.sample_next(logits, sc, generator=torch.Generator().manual_seed(0))  # (40000, 1)
+    draws = G.sample_next(logits, sc, generator=torch.Generator().manual_seed(0))  # (40000, 1)
     freq = torch.bincount(draws[:, 0], minlength=5).float() / len(draws)
     assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0, 0]) / 0.95, atol=0.01)
+
+
+def test_a_tiny_top_p_still_keeps_the_likeliest_token():
+    logits = torch.randn(2, 50)
+    kept = torch.isfinite(filter_logits(logits, top_p=1e-300))
+    assert kept.sum(-1).tolist() == [1, 1] and kept[torch.arange(2), logits.argmax(-1)].all()
+    draws = G.sample_next(logits, SamplingConfig(top_p=1e-300, top_k=0), generator=torch.Generator().manual_seed(0))
+    assert draws[:, 0].tolist() == logits.argmax(-1).tolist()

@@ -27,11 +27,12 @@ import pytest
 import torch
 
 import cli
+import files as F
 import store as S
-from azr_trainer import resume, train
+from runs import resume, train
 from conftest import ROOT, quick_train_config, tiny_config
-from model import SamplingConfig, generate_ids
-from store import CorruptFile, load_tensors
+from generate import SamplingConfig, generate_ids
+from files import CorruptFile, load_tensors
 from tokenizer import Tokenizer, prepare_tokens
 
 CLI_SIZES = ["--vocab-size", "400", "--d-model", "32", "--num-layers", "2", "--num-heads", "2",
@@ -140,8 +141,8 @@ def test_kill_9_at_random_steps_then_resume_equals_the_uninterrupted_run(tmp_pat
 
 KILL_DURING_CHECKPOINT = """
 import os, signal, sys
-import store
-real_save = store.save_file
+import files
+real_save = files.save_file
 def save_then_die(tensors, path, metadata=None):
     if "step_00000010" in path:  # the second checkpoint: write half of it, then power cut
         real_save(tensors, path, metadata=metadata)
@@ -149,7 +150,7 @@ def save_then_die(tensors, path, metadata=None):
             f.truncate(os.path.getsize(path) // 2)
         os.kill(os.getpid(), signal.SIGKILL)
     real_save(tensors, path, metadata=metadata)
-store.save_file = save_then_die
+files.save_file = save_then_die
 import cli
 sys.exit(cli.main(sys.argv[1:]))
 """
@@ -302,8 +303,8 @@ def test_a_torn_metrics_line_does_not_break_reading_the_metrics(trained):
 
 
 def failing_save_file(monkeypatch, when, err):
-    """store.save_file writes part of the file, then fails like a full disk would."""
-    real = S.save_file
+    """files.save_file writes part of the file, then fails like a full disk would."""
+    real = F.save_file
     calls = []
 
     def save(tensors, path, metadata=None):
@@ -315,7 +316,7 @@ def failing_save_file(monkeypatch, when, err):
             raise err
         real(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(S, "save_file", save)
+    monkeypatch.setattr(F, "save_file", save)
     return calls
 
 
@@ -391,13 +392,13 @@ def test_disk_full_during_a_web_training_job_is_shown_and_resumable(tmp_path, bo
     with TestClient(create_app(tmp_path / "home")) as client:
         client.post("/upload_book", files={"file": ("book.txt", book_text.encode())})
         client.post("/create_model", json={"name": "m", **tiny_config().to_dict()})
-        store = client.app.state.store
+        store = client.app.state.azr.store
         weights = (store.model_dir("m") / "model.safetensors").read_bytes()
         failing_save_file(monkeypatch, lambda p: "step_00000008" in p, OSError(errno.ENOSPC, "No space left on device"))
-        r = client.post("/train", json={"model": "m", "book": "book", "iterations": 12, "checkpoint_every": 4,
+        r = client.post("/train", json={"model": "m", "book": "book", "steps": 12, "checkpoint_every": 4,
                                          "batch_size": 8, "eval_every": 10, "warmup_steps": 5})
         assert r.status_code == 202, r.text
-        client.app.state.jobs.join(60)
+        client.app.state.azr.jobs.join(60)
         job = client.get("/training_status").json()
         assert job["state"] == "failed" and "No space left on device" in job["error"]
         assert any(e["type"] == "failed" for e in job["events"])
@@ -405,7 +406,7 @@ def test_disk_full_during_a_web_training_job_is_shown_and_resumable(tmp_path, bo
         assert client.get("/health").json()["ok"]
         monkeypatch.undo()
         assert client.post("/resume_training").status_code == 200
-        client.app.state.jobs.join(60)
+        client.app.state.azr.jobs.join(60)
         job = client.get("/training_status").json()
         assert job["state"] == "done" and job["step"] == 12
 
@@ -426,12 +427,12 @@ def test_damaged_weights_or_job_files_do_not_take_the_server_down(trained):
     (store.home / "jobs" / "torn.json").write_text('{"id": "torn", "state": "runn')
     with TestClient(create_app(store.home)) as client:
         assert client.get("/training_status").json()["state"] == "idle"
-        r = client.post("/generate", json={"model": name, "prompt": "The", "max_tokens": 5})
+        r = client.post("/generate", json={"model": name, "prompt": "The", "max_new_tokens": 5})
         assert r.status_code == 500 and "checksum" in r.json()["error"]
         assert client.get("/health").json()["ok"]
         version = store.lineage(name)["versions"][-1]["version"]
         assert client.post(f"/models/{name}/rollback", json={"version": version}).status_code == 200
-        r = client.post("/generate", json={"model": name, "prompt": "The", "max_tokens": 5, "seed": 1})
+        r = client.post("/generate", json={"model": name, "prompt": "The", "max_new_tokens": 5, "seed": 1})
         assert r.status_code == 200, r.text
 
 
@@ -470,7 +471,7 @@ def one_client(url, client_id, n_requests, results):
     with httpx.Client(base_url=url, timeout=120) as http:
         for i in range(n_requests):
             seed = (client_id * n_requests + i) % 5
-            body = {"model": "g", "prompt": "The keeper", "max_tokens": 16, "seed": seed}
+            body = {"model": "g", "prompt": "The keeper", "max_new_tokens": 16, "seed": seed}
             t0 = time.perf_counter()
             if client_id % 2:
                 r = http.post("/generate_stream", json=body)
@@ -498,14 +499,14 @@ def test_20_clients_generate_while_a_job_trains(tmp_path, book_text):
     train(store, "g", ["book"], quick_train_config(steps=4, eval_every=4))  # g: the model clients sample
     clients, per_client = 20, 10
     with live_server(home) as url:
-        r = httpx.post(f"{url}/train", json={"model": "t", "book": "book", "iterations": 1500,  # too short to compile
+        r = httpx.post(f"{url}/train", json={"model": "t", "book": "book", "steps": 1500,  # too short to compile
                                              "checkpoint_every": 50, "batch_size": 8, "eval_every": 500})
         assert r.status_code == 202, r.text
         deadline = time.time() + 60
         while (job := httpx.get(f"{url}/training_status").json()).get("step", 0) < 1:
             assert time.time() < deadline and job["state"] in ("queued", "running"), job.get("error")
             time.sleep(0.1)
-        second = httpx.post(f"{url}/train", json={"model": "g", "book": "book", "iterations": 5})
+        second = httpx.post(f"{url}/train", json={"model": "g", "book": "book", "steps": 5})
         assert second.status_code == 409 and "already" in second.json()["error"]
 
         step_before, results = job["step"], []

@@ -2,14 +2,15 @@
 proposer's learnability, the batched KV-cache sampler, one self-play step, and exact resume."""
 
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
 
-from azr_trainer import Trainer, resume, train
+import runs
+from azr_trainer import new_run
 from conftest import quick_train_config, tiny_config
 from model import GPT
+from runs import resume, train
 from selfplay import (Proposer, SelfPlay, distinct_n, distinct_score, group_advantages, k3_kl, learnability,
                       prefix_match, repetition_score, sample_groups, seq_rep_n, token_f1)
 
@@ -124,9 +125,7 @@ def test_batched_cached_sampler_matches_uncached_sampling():
 
 def make_trainer(store, book, **changes):
     store.create_model("sp", tiny_config())
-    tc = quick_train_config(selfplay_every=2, **changes)
-    run = {"run_id": "test", "books": [book], "config": asdict(tc), "status": "running", "base_steps": 0, "started": 0}
-    return Trainer(store, "sp", run)
+    return runs.make_trainer(store, "sp", new_run([book], quick_train_config(selfplay_every=2, **changes)))
 
 
 def test_one_selfplay_step_changes_the_weights_and_logs_every_component(store, book):

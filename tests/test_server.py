@@ -42,8 +42,8 @@ def error_of(r, status):
 def client(tmp_path):
     with TestClient(create_app(tmp_path / "home")) as c:
         yield c
-        c.app.state.jobs.stop_requested.set()  # never leave a worker training into the next test
-        c.app.state.jobs.join(30)
+        c.app.state.azr.jobs.stop_requested.set()  # never leave a worker training into the next test
+        c.app.state.azr.jobs.join(30)
 
 
 @pytest.fixture
@@ -53,8 +53,8 @@ def book(client, book_text):
     return "book"
 
 
-def train(client, model, book, iterations=20, **opts):
-    r = client.post("/train", json={"model": model, "book": book, "iterations": iterations, **TRAIN, **opts})
+def train(client, model, book, steps=20, **opts):
+    r = client.post("/train", json={"model": model, "book": book, "steps": steps, **TRAIN, **opts})
     assert r.status_code == 202, r.text
     return r.json()
 
@@ -202,7 +202,7 @@ def test_delete_book(client, book):
 
 def test_train_runs_in_the_background_and_reports_progress(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    job = train(client, "t", book, iterations=20)
+    job = train(client, "t", book, steps=20)
     assert job["state"] == "queued" and job["total"] == 20
     done = wait_for(client)
     assert done["state"] == "done" and done["step"] == 20 and done["error"] is None
@@ -223,7 +223,7 @@ def test_train_runs_in_the_background_and_reports_progress(client, book):
     ({"model": "t", "book": "ghost"}, 404, "no book named"),
     ({"model": "t"}, 400, "at least one book"),
     ({"model": "t", "book": "../../etc/passwd"}, 400, "invalid book name"),
-    ({"model": "t", "book": "book", "iterations": 0}, 400, "iterations must be between"),
+    ({"model": "t", "book": "book", "steps": 0}, 400, "steps must be between"),
     ({"model": "t", "book": "book", "learning_rate": 5}, 400, "learning_rate"),
     ({"model": "t", "book": "book", "iteratons": 5}, 422, "iteratons"),
 ])
@@ -235,10 +235,10 @@ def test_train_rejects(client, book, body, status, words):
 
 def test_one_job_at_a_time_and_generation_keeps_working(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    train(client, "t", book, iterations=5000)
+    train(client, "t", book, steps=5000)
     wait_for(client, states=(), step=3)  # the tokenizer exists from the first step: the model can generate
     assert "already running" in error_of(client.post("/train", json={"model": "t", "book": "book"}), 409)
-    r = client.post("/generate", json={"model": "t", "prompt": "The", "max_tokens": 10})
+    r = client.post("/generate", json={"model": "t", "prompt": "The", "max_new_tokens": 10})
     assert r.status_code == 200 and client.get("/training_status").json()["state"] == "running"
     assert "while it is training" in error_of(client.delete("/models/t"), 409)
     assert "while it is training" in error_of(client.post("/models/t/rollback", json={"version": "v001"}), 409)
@@ -248,7 +248,7 @@ def test_one_job_at_a_time_and_generation_keeps_working(client, book):
 
 def test_stop_and_resume(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    train(client, "t", book, iterations=30)
+    train(client, "t", book, steps=30)
     wait_for(client, states=(), step=5)
     assert client.post("/stop_training").status_code == 200
     stopped = wait_for(client)
@@ -277,7 +277,7 @@ def test_restart_while_training_shows_interrupted_then_resumes(tmp_path, book_te
     with TestClient(create_app(home)) as c1:
         c1.post("/upload_book", files={"file": ("book.txt", book_text.encode())})
         c1.post("/create_model", json={"name": "t", **TINY})
-        train(c1, "t", "book", iterations=30, checkpoint_every=5)
+        train(c1, "t", "book", steps=30, checkpoint_every=5)
         wait_for(c1, states=(), step=7)
         c1.post("/stop_training")
         crashed = wait_for(c1)
@@ -328,7 +328,7 @@ def test_killed_server_leaves_an_interrupted_job_that_resumes(tmp_path, book_tex
     try:
         httpx.post(f"{url}/upload_book", files={"file": ("book.txt", book_text.encode())})
         httpx.post(f"{url}/create_model", json={"name": "t", **TINY})
-        httpx.post(f"{url}/train", json={"model": "t", "book": "book", "iterations": 5000, "checkpoint_every": 5, **TRAIN})
+        httpx.post(f"{url}/train", json={"model": "t", "book": "book", "steps": 5000, "checkpoint_every": 5, **TRAIN})
         while httpx.get(f"{url}/training_status").json().get("step", 0) < 8:
             time.sleep(0.1)
     finally:
@@ -353,7 +353,7 @@ def test_killed_server_leaves_an_interrupted_job_that_resumes(tmp_path, book_tex
 
 def test_selfplay_every_is_passed_to_the_trainer(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    r = client.post("/train", json={"model": "t", "book": book, "iterations": 4, "selfplay_every": 2, **TRAIN})
+    r = client.post("/train", json={"model": "t", "book": book, "steps": 4, "selfplay_every": 2, **TRAIN})
     assert r.json()["config"]["selfplay_every"] == 2
     job = wait_for(client, timeout=120)
     rows = client.get("/models/t/metrics", params={"run": job.get("run_id")}).json()["rows"]
@@ -363,8 +363,9 @@ def test_selfplay_every_is_passed_to_the_trainer(client, book):
 
 def test_lora_finetune_generate_and_merge(trained):
     """A LoRA job trains an adapter of the frozen model; generation can use it; merge makes a model."""
-    job = trained.post("/train", json={"model": "tiny", "book": "book", "iterations": 10, "mode": "lora",
-                                       "adapter": "ad", "r": 4, "alpha": 8, "targets": ["c_attn"], **TRAIN}).json()
+    job = trained.post("/train", json={"model": "tiny", "book": "book", "steps": 10, "mode": "lora",
+                                       "adapter": "ad", "lora_r": 4, "lora_alpha": 8, "lora_targets": ["c_attn"],
+                                       "learning_rate": 1e-2, **TRAIN}).json()  # a visible change in 10 steps
     assert job["kind"] == "lora" and job["adapter"] == "ad" and job["lora"]["r"] == 4
     done = wait_for(trained)
     assert done["state"] == "done", done["error"]
@@ -373,7 +374,7 @@ def test_lora_finetune_generate_and_merge(trained):
     [ad] = trained.get("/models/tiny").json()["adapters"]
     assert ad["name"] == "ad" and ad["lora"]["targets"] == ["c_attn"] and ad["run"]["steps"] == 10
     assert trained.get("/models/tiny").json()["steps"] == 20  # the base did not train
-    body = {"model": "tiny", "prompt": "The sea", "max_tokens": 1, "temperature": 0}
+    body = {"model": "tiny", "prompt": "The sea", "max_new_tokens": 1, "temperature": 0}
     plain, adapted = first_token(trained, body), first_token(trained, {**body, "adapter": "ad"})
     assert plain["prob"] != pytest.approx(adapted["prob"], abs=1e-7)  # the adapter changes the model
     merged = trained.post("/merge", json={"model": "tiny", "adapter": "ad", "out": "tiny-ad"})
@@ -392,8 +393,8 @@ def first_token(client, body):
 @pytest.mark.parametrize("change, status, words", [
     ({"adapter": None}, 400, "name the adapter"),
     ({"adapter": "a/b"}, 400, "invalid adapter name"),
-    ({"r": 0}, 400, "lora r"),
-    ({"targets": ["wte"]}, 400, "target"),
+    ({"lora_r": 0}, 400, "r must be between"),
+    ({"lora_targets": ["wte"]}, 422, "lora_targets"),
     ({"model": "ghost"}, 404, "no model named"),
 ])
 def test_lora_finetune_rejects(trained, change, status, words):
@@ -412,13 +413,13 @@ def test_lora_needs_a_trained_model_and_a_known_adapter(client, book):
 
 
 def test_generate_is_reproducible_with_a_seed(trained):
-    body = {"model": "tiny", "prompt": "The", "max_tokens": 30, "seed": 7}
+    body = {"model": "tiny", "prompt": "The", "max_new_tokens": 30, "seed": 7}
     a, b = trained.post("/generate", json=body).json(), trained.post("/generate", json=body).json()
     assert a["text"] == b["text"] and len(a["text"]) > 0
 
 
 def test_generate_stream_sends_one_event_per_token(trained):
-    body = {"model": "tiny", "prompt": "The", "max_tokens": 30, "seed": 7}
+    body = {"model": "tiny", "prompt": "The", "max_new_tokens": 30, "seed": 7}
     with trained.stream("POST", "/generate_stream", json=body) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
         blocks = r.read().decode().strip().split("\n\n")
@@ -432,9 +433,11 @@ def test_generate_stream_sends_one_event_per_token(trained):
 
 @pytest.mark.parametrize("change, status, words", [
     ({"temperature": 100}, 400, "temperature"),
-    ({"top_p": 0}, 400, "top_p"),
-    ({"max_tokens": 0}, 400, "max_new_tokens"),
-    ({"max_tokens": 10**9}, 400, "max_new_tokens"),
+    ({"top_p": 1.5}, 400, "top_p"),
+    ({"seed": 2**63}, 400, "seed"),
+    ({"top_k": "5"}, 422, "top_k"),
+    ({"max_new_tokens": 0}, 400, "max_new_tokens"),
+    ({"max_new_tokens": 10**9}, 400, "max_new_tokens"),
     ({"repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"top_k": -1}, 400, "top_k"),
     ({"model": "ghost"}, 404, "no model named"),
@@ -473,7 +476,7 @@ def test_attention_rejects(trained, change, words):
 
 
 def test_arena_runs_both_models_with_one_seed_and_scores_the_book(trained):
-    r = trained.post("/arena", json={"model_a": "tiny", "model_b": "tiny", "prompt": "The", "max_tokens": 20,
+    r = trained.post("/arena", json={"model_a": "tiny", "model_b": "tiny", "prompt": "The", "max_new_tokens": 20,
                                      "book": "book", "windows": 8}).json()
     assert r["a"]["text"] == r["b"]["text"]  # same model, same seed
     assert r["a"]["bits_per_byte"] == r["b"]["bits_per_byte"] > 0
@@ -520,14 +523,14 @@ def test_download_refuses_anything_but_a_model(trained):
 
 def test_rollback_restores_a_version_and_the_cache_sees_it(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    train(client, "t", book, iterations=10)
+    train(client, "t", book, steps=10)
     wait_for(client)
-    cache = client.app.state.models
-    body = {"model": "t", "prompt": "The", "max_tokens": 20, "seed": 3}
+    cache = client.app.state.azr.models
+    body = {"model": "t", "prompt": "The", "max_new_tokens": 20, "seed": 3}
     v1_text = client.post("/generate", json=body).json()["text"]
     first = cache.get("t")[0]
     assert cache.get("t")[0] is first  # loaded once
-    train(client, "t", book, iterations=10)
+    train(client, "t", book, steps=10)
     wait_for(client)
     assert cache.get("t")[0] is not first  # new weights on disk: reloaded
     assert client.get("/models/t").json()["steps"] == 20
@@ -551,7 +554,7 @@ def test_delete_model(client):
 def test_unexpected_errors_are_json_500_and_the_server_goes_on(tmp_path):
     app = create_app(tmp_path)
     with TestClient(app, raise_server_exceptions=False) as c:
-        app.state.store.list_models = lambda: 1 / 0
+        app.state.azr.store.list_models = lambda: 1 / 0
         r = c.get("/models")
         assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]
         assert c.get("/books").status_code == 200

@@ -6,10 +6,12 @@ import pytest
 import torch
 
 import azr_trainer
-from azr_trainer import TrainConfig, lr_at, make_optimizer, resume, train
+import runs
+from azr_trainer import TrainConfig, lr_at, make_optimizer, new_run
 from conftest import quick_train_config, tiny_config
+from files import CorruptFile, load_tensors
 from model import GPT
-from store import CorruptFile
+from runs import resume, train
 
 
 def losses(store, name):
@@ -62,9 +64,8 @@ def test_a_truncated_checkpoint_is_rejected_and_the_previous_one_used(store, boo
     newest = ckpts[-1]
     newest.write_bytes(newest.read_bytes()[:1000])
     with pytest.raises(CorruptFile, match="damaged"):
-        azr_trainer.load_tensors(newest)
-    run = azr_trainer.json.loads((store.checkpoint_dir("m") / "run.json").read_text())
-    trainer = azr_trainer.Trainer(store, "m", run)
+        load_tensors(newest)
+    trainer = runs.make_trainer(store, "m", runs.load_run(store, "m"))
     info = trainer.restore_latest()
     assert info["path"] == ckpts[-2].name and "damaged" in info["skipped"][0]
 
@@ -96,7 +97,7 @@ def test_weight_decay_only_on_matrices():
 
 def test_bits_per_byte_is_loss_in_bits_over_bytes(trained):
     store, name = trained
-    t = azr_trainer.Trainer(store, name, {"run_id": "x", "books": ["book"], "config": vars(quick_train_config())})
+    t = runs.make_trainer(store, name, new_run(["book"], quick_train_config()))
     m = t.evaluate()
     x = torch.from_numpy(t.data["val"][: t.T + 1].astype("int64"))[None]
     with torch.no_grad():
@@ -111,13 +112,14 @@ def test_bits_per_byte_is_loss_in_bits_over_bytes(trained):
 def test_unigram_baseline_is_beaten_by_a_trained_model(store, book):
     store.create_model("m", tiny_config())
     s = train(store, "m", [book], quick_train_config(steps=80, eval_every=80, learning_rate=3e-3))
-    t = azr_trainer.Trainer(store, "m", {"run_id": "x", "books": [book], "config": vars(quick_train_config())})
+    t = runs.make_trainer(store, "m", new_run([book], quick_train_config()))
     assert s["best_val_bpb"] < azr_trainer.unigram_bpb(t.data, t.byte_len)
 
 
 @pytest.mark.parametrize("bad, message", [
     (dict(steps=0), "steps"), (dict(learning_rate=5), "learning_rate"), (dict(batch_size=-1), "batch_size"),
-    (dict(precision="fp8"), "precision"),
+    (dict(precision="fp8"), "precision"), (dict(seed=2**63), "seed"), (dict(batch_size="5"), "batch_size"),
+    (dict(device="gpu9"), "device"),
 ])
 def test_bad_training_options_are_explained(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -137,7 +139,7 @@ def test_a_finished_run_keeps_its_best_weights(store, book, monkeypatch):
     store.create_model("m", tiny_config())
     summary = train(store, "m", [book], quick_train_config(steps=30, checkpoint_every=10, keep_checkpoints=5))
     assert summary["best"] == [2.0, 20]
-    at_20, _ = azr_trainer.load_tensors(store.checkpoint_dir("m") / "step_00000020.safetensors")
+    at_20, _ = load_tensors(store.checkpoint_dir("m") / "step_00000020.safetensors")
     final = store.load_model("m").state_dict()
     assert all(torch.equal(final[k[6:]], v) for k, v in at_20.items() if k.startswith("model."))
 
