@@ -339,9 +339,10 @@ def trained_weights(model):
 
 
 def load_trained_weights(model, tensors):
+    """Copy saved tensors (a checkpoint's, an adapter's) into the parameters they came from."""
     own = trained_weights(model)
     if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
-        raise CorruptFile("the checkpoint's tensors do not fit this model (another config or adapter)")
+        raise CorruptFile("the saved tensors do not fit this model (another config, or an adapter of another rank or targets)")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])

@@ -162,13 +162,3 @@ def merge_lora(model):
 def lora_state(model):
     """The adapter's tensors: {'transformer.h.0.attn.c_attn.lora_A': (r, d_in), ...}."""
     return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-
-
-def load_lora_state(model, tensors):
-    """Copy adapter tensors into a model that has the same LoRA layers (same targets and r)."""
-    own = lora_state(model)
-    if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
-        raise ValueError("the adapter's tensors do not fit this model: different targets, rank or config")
-    with torch.no_grad():
-        for k, v in own.items():
-            v.copy_(tensors[k])

@@ -11,10 +11,10 @@
     <home>/books/<book>.txt + .json         cleaned UTF-8 text + how it was read
 
 Three rules keep it safe. Names are checked against one pattern (no '/', '..' or NUL can reach
-the file system). Every write goes to a temp file first and is moved into place with os.replace,
-which is atomic: a crash leaves the old file or the new one, never half of one. Weights are
-safetensors (raw tensors + a JSON header), never pickle, so loading a file cannot run code; a
-sha256 of the tensor bytes in the header catches files that were truncated or corrupted.
+the file system). Every write goes through files.py: a temp file moved into place with
+os.replace, which is atomic, so a crash leaves the old file or the new one, never half of one.
+Weights are safetensors with a sha256 of their tensors, never pickle, so loading a file cannot
+run code and a corrupted file is caught.
 """
 
 import hashlib
@@ -30,7 +30,8 @@ import torch
 
 from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, load_tensors, read_json, replacing,
                    save_tensors, tensors_sha256_of_file, write_json)
-from lora import LoRAConfig, attach_lora, count_params, load_lora_state, lora_state, merge_lora
+from azr_trainer import load_trained_weights
+from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
 from tokenizer import BookError, Tokenizer, read_book
@@ -189,7 +190,7 @@ class Store:
         lc = LoRAConfig.from_dict(info["lora"])
         model = attach_lora(self.load_model(name, device), lc if nf4 is None else replace(lc, nf4=nf4))
         tensors, _ = load_tensors(self.adapter_dir(name, adapter) / "adapter.safetensors")
-        load_lora_state(model, tensors)
+        load_trained_weights(model, tensors)
         return model.eval()
 
     def check_base(self, name, info):
@@ -257,14 +258,7 @@ class Store:
         path = self.book_path(name)
         if path.exists():
             raise Exists(f"a book named {name!r} already exists; delete it first or pick another name")
-        book = read_book(data, filename)
-        text = book.text.encode("utf-8")
-        info = {"name": name, "filename": os.path.basename(filename), "bytes": len(data),
-                "text_bytes": len(text), "sha256": hashlib.sha256(text).hexdigest(), **book.report(),
-                "added": _now()}
-        atomic_write(path, text)
-        write_json(path.with_suffix(".json"), info)
-        return info
+        return self._save_book(path, data, filename)
 
     def book_info(self, name):
         path = self.book_path(name)
@@ -277,11 +271,15 @@ class Store:
 
     def _describe_loose_book(self, path):
         """A .txt dropped into books/ by hand: read it like an upload, once."""
-        book = read_book(path.read_bytes(), path.name)
+        return self._save_book(path, path.read_bytes(), path.name)
+
+    def _save_book(self, path, data, filename):
+        """The book's clean UTF-8 text at `path` and its info next to it (written last)."""
+        book = read_book(data, filename)
         text = book.text.encode("utf-8")
-        info = {"name": path.stem, "filename": path.name, "bytes": path.stat().st_size, "text_bytes": len(text),
+        info = {"name": path.stem, "filename": os.path.basename(filename), "bytes": len(data), "text_bytes": len(text),
                 "sha256": hashlib.sha256(text).hexdigest(), **book.report(), "added": _now()}
-        if text != path.read_bytes():
+        if not path.exists() or path.read_bytes() != text:
             atomic_write(path, text)
         write_json(path.with_suffix(".json"), info)
         return info

@@ -16,7 +16,6 @@
 import hashlib
 import html
 import io
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,8 @@ import numpy as np
 from charset_normalizer import from_bytes
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from files import replacing, write_json
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT]
@@ -294,9 +295,8 @@ class Tokenizer:
         return cls(HFTokenizer.from_file(str(path)))
 
     def save(self, path):
-        tmp = f"{path}.tmp"
-        self.hf.save(tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            self.hf.save(str(tmp))
 
     def encode(self, text):
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -329,13 +329,12 @@ def encode_to_file(tok, text, path, chunk_chars=1_000_000):
     """Encode `text` in pieces straight into a flat binary file of token ids; returns its length.
     Pieces end at paragraph breaks so no BPE merge straddles a cut."""
     dtype = np.uint16 if tok.vocab_size <= 2**16 else np.uint32
-    n, tmp = 0, f"{path}.tmp"
-    with open(tmp, "wb") as f:
+    n = 0
+    with open(path, "wb") as f:
         for piece_ids in _encode_pieces(tok, text, chunk_chars):
             arr = np.asarray(piece_ids, dtype=dtype)
             f.write(arr.tobytes())
             n += arr.size
-    os.replace(tmp, path)
     return n
 
 
@@ -357,11 +356,9 @@ def split_train_val(all_path, train_path, val_path, dtype, val_every=10, n_chunk
     """Cut the token file into `n_chunks` contiguous chunks; every `val_every`-th goes to val."""
     data = np.memmap(all_path, dtype=dtype, mode="r")
     bounds = np.linspace(0, len(data), n_chunks + 1).astype(np.int64)
-    with open(f"{train_path}.tmp", "wb") as tr, open(f"{val_path}.tmp", "wb") as va:
+    with open(train_path, "wb") as tr, open(val_path, "wb") as va:
         for c in range(n_chunks):
             (va if c % val_every == val_every - 1 else tr).write(data[bounds[c]:bounds[c + 1]].tobytes())
-    os.replace(f"{train_path}.tmp", train_path)
-    os.replace(f"{val_path}.tmp", val_path)
 
 
 def prepare_tokens(tok, book_texts, cache_dir, val_fraction=0.1):
@@ -385,7 +382,7 @@ def prepare_tokens(tok, book_texts, cache_dir, val_fraction=0.1):
                 raise BookError(f"the book gives only {n} tokens; training needs a longer text")
             split_train_val(tmp / "all.bin", tmp / "train.bin", tmp / "val.bin", dtype, val_every=round(1 / val_fraction))
             os.remove(tmp / "all.bin")
-            _write_json(tmp / "meta.json", {"tokens": n, "dtype": np.dtype(dtype).name, "books": sorted(book_texts)})
+            write_json(tmp / "meta.json", {"tokens": n, "dtype": np.dtype(dtype).name, "books": sorted(book_texts)})
             if d.exists() and not meta_path.exists():
                 shutil.rmtree(d, ignore_errors=True)  # an unfinished folder from an older version
             os.rename(tmp, d)  # fails if another process got there first: its files are the same
@@ -395,10 +392,3 @@ def prepare_tokens(tok, book_texts, cache_dir, val_fraction=0.1):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return {s: np.memmap(d / f"{s}.bin", dtype=dtype, mode="r") for s in ("train", "val")}
-
-
-def _write_json(path, obj):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
