@@ -24,7 +24,11 @@ def pick_device(requested="auto"):
 
 @functools.lru_cache(maxsize=None)
 def cpu_has_native_bf16():
-    """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16)."""
+    """True when the CPU has bf16 dot-product instructions (AVX512_BF16 or AMX-BF16) and PyTorch
+    runs its AVX-512 kernels on it (ATEN_CPU_CAPABILITY=avx2 makes such a CPU behave like an
+    AVX2-only one, and then bf16 is emulated there too)."""
+    if "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
