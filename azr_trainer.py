@@ -6,8 +6,8 @@ from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, AdamW step. T
 warms up linearly (Adam's moment estimates are noisy in the first steps) and then follows a
 cosine down to a tenth of its peak (Loshchilov & Hutter 2017).
 
-Every `selfplay_every` supervised steps, one self-play step (selfplay.py) lets the model learn
-from its own generations. Every `eval_every` steps we measure the validation loss in **bits per
+Every `selfplay_every` supervised steps (from `selfplay_start` of the run on), one self-play step
+(selfplay.py) lets the model learn from its own greedy continuations where they loop. Every `eval_every` steps we measure the validation loss in **bits per
 byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per-token loss it
 does not depend on the tokenizer, so models with different vocabularies compare.
 
@@ -57,6 +57,7 @@ class TrainConfig:
     precision: str = setting("auto", "auto picks bf16 only where the hardware has it", choices=("auto", "fp32", "bf16", "fp16"))
     compile: str = setting("auto", "torch.compile the training step (auto: long CPU runs)", choices=("auto", "on", "off"))
     selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off)", 0, 100_000)
+    selfplay_start: float = setting(0.4, "self-play begins once this share of the steps is done", 0.0, 1.0)
     keep_best: bool = setting(True, "finish with the weights of the best evaluation")
     val_fraction: float = setting(0.1, "share of the book held out for validation", 0.01, 0.5)
 
@@ -99,7 +100,7 @@ class Trainer:
         self.selfplay = None
         if tc.selfplay_every:
             from selfplay import SelfPlay  # only needed when the stage is on
-            self.selfplay = SelfPlay(model, self.get_batch, self.optimizer_step, data["train"], self.precision, tc.seed)
+            self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
         ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -163,7 +164,8 @@ class Trainer:
         self.step += 1
         row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(self.tc.batch_size * self.tc.grad_accum * self.T / (time.time() - t0), 1))
-        if self.selfplay and self.step % self.tc.selfplay_every == 0:
+        tc = self.tc
+        if self.selfplay and self.step >= tc.selfplay_start * tc.steps and self.step % tc.selfplay_every == 0:
             row["selfplay"] = self.selfplay.step()
         if self.step % self.tc.eval_every == 0 or self.step == self.tc.steps:
             row.update(self.evaluate())

@@ -62,8 +62,13 @@ QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_roun
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["selfplay"]:  # the self-play A/B has its own options
+        from benchmarks import selfplay_ab
+        return selfplay_ab.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora"])
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora", "selfplay"],
+                   help="selfplay: the self-play A/B, see `python bench.py selfplay --help`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
     p.add_argument("--presets", default="small,medium")

@@ -165,7 +165,7 @@ class ProgressBar:
                 post["val_bpb"] = f"{e['val_bpb']:.3f}"
                 tqdm.write(f"step {e['step']}: val loss {e['val_loss']:.4f}, bits/byte {e['val_bpb']:.4f}")
             if "selfplay" in e:
-                post["reward"] = f"{e['selfplay'].get('reward', 0):.3f}"
+                post["repeats"] = f"{e['selfplay']['repeat_rate']:.3f}"
             self.bar.set_postfix(post)
         elif e["type"] == "warning":
             tqdm.write(f"warning: {e['message']}", file=sys.stderr)

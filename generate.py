@@ -182,24 +182,36 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None):
 
 
 @torch.no_grad()
-def rollouts(model, prompts, n_new, temperature=0.0, generator=None):
-    """Continue each prompt (N, P) by n_new tokens in one batch -> (N, n_new) token ids:
-    greedy at temperature 0, else sampled from softmax(logits / temperature)."""
+def rollouts(model, prompts, n_new, temperature=0.0, generator=None, ban=None):
+    """Continue each prompt (N, P) by n_new tokens, all rows in one batch -> (N, n_new) ids:
+    greedy at temperature 0, else sampled from softmax(logits / temperature).
+
+    ban(rows) -> for each row, the tokens it may not take next (rows: the ids written so far);
+    with it, the result is (ids, wanted): wanted (N, n_new) is the likeliest token where it was
+    banned (for greedy rollouts: the token the row would have taken), -1 elsewhere."""
     cfg, device = model.config, prompts.device
     dtype = compute_dtype(model, device)
     fast = decoding_copy(model, dtype)
-    out = []
+    sc = SamplingConfig(n_new, temperature=temperature, top_k=0, top_p=1.0)
+    out, wanted, rows = [], [], [[] for _ in range(prompts.size(0))]
     with autocast_to(device, dtype):
         cache = KVCache(cfg, prompts.size(0), device, dtype)
         logits = fast(prompts, cache=cache)[0][:, -1]  # (N, V)
         for t in range(n_new):
-            if temperature == 0:
-                out.append(logits.argmax(-1, keepdim=True))  # (N, 1)
-            else:
-                out.append(torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator))
+            if ban:
+                want = logits.argmax(-1, keepdim=True)  # (N, 1)
+                logits = logits.float().clone()
+                for r, banned in enumerate(ban(rows)):
+                    logits[r, banned] = float("-inf")
+            nxt = sample_next(logits, sc, generator=generator)  # (N, 1)
+            if ban:
+                wanted.append(torch.where(logits.gather(1, want).isinf(), want, -1))
+                for r, x in enumerate(nxt[:, 0].tolist()):
+                    rows[r].append(x)
+            out.append(nxt)
             if t < n_new - 1:
-                logits = fast(out[-1], cache=cache)[0][:, -1]
-    return torch.cat(out, 1)
+                logits = fast(nxt, cache=cache)[0][:, -1]
+    return (torch.cat(out, 1), torch.cat(wanted, 1)) if ban else torch.cat(out, 1)
 
 
 def stream(model, tokenizer, prompt, sc, device="cpu"):

@@ -33,3 +33,11 @@ def top_alternatives(tok, probs, k=5):
     """The k likeliest tokens of a distribution probs (V,) as [[text, probability], ...]."""
     top = torch.topk(probs, k)
     return [[tok.decode([i]), p] for i, p in zip(top.indices.tolist(), top.values.tolist())]
+
+
+def selfplay_rollout(example, tok):
+    """A self-play rollout (selfplay.example) as text: the prompt, then each written token with,
+    where self-play blocked a repeat, the token greedy wanted there — the one it pushed down."""
+    return {"prompt": tok.decode(example["prompt"]),
+            "tokens": [{"text": tok.decode([t]), "pushed_down": tok.decode([w]) if w >= 0 else None}
+                       for t, w in zip(example["tokens"], example["pushed_down"])]}

@@ -136,7 +136,7 @@ class JobRunner:
             if key in e:
                 job[key] = e[key]
         if "selfplay" in e:
-            job["reward"] = e["selfplay"].get("reward")
+            job["repeat_rate"] = e["selfplay"]["repeat_rate"]
 
     def _notable(self, e):
         """Every event but plain steps; of those, evaluations, self-play and one per 2 seconds."""
@@ -147,6 +147,8 @@ class JobRunner:
 
     def _log(self, e):
         self.seq += 1
+        if "selfplay" in e:  # its example rollout is for the teaching view (metrics.jsonl), not the log
+            e = {**e, "selfplay": {k: v for k, v in e["selfplay"].items() if k != "example"}}
         self.events.append({"seq": self.seq, "time": round(time.time(), 3), **e})
 
     # ------------------------------------------------------------------ disk

@@ -1,63 +1,46 @@
-"""Self-play: the model proposes tasks from its book, solves them G times, and learns from rewards.
+"""Self-play against repetition: the model reads its own greedy continuations and unlearns its loops.
 
-Absolute Zero (Zhao et al. 2025, "Absolute Zero: Reinforced Self-play Reasoning with Zero Data")
-trains one model in two roles: a *proposer* that invents tasks and a *solver* that answers them.
-The proposer is rewarded for tasks that are *learnable*: ones the solver gets right sometimes but
-not always, r = 1 - mean success when 0 < mean success < 1, else 0 (always-solved and
-never-solved tasks teach nothing). Here the tasks come from the book itself, so every reward
-can be checked against real text:
+Greedy decoding of a small LM trained on one book loops ("не не не не ..."): once a phrase has
+appeared, copying it again is the most likely next step, and every copy makes the next one more
+likely. Teacher forcing never shows the model such a context, so the supervised loss cannot see
+the problem. Self-play can: let the model write, find where it starts to repeat itself, and teach
+it another choice in exactly those places.
 
-    continue   a context from the train split; the reference answer is the book's true next
-               K = 16 tokens (K <= max_seq_len / 4). Rewards: matched prefix / K, and token F1
-               (bag-of-tokens overlap, as in SQuAD).
-    free-run   a short book prompt; the model writes the rest of a window. There is no answer,
-               only the failure modes of small LMs to avoid: repetition loops (seq-rep-4,
-               Welleck et al. 2019) and collapsed vocabulary (distinct-2, Li et al. 2016).
+One self-play step, every `selfplay_every` steps of the trainer once `selfplay_start` of the run
+is done:
 
-Both degeneration terms are measured *relative to the book's own rate*: a sample scores 1 when it
-repeats 4-grams no more often, and uses as many distinct bigrams, as real windows of the same
-length do. Rewarding raw diversity would pay the model for gibberish. There is no length term:
-rollouts have a fixed length, so it would be a constant.
+    propose   R contexts of P tokens from the train split (the proposer, below)
+    roll out  the model continues each one for n tokens, greedily (where loops happen), all R rows
+              together through one KV cache, one rollout per context. Decoding blocks every token
+              that would complete a 4-gram already in the rollout more often than the book itself
+              repeats that 4-gram within n tokens — a refrain the book really repeats is allowed —
+              and takes the model's best allowed token instead (n-gram blocking, Paulus et al.
+              2018). So the rollout never loops, and each block is a decision point: the context,
+              the repeat r greedy wanted, the replacement a it took.
+    update    at every decision point, softplus(z_r - z_a) = -log(1 - p~(r)), p~ the softmax over
+              the pair {r, a}: unlikelihood (Welleck et al. 2020, "Neural Text Generation with
+              Unlikelihood Training") inside the pair. The plain form, -log(1 - p(r)) over the
+              whole vocabulary (loss="ul", kept as the ablation), gives r's mass to *every* token:
+              on small models that raised never-trained byte tokens and dropped newlines. The pair
+              form moves mass only to a token the model itself ranked next — what greedy decoding
+              needs: the argmax to change where the loop would start.
 
-The proposer keeps a small replay buffer of contexts with their learnability score and draws
-from it in proportion to the score; with probability `explore` (and always while the buffer is
-empty) it draws a fresh uniform context instead. "Success" is getting the first
-`success_tokens` tokens exactly right; a context leaves the buffer once it stops being learnable
-or has been used `max_uses` times (so the solver cannot memorise a few contexts).
+A self-play step is an optimizer step of its own: mixing the loss of a book batch into it was
+measured worse at equal time (the clipped gradient of the sum is mostly the self-play term).
 
-The solver samples G continuations per task in one batch through the KV cache (the prompt is
-run once and its keys/values copied to the G rows). The update is GRPO (Shao et al. 2024,
-DeepSeekMath, §4.1): a sample's advantage is its reward minus its group's mean, divided by the
-group's std, so no value network is needed. With one gradient step per batch the PPO ratio is 1
-and the loss is the plain policy gradient -A * log pi(token), averaged over all sampled tokens.
-Two terms keep the model close to its book:
+The proposer (Absolute Zero, Zhao et al. 2025, §3: reward the proposer for tasks that are
+*learnable*, solved neither never nor always). Here a task is a context, and failing it is a
+rollout in which greedy wanted to repeat itself. A context that failed goes into a small replay
+buffer and is drawn again with weight p(1 - p), p its smoothed failure rate (fails + 1) /
+(visits + 2): the Bernoulli variance, 0 for never and always, largest for "sometimes". With
+probability `explore`, and while the buffer is empty, a fresh context is drawn uniformly.
 
-    KL to a frozen reference copy, per token the "k3" estimator r - log r - 1 with
-    r = pi_ref / pi (Schulman 2020, "Approximating KL Divergence"): unbiased, always >= 0,
-    the form GRPO uses. The reference is reset to the current weights every `ref_reset_every`
-    self-play steps (as in ProRL, Liu et al. 2025): training from scratch, a reference frozen at
-    the random init would pull the model back towards noise.
-    The supervised loss on a fresh book batch, added with weight `sup_coef`.
-
-Choices that came from measurements (`python selfplay.py ab`, numbers in BENCHMARKS.md):
-- At temperature 1 a small model's free-run text repeats no more than the book does, so the
-  repetition reward is flat and teaches nothing; at 0.5 it loops (seq-rep-4 0.2-0.6 in the
-  first steps vs the book's 0.02). Free-run samples at `freerun_temperature` = 0.5, and the gradient is taken for that
-  tempered policy, softmax(logits / 0.5), so it is an exact policy gradient for what was sampled.
-- A self-play step costs as much compute as 3-4 supervised steps (from the step counts at equal
-  CPU time). Continue steps use 2 contexts of 64 tokens, not 4 of 128, to be cheaper; that
-  setting gave the best trade of those tried.
-- What it buys, at equal compute on the small preset (3 seeds): sampled text (t=0.8) with more
-  distinct bigrams (closer to the book's) and fewer repeated 4-grams (further below the book's),
-  and slightly better token F1 against the real continuation (+0.02). What it costs: fewer
-  supervised steps, so worse validation bits/byte (+0.08), and greedy decoding's loops got no
-  better (its distinct-2 slightly worse). Self-play shapes *sampled generations*; at this scale
-  it does not buy likelihood, which supervised steps buy more cheaply.
-
-The A/B benchmark behind these numbers is `python bench.py selfplay` (benchmarks live in bench.py).
+The A/B behind these choices is `python bench.py selfplay` (numbers in BENCHMARKS.md). Tried there
+and left out: GRPO over several samples per context with rewards against the book's real next
+tokens and a KL penalty to a reference copy (the stage this one replaced), DITTO-style
+pseudo-repetition.
 """
 
-import copy
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -71,169 +54,87 @@ from hardware import autocast
 
 @dataclass
 class SelfPlayConfig:
-    group_size: int = 8  # G: samples per task, the group GRPO compares within
-    tasks_per_step: int = 2  # continue tasks per self-play step
-    context_tokens: int = 64  # continue: context length (capped at max_seq_len - answer_tokens)
-    answer_tokens: int = 16  # K: continue: reference tokens (capped at max_seq_len // 4)
-    freerun_every: int = 2  # every n-th self-play step is a free-run step (0 = never)
-    freerun_tasks: int = 2  # prompts per free-run step
-    freerun_prompt_tokens: int = 32  # capped at max_seq_len // 4; the rest of the window is written
-    temperature: float = 1.0  # continue: sampling temperature; the gradient is for this policy
-    freerun_temperature: float = 0.5  # free-run: cooler, where small models fall into loops
-    w_prefix: float = 1.0  # reward weights (the reward is the weighted mean of its components)
-    w_f1: float = 1.0
-    w_rep: float = 0.5
-    w_distinct: float = 0.5
-    scale_by_std: bool = True  # GRPO divides by the group std; Dr. GRPO (Liu et al. 2025) does not
-    kl_coef: float = 0.04  # beta
-    sup_coef: float = 1.0  # weight of the supervised loss mixed into every self-play step
-    ref_reset_every: int = 10  # self-play steps between reference resets (0 = frozen for the run)
-    buffer_size: int = 32  # proposer's replay buffer of learnable contexts
-    explore: float = 0.5  # chance of a fresh uniform context instead of one from the buffer
-    success_tokens: int = 2  # a sample "solves" a context when its first n tokens are right
-    max_uses: int = 4  # a context leaves the buffer after this many uses
-    seed_offset: int = 7919  # self-play's RNGs are seeded with TrainConfig.seed + this
-
-
-# ----------------------------------------------------------------------------- the stage
+    rollouts: int = 8  # R: contexts per step, one rollout each
+    prompt_tokens: int = 32  # P (capped at max_seq_len // 2)
+    new_tokens: int = 96  # n (capped at max_seq_len - P)
+    ngram: int = 4  # a token that completes a repeated 4-gram is a repeat
+    loss: str = "pair"  # pair: blocked rollouts, prefer the replacement | ul: unlikelihood on repeats
+    alpha: float = 1.0  # weight of the self-play loss
+    explore: float = 0.5  # chance of a fresh uniform context instead of a buffer pick
+    buffer_size: int = 64
+    max_visits: int = 4  # a context leaves the buffer after this many rollouts
+    seed_offset: int = 7919  # the proposer's RNG is seeded with the run's seed + this
 
 
 class SelfPlay:
     """One self-play step at a time. It sees the trainer through a narrow interface: the model,
-    `get_batch()` -> a supervised (x, y) batch, `optimizer_step(loss)` -> backward and one
-    optimizer step, and the train split's token array."""
+    `optimizer_step(loss)` -> backward and one optimizer step, and the train split's tokens."""
 
-    def __init__(self, model, get_batch, optimizer_step, train_tokens, precision, seed, cfg=None):
-        self.model, self.get_batch, self.optimizer_step = model, get_batch, optimizer_step
-        self.train_tokens, self.precision, self.cfg = train_tokens, precision, cfg or SelfPlayConfig()
+    def __init__(self, model, optimizer_step, train_tokens, precision, seed, cfg=None):
+        self.model, self.optimizer_step, self.data, self.precision = model, optimizer_step, train_tokens, precision
+        self.cfg = c = cfg or SelfPlayConfig()
         self.device = next(model.parameters()).device
-        self.ref = frozen_copy(model)
-        seed = seed + self.cfg.seed_offset
-        self.task_gen = torch.Generator().manual_seed(seed)  # proposer's choices, on the CPU
-        self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)  # the solver's tokens
-        self.proposer = Proposer(self.cfg.buffer_size, self.cfg.explore, self.cfg.max_uses)
+        T = model.config.max_seq_len
+        self.P = min(c.prompt_tokens, T // 2)
+        self.n = min(c.new_tokens, T - self.P)
+        self.allow = book_allowance(train_tokens, c.ngram, self.n)  # derived from the book: the same on resume
+        self.gen = torch.Generator().manual_seed(seed + c.seed_offset)  # the proposer's draws
+        self.proposer = Proposer(c.buffer_size, c.explore, c.max_visits)
         self.n_steps = 0
-        self._set_lengths()
-
-    def _set_lengths(self):
-        T, c = self.model.config.max_seq_len, self.cfg
-        self.K = min(c.answer_tokens, T // 4)
-        self.P = min(c.context_tokens, T - self.K)
-        self.free_P = min(c.freerun_prompt_tokens, T // 4)
-        self.free_new = T - self.free_P
-        # the book's own rates on windows as long as a rollout: the targets for the rewards
-        self.book = {n: book_rates(self.train_tokens, n) for n in {self.K, self.free_new}}
 
     def step(self):
-        """Propose, solve, reward, update. Returns a flat dict of floats for metrics.jsonl."""
+        """Propose, roll out, update. Returns a flat dict for metrics.jsonl."""
         c = self.cfg
-        if c.ref_reset_every and self.n_steps and self.n_steps % c.ref_reset_every == 0:
-            self.ref.load_state_dict(self.model.state_dict())
-        free = c.freerun_every and self.n_steps % c.freerun_every == c.freerun_every - 1
-        prompts, refs, starts = self._freerun_tasks() if free else self._continue_tasks()
-        n_new = self.free_new if free else self.K
-        temperature = c.freerun_temperature if free else c.temperature
-        samples = sample_groups(self.model, prompts, c.group_size, n_new, temperature,
-                                self.sample_gen, self.precision)  # (N*G, n_new)
-        rewards, parts = self._rewards(samples, refs, self.book[n_new])
-        metrics = self._update(prompts, samples, rewards, temperature)
-        metrics.update(parts, freerun=float(free), reward=rewards.mean().item(),
-                       reward_std=rewards.std().item())
-        if not free:
-            metrics.update(self._score_tasks(samples, refs, starts))
-        self.n_steps += 1
-        return {k: round(float(v), 5) for k, v in metrics.items()}
-
-    # tasks ---------------------------------------------------------------------
-    def _continue_tasks(self):
-        """N book windows: contexts (N, P), reference answers (N, K), their start offsets."""
-        data, span = self.train_tokens, self.P + self.K
-        starts = self.proposer.propose(self.cfg.tasks_per_step, len(data) - span, self.task_gen)
-        rows = windows(data, starts, span).to(self.device)
-        return rows[:, :self.P], rows[:, self.P:], starts
-
-    def _freerun_tasks(self):
-        data = self.train_tokens
-        starts = torch.randint(len(data) - self.free_P, (self.cfg.freerun_tasks,), generator=self.task_gen).tolist()
-        return windows(data, starts, self.free_P).to(self.device), None, starts
-
-    # rewards -------------------------------------------------------------------
-    def _rewards(self, samples, refs, book):
-        """(N*G,) total rewards and the mean of every component, for the log."""
-        c, G = self.cfg, self.cfg.group_size
-        rows, parts = [], {}
-        for i, s in enumerate(samples.tolist()):
-            r = {"rep_score": repetition_score(s, book["seq_rep_4"]),
-                 "distinct_score": distinct_score(s, book["distinct_2"])}
-            weights = {"rep_score": c.w_rep, "distinct_score": c.w_distinct}
-            if refs is not None:
-                ref = refs[i // G].tolist()
-                r.update(prefix_match=prefix_match(s, ref), token_f1=token_f1(s, ref))
-                weights.update(prefix_match=c.w_prefix, token_f1=c.w_f1)
-            rows.append(sum(weights[k] * r[k] for k in r) / max(sum(weights.values()), 1e-8))
-            for k, v in r.items():
-                parts[k] = parts.get(k, 0.0) + v / len(samples)
-        parts["seq_rep_4"] = float(np.mean([seq_rep_n(s, 4) for s in samples.tolist()]))
-        parts["distinct_2"] = float(np.mean([distinct_n(s, 2) for s in samples.tolist()]))
-        return torch.tensor(rows, device=samples.device), parts
-
-    def _score_tasks(self, samples, refs, starts):
-        """AZR's proposer reward: update each context's learnability from its G samples."""
-        G, need = self.cfg.group_size, min(self.cfg.success_tokens, self.K)
-        solved = (samples[:, :need] == refs.repeat_interleave(G, 0)[:, :need]).all(1).float()  # (N*G,)
-        rates = solved.view(-1, G).mean(1).tolist()  # (N,)
-        self.proposer.update(starts, rates)
-        scores = [learnability(p) for p in rates]
-        return {"solve_rate": float(np.mean(rates)), "learnability": float(np.mean(scores)),
-                "buffer_size": float(len(self.proposer.buffer))}
-
-    # the update ----------------------------------------------------------------
-    def _update(self, prompts, samples, rewards, temperature):
-        """One optimizer step on pg_loss + kl_coef * KL + sup_coef * supervised loss."""
-        c, model = self.cfg, self.model
-        model.train()
-        seqs = torch.cat([prompts.repeat_interleave(c.group_size, 0), samples], 1)  # (N*G, P+n)
-        P = prompts.size(1)
+        starts, picked = self.proposer.propose(c.rollouts, len(self.data) - self.P, self.gen)
+        prompts = windows(self.data, starts, self.P).to(self.device)  # (R, P)
         with autocast(self.device, self.precision):
-            logits = model(seqs[:, :-1])[0][:, P - 1:].float()  # (N*G, n, V): the sampled positions
-            with torch.no_grad():
-                ref_logits = self.ref(seqs[:, :-1])[0][:, P - 1:].float()
-            x, y = self.get_batch()
-            _, sup_loss = model(x, y)
-        logp = token_logprobs(logits / temperature, samples)  # (N*G, n): the policy we sampled
-        adv = group_advantages(rewards, c.group_size, c.scale_by_std)  # (N*G,)
-        pg_loss = -(adv[:, None] * logp).sum() / samples.numel()  # normalised by token count
-        kl = k3_kl(token_logprobs(logits, samples), token_logprobs(ref_logits, samples)).mean()
-        loss = pg_loss + c.kl_coef * kl + c.sup_coef * sup_loss
-        norm = self.optimizer_step(loss)
-        return {"loss": loss.item(), "pg_loss": pg_loss.item(), "kl": kl.item(), "sup_loss": sup_loss.item(),
-                "entropy": -logp.mean().item(), "grad_norm": norm}
+            if c.loss == "pair":
+                outs, wanted = rollouts(self.model, prompts, self.n, ban=self.banned)  # (R, n) each
+                marks = wanted >= 0  # (R, n): the decision points
+            else:
+                outs, wanted = rollouts(self.model, prompts, self.n), None
+                marks = torch.tensor([mark_repeats(r, c.ngram, self.allow) for r in outs.tolist()], device=self.device)
+        failed = marks.any(1).tolist()
+        self.proposer.update(starts, failed)
+        m = self._update(prompts, outs, marks, wanted)
+        self.n_steps += 1
+        m.update(repeat_rate=marks.float().mean().item(), looping=float(np.mean(failed)),
+                 **self.proposer.stats(picked, failed))
+        out = {k: round(float(v), 5) for k, v in m.items()}
+        out["example"] = example(prompts, outs, wanted)
+        return out
+
+    def banned(self, rows):
+        return [banned_next(r, self.cfg.ngram, self.allow) for r in rows]
+
+    def _update(self, prompts, outs, marks, wanted):
+        """One optimizer step on alpha * the self-play loss of the marked positions."""
+        self.model.train()
+        keep = marks.any(1)  # rows without a mark give no gradient: skip their forward...
+        if not keep.any():
+            return {"sp_loss": 0.0, "grad_norm": 0.0}
+        L = int(marks.nonzero()[:, 1].max()) + 1  # ... and the tokens after the last mark
+        seq = torch.cat([prompts[keep], outs[keep, :L]], 1)  # (r, P+L)
+        with autocast(self.device, self.precision):
+            logits = self.model(seq[:, :-1])[0][:, self.P - 1:]  # (r, P+L-1, V) -> (r, L, V)
+        m = marks[keep, :L]
+        if wanted is None:  # UL, divided by all rollout tokens as Welleck et al. do
+            loss = unlikelihood_loss(logits, outs[keep, :L], m) / marks.numel()
+        else:
+            loss = pair_loss(logits, wanted[keep, :L], outs[keep, :L], m) / m.sum()
+        return {"sp_loss": loss.item(), "grad_norm": self.optimizer_step(self.cfg.alpha * loss)}
 
     # checkpoints ---------------------------------------------------------------
     def state(self):
         """Everything a resumed run needs to continue bit for bit: (tensors, JSON meta)."""
-        tensors = {f"ref.{k}": v for k, v in self.ref.state_dict().items() if k != "lm_head.weight"}
-        tensors["rng.task"] = self.task_gen.get_state()
-        tensors["rng.sample"] = self.sample_gen.get_state()
-        tensors.update(self.proposer.state())
-        return tensors, {"config": asdict(self.cfg), "steps": self.n_steps}
+        return {"rng": self.gen.get_state(), **self.proposer.state()}, {"config": asdict(self.cfg), "steps": self.n_steps}
 
     def load_state(self, tensors, meta):
-        self.cfg = SelfPlayConfig(**meta["config"])
-        self._set_lengths()
-        self.ref.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ref.")}, strict=False)
-        self.task_gen.set_state(tensors["rng.task"])
-        self.sample_gen.set_state(tensors["rng.sample"])
-        self.proposer = Proposer(self.cfg.buffer_size, self.cfg.explore, self.cfg.max_uses)
+        if SelfPlayConfig(**meta["config"]) != self.cfg:
+            raise ValueError("this checkpoint was written with another self-play config; resume with that one")
+        self.gen.set_state(tensors["rng"])
         self.proposer.load_state(tensors)
         self.n_steps = meta["steps"]
-
-
-def frozen_copy(model):
-    ref = copy.deepcopy(model).eval()
-    for p in ref.parameters():
-        p.requires_grad_(False)
-    return ref
 
 
 def windows(data, starts, length):
@@ -242,114 +143,73 @@ def windows(data, starts, length):
     return torch.from_numpy(data[idx].astype(np.int64))
 
 
-def book_rates(data, n_tokens, n_windows=256):
-    """seq-rep-4 and distinct-2 of the book itself, averaged over evenly spaced windows."""
-    starts = np.linspace(0, len(data) - n_tokens - 1, n_windows).astype(np.int64)
-    rows = windows(data, starts, n_tokens).tolist()
-    return {"seq_rep_4": float(np.mean([seq_rep_n(r, 4) for r in rows])),
-            "distinct_2": float(np.mean([distinct_n(r, 2) for r in rows]))}
+def example(prompts, outs, wanted):
+    """One rollout for the page's teaching view: its prompt, the tokens it wrote and, where a
+    repeat was blocked, the token greedy wanted (-1 elsewhere): the rollout with the most blocks."""
+    r = int((wanted >= 0).sum(1).argmax()) if wanted is not None else 0
+    return {"prompt": prompts[r].tolist(), "tokens": outs[r].tolist(),
+            "pushed_down": wanted[r].tolist() if wanted is not None else [-1] * outs.size(1)}
 
 
-# ----------------------------------------------------------------------------- the proposer
+# ----------------------------------------------------------------------------- repeats and losses
 
 
-class Proposer:
-    """Replay buffer of learnable contexts {start offset: [learnability, uses]} (AZR §3.1)."""
-
-    def __init__(self, size, explore, max_uses):
-        self.size, self.explore, self.max_uses = size, explore, max_uses
-        self.buffer = {}
-
-    def propose(self, n, high, gen):
-        """n start offsets in [0, high): fresh uniform ones or buffer picks weighted by score."""
-        starts = []
-        for _ in range(n):
-            if not self.buffer or torch.rand(1, generator=gen).item() < self.explore:
-                starts.append(torch.randint(high, (1,), generator=gen).item())
-            else:
-                keys = list(self.buffer)
-                scores = torch.tensor([self.buffer[k][0] for k in keys], dtype=torch.float64)
-                starts.append(keys[torch.multinomial(scores, 1, generator=gen).item()])
-        return starts
-
-    def update(self, starts, success_rates):
-        for s, p in zip(starts, success_rates):
-            score, uses = learnability(p), self.buffer.pop(s, [0.0, 0])[1] + 1
-            if score > 0 and uses < self.max_uses:
-                self.buffer[s] = [score, uses]
-        while len(self.buffer) > self.size:  # evict the least learnable
-            del self.buffer[min(self.buffer, key=lambda k: self.buffer[k][0])]
-
-    def state(self):
-        keys = list(self.buffer)
-        return {"buffer.start": torch.tensor(keys, dtype=torch.int64),
-                "buffer.score": torch.tensor([self.buffer[k][0] for k in keys], dtype=torch.float64),
-                "buffer.uses": torch.tensor([self.buffer[k][1] for k in keys], dtype=torch.int64)}
-
-    def load_state(self, tensors):
-        rows = zip(tensors["buffer.start"].tolist(), tensors["buffer.score"].tolist(), tensors["buffer.uses"].tolist())
-        self.buffer = {s: [score, uses] for s, score, uses in rows}
+def book_allowance(data, n, window):
+    """{n-gram: k} for the n-grams the book itself repeats within `window` tokens: k = the most
+    repeats of it in any window (occurrences - 1). All in numpy: the book sorted by n-gram."""
+    N = len(data) - n + 1
+    grams = np.lib.stride_tricks.sliding_window_view(np.asarray(data, dtype=np.int64), n)  # (N, n)
+    gid = np.unique(grams, axis=0, return_inverse=True)[1].reshape(-1)  # (N,): an id per distinct n-gram
+    key = np.sort(gid * (N + window) + np.arange(N))  # by n-gram, then by position
+    # occurrences of the same n-gram that start within the window opened by each occurrence
+    count = np.searchsorted(key, key + (window - n + 1)) - np.arange(N)  # (N,)
+    most = np.zeros(gid.max() + 1, dtype=np.int64)
+    np.maximum.at(most, key // (N + window), count)
+    first = np.full(len(most), -1)
+    first[gid[::-1]] = np.arange(N)[::-1]  # a position of each n-gram, to spell it out
+    return {tuple(grams[first[g]].tolist()): int(most[g] - 1) for g in np.flatnonzero(most > 1)}
 
 
-def learnability(success_rate):
-    """AZR's proposer reward: 1 - p for tasks solved sometimes (0 < p < 1), else 0."""
-    return 1.0 - success_rate if 0.0 < success_rate < 1.0 else 0.0
+def mark_repeats(tokens, n, allow):
+    """For each token: True when it completes an n-gram seen earlier in `tokens` more often than
+    allow[ngram] times (the book's own repeats of it within a rollout's length; default 0)."""
+    seen, marks = Counter(), [False] * len(tokens)
+    for i in range(n - 1, len(tokens)):
+        g = tuple(tokens[i - n + 1:i + 1])
+        marks[i] = seen[g] > allow.get(g, 0)
+        seen[g] += 1
+    return marks
 
 
-# ----------------------------------------------------------------------------- the solver
+def banned_next(tokens, n, allow):
+    """Tokens x such that tokens[-(n-1):] + [x] would repeat an n-gram of `tokens` beyond allow."""
+    if len(tokens) < n - 1:
+        return []
+    head = tuple(tokens[len(tokens) - n + 1:])
+    seen = Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1) if tuple(tokens[i:i + n - 1]) == head)
+    return [g[-1] for g, k in seen.items() if k > allow.get(g, 0)]
 
 
-def sample_groups(model, prompts, G, n_new, temperature, gen, precision="fp32"):
-    """G continuations of n_new tokens for each prompt (N, P) -> (N*G, n_new), in one batch
-    through the KV cache (generate.rollouts)."""
-    with autocast(prompts.device, precision):
-        out = rollouts(model, prompts.repeat_interleave(G, 0), n_new, temperature, gen)
-    model.train()
-    return out
+def pair_loss(logits, repeat, replacement, marks):
+    """Sum over marked positions of softplus(z_repeat - z_replacement): the logistic loss of
+    preferring the replacement, i.e. -log(1 - p(repeat)) with p the softmax over the two.
+    logits (B, n, V); repeat, replacement, marks (B, n)."""
+    z = logits.float()
+    z_rep = z.gather(-1, repeat.clamp(min=0)[..., None]).squeeze(-1)  # (B, n); -1 (no block) -> any id, masked
+    z_alt = z.gather(-1, replacement[..., None]).squeeze(-1)
+    return (F.softplus(z_rep - z_alt) * marks).sum()
 
 
-def token_logprobs(logits, tokens):
-    """log p(token) under logits (B, n, V) for tokens (B, n) -> (B, n)."""
-    return F.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+def unlikelihood_loss(logits, tokens, marks):
+    """Sum over marked tokens of -log(1 - p(token)) (Welleck et al. 2020, eq. 4 with the candidates
+    of §5.2). logits (B, n, V), tokens and marks (B, n). The gradient on the token's logit is p, so
+    the surest repeats are pushed hardest; 1 - p is clamped so a certain one stays finite."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, n)
+    one_minus_p = (-torch.expm1(logp)).clamp(min=1e-5)  # 1 - p without cancellation near p = 1
+    return -(torch.log(one_minus_p) * marks).sum()
 
 
-def group_advantages(rewards, G, scale_by_std=True, eps=1e-6):
-    """GRPO: (N*G,) rewards -> advantages relative to each group of G (mean 0, std 1 if scaled).
-    A group whose samples all score the same gets 0: it says nothing about which is better."""
-    r = rewards.view(-1, G)  # (N, G)
-    adv = r - r.mean(1, keepdim=True)
-    if scale_by_std:
-        adv = adv / (r.std(1, keepdim=True, correction=0) + eps)
-    return adv.view(-1)
-
-
-def k3_kl(logp, ref_logp):
-    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi: r - log r - 1 with
-    r = pi_ref / pi. Its mean is the true KL; each term is >= 0 and exactly 0 when pi == pi_ref."""
-    log_r = ref_logp - logp
-    return torch.exp(log_r) - log_r - 1
-
-
-# ----------------------------------------------------------------------------- rewards
-
-
-def prefix_match(sample, ref):
-    """Share of the reference the sample gets right before its first mistake, in [0, 1]."""
-    n = 0
-    for a, b in zip(sample, ref):
-        if a != b:
-            break
-        n += 1
-    return n / len(ref)
-
-
-def token_f1(sample, ref):
-    """F1 of the two bags of tokens (order ignored): partial credit for the right words."""
-    overlap = sum((Counter(sample) & Counter(ref)).values())
-    if overlap == 0:
-        return 0.0
-    precision, recall = overlap / len(sample), overlap / len(ref)
-    return 2 * precision * recall / (precision + recall)
+# ----------------------------------------------------------------------------- repetition metrics
 
 
 def ngrams(tokens, n):
@@ -363,16 +223,74 @@ def distinct_n(tokens, n):
 
 
 def seq_rep_n(tokens, n=4):
-    """Share of n-grams that repeat an earlier one (Welleck et al. 2019): 1 - distinct-n."""
+    """Share of n-grams that repeat an earlier one (Welleck et al. 2020): 1 - distinct-n."""
     return 1.0 - distinct_n(tokens, n)
 
 
-def repetition_score(tokens, book_rep):
-    """1 while the sample repeats 4-grams no more than the book does, falling towards 0 in a loop."""
-    excess = max(0.0, seq_rep_n(tokens, 4) - book_rep)
-    return 1.0 - excess / max(1.0 - book_rep, 1e-8)
+def has_loop(tokens, n=8):
+    """A loop: some n-gram starting in the second half of `tokens` already occurred earlier."""
+    seen, half = set(), len(tokens) // 2
+    for i, g in enumerate(ngrams(tokens, n)):
+        if i >= half and g in seen:
+            return True
+        seen.add(g)
+    return False
 
 
-def distinct_score(tokens, book_distinct):
-    """distinct-2 relative to the book's, capped at 1: no bonus for more variety than real text."""
-    return min(1.0, distinct_n(tokens, 2) / max(book_distinct, 1e-8))
+# ----------------------------------------------------------------------------- the proposer
+
+
+class Proposer:
+    """Replay buffer of contexts whose rollouts failed: {start: [visits, fails]} (AZR §3)."""
+
+    def __init__(self, size, explore, max_visits):
+        self.size, self.explore, self.max_visits = size, explore, max_visits
+        self.buffer = {}
+
+    def propose(self, n, high, gen):
+        """n start offsets in [0, high) and, for each, whether it came from the buffer."""
+        starts, picked = [], []
+        for _ in range(n):
+            fresh = not self.buffer or torch.rand(1, generator=gen).item() < self.explore
+            if fresh:
+                starts.append(torch.randint(high, (1,), generator=gen).item())
+            else:
+                keys = list(self.buffer)
+                w = torch.tensor([learnability(*self.buffer[k]) for k in keys], dtype=torch.float64)
+                starts.append(keys[torch.multinomial(w, 1, generator=gen).item()])
+            picked.append(not fresh)
+        return starts, picked
+
+    def update(self, starts, failed):
+        for s, fail in zip(starts, failed):
+            visits, fails = self.buffer.pop(s, [0, 0])
+            visits, fails = visits + 1, fails + int(fail)
+            if fails and visits < self.max_visits:  # never failed: nothing to unlearn there
+                self.buffer[s] = [visits, fails]
+        while len(self.buffer) > self.size:  # evict the least learnable
+            del self.buffer[min(self.buffer, key=lambda k: learnability(*self.buffer[k]))]
+
+    def stats(self, picked, failed):
+        """Failure rate of buffer picks and of fresh contexts: the buffer should find failures more often."""
+        out = {"buffer_size": len(self.buffer), "from_buffer": np.mean(picked),
+               "learnability": np.mean([learnability(*v) for v in self.buffer.values()] or [0.0])}
+        for name, want in (("buffer", True), ("fresh", False)):
+            mine = [f for p, f in zip(picked, failed) if p == want]
+            if mine:
+                out[f"fail_rate_{name}"] = np.mean(mine)
+        return out
+
+    def state(self):
+        keys = list(self.buffer)
+        return {"buffer.start": torch.tensor(keys, dtype=torch.int64),
+                "buffer.counts": torch.tensor([self.buffer[k] for k in keys], dtype=torch.int64).view(-1, 2)}
+
+    def load_state(self, tensors):
+        self.buffer = {s: c for s, c in zip(tensors["buffer.start"].tolist(), tensors["buffer.counts"].tolist())}
+
+
+def learnability(visits, fails):
+    """p (1 - p) of the smoothed failure rate p = (fails + 1) / (visits + 2): near 0 for contexts
+    that never or always fail, 1/4 for those that fail half the time."""
+    p = (fails + 1) / (visits + 2)
+    return p * (1 - p)

@@ -52,7 +52,7 @@ from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, NotFound
 from generate import SamplingConfig, generate, stream
 from hardware import pick_device
-from inside import attention_map, top_alternatives
+from inside import attention_map, selfplay_rollout, top_alternatives
 from jobs import RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
@@ -269,6 +269,15 @@ def model_metrics(name: str, azr: Azr, since: int = Query(0, ge=0), run: str | N
         rows = azr.store.metrics(name, 0, adapter)
     return {"rows": [r for r in rows if run is None or r.get("run") == run],
             "next": (0 if reset else since) + len(rows), "reset": reset}
+
+
+@models.get("/models/{name}/selfplay_example", summary="The latest self-play rollout: the tokens it wrote and the repeats it pushed down")
+def selfplay_example(name: str, azr: Azr, adapter: str | None = None):
+    rows = [r for r in azr.store.metrics(name, 0, adapter) if "example" in r.get("selfplay", {})]
+    tok = azr.store.tokenizer(name)
+    if not rows or tok is None:
+        raise NotFound(f"model {name!r} has no self-play steps yet: train it with self-play on")
+    return {"step": rows[-1]["step"], "run": rows[-1]["run"], **selfplay_rollout(rows[-1]["selfplay"]["example"], tok)}
 
 
 @models.delete("/models/{name}", summary="Delete a model, its versions and checkpoints")

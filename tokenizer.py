@@ -308,11 +308,13 @@ class Tokenizer:
         return self.token_bytes_of(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, i):
-        """The raw bytes of one token: may be part of a multi-byte UTF-8 character."""
-        return self._bytes[i]
+        """The raw bytes of one token: may be part of a multi-byte UTF-8 character. An id past the
+        vocabulary spells nothing: a small book can give fewer merges than the model's vocab_size,
+        and a barely trained model may still sample one of those never-used rows."""
+        return self._bytes[i] if 0 <= i < len(self._bytes) else b""
 
     def token_bytes_of(self, ids):
-        return b"".join(self._bytes[i] for i in ids)
+        return b"".join(map(self.token_bytes, ids))
 
     def byte_lengths(self):
         """(V,) int array: bytes of text each token stands for (bits-per-byte needs it)."""

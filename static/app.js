@@ -278,7 +278,8 @@ $("#upload-form").addEventListener("submit", async ev => {
 const charts = [
   new LineChart($("#chart-loss"), {title: "Loss (nats per token)", series: [{label: "train", color: "#2a6fdb"}, {label: "val", color: "#e0742b"}]}),
   new LineChart($("#chart-bpb"), {title: "Validation bits per byte", series: [{label: "val bits/byte", color: "#7b3fb5"}]}),
-  new LineChart($("#chart-reward"), {title: "Self-play reward", series: [{label: "continue", color: "#1f9d55"}, {label: "free-run", color: "#b5651d"}]}),
+  new LineChart($("#chart-selfplay"), {title: "Self-play: greedy wants to repeat itself", series: [
+    {label: "share of tokens", color: "#1f9d55"}, {label: "share of rollouts", color: "#b5651d"}]}),
 ];
 const trainForm = $("#train-form");
 const watch = {jobId: null, logSeq: 0, metricsNext: 0, runId: null, metricsState: null, state: "idle"};
@@ -336,9 +337,27 @@ async function pollMetrics(job) {
     charts[0].push(0, r.step, r.loss);
     charts[0].push(1, r.step, r.val_loss);
     charts[1].push(0, r.step, r.val_bpb);
-    if (r.selfplay) charts[2].push(r.selfplay.freerun ? 1 : 0, r.step, r.selfplay.reward);  // two tasks, two reward scales
+    if (r.selfplay) {
+      charts[2].push(0, r.step, r.selfplay.repeat_rate);
+      charts[2].push(1, r.step, r.selfplay.looping);
+    }
   }
   if (m.rows.length || m.reset) charts.forEach(c => c.draw());
+  if (m.rows.some(r => r.selfplay)) showSelfplayExample(job);
+}
+
+// the latest self-play rollout, with the repeats it pushed down struck out next to what it wrote instead
+async function showSelfplayExample(job) {
+  const q = job.adapter ? "?adapter=" + encodeURIComponent(job.adapter) : "";
+  try {
+    const x = await api("GET", `/models/${encodeURIComponent(job.model)}/selfplay_example${q}`);
+    $("#selfplay-step").textContent = `— step ${x.step}`;
+    $("#selfplay-text").replaceChildren(el("span", {className: "prompt"}, x.prompt), ...x.tokens.map(t =>
+      t.pushed_down == null ? el("span", {className: "tok"}, t.text)
+        : el("span", {className: "tok blocked", title: `greedy wanted ${JSON.stringify(t.pushed_down)} here: a repeat`},
+             el("del", {}, t.pushed_down), t.text)));
+    $("#selfplay-view").hidden = false;
+  } catch (err) { /* no self-play step yet */ }
 }
 
 function renderStatus(job) {
@@ -358,7 +377,7 @@ function renderStatus(job) {
   $("#n-loss").textContent = fmt.num(job.loss);
   $("#n-val_loss").textContent = fmt.num(job.val_loss);
   $("#n-val_bpb").textContent = fmt.num(job.val_bpb);
-  $("#n-reward").textContent = fmt.num(job.reward, 3);
+  $("#n-repeat_rate").textContent = fmt.num(job.repeat_rate, 3);
   const errBox = $("#job-error");
   errBox.hidden = !job.error;
   errBox.textContent = job.error || "";
@@ -376,7 +395,8 @@ function logLine(e) {
       `${fmt.int(e.tokens.train)} train and ${fmt.int(e.tokens.val)} validation tokens`;
     case "step": return `${t} step ${e.step}/${e.total} loss ${fmt.num(e.loss)}` +
       (e.val_loss != null ? ` · val loss ${fmt.num(e.val_loss)} · bits/byte ${fmt.num(e.val_bpb)}` : "") +
-      (e.selfplay ? ` · self-play reward ${fmt.num(e.selfplay.reward, 3)}` : "") + ` · ${fmt.int(Math.round(e.tokens_per_s))} tok/s`;
+      (e.selfplay ? ` · self-play: greedy wanted ${fmt.num(100 * e.selfplay.repeat_rate, 1)}% repeats` : "") +
+      ` · ${fmt.int(Math.round(e.tokens_per_s))} tok/s`;
     case "stop_requested": return `${t} stop requested: finishing the current step`;
     case "stopped": return `${t} stopped at step ${e.step}/${e.total}; checkpoint saved, Resume continues from here`;
     case "done": return `${t} done: ${e.step} steps, best val bits/byte ${fmt.num(e.best && e.best[0])}` +

@@ -1,159 +1,188 @@
-"""Self-play: each reward on hand-made examples, GRPO advantages, the k3 KL estimator, the
-proposer's learnability, the batched KV-cache sampler, one self-play step, and exact resume."""
+"""Self-play: the repetition marker and its book allowance, the losses, the loop detector, the
+proposer, blocked rollouts, one step through the narrow interface, exact resume, the trainer."""
 
-import math
+import copy
+from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 
-import runs
-from azr_trainer import new_run
 from conftest import quick_train_config, tiny_config
+from generate import rollouts
 from model import GPT
 from runs import resume, train
-from selfplay import (Proposer, SelfPlay, distinct_n, distinct_score, group_advantages, k3_kl, learnability,
-                      prefix_match, repetition_score, sample_groups, seq_rep_n, token_f1)
+from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, has_loop, learnability,
+                      mark_repeats, pair_loss, unlikelihood_loss)
 
-# ----------------------------------------------------------------------------- rewards
-
-
-def test_prefix_match_counts_tokens_before_the_first_mistake():
-    ref = [1, 2, 3, 4]
-    assert prefix_match([1, 2, 3, 4], ref) == 1.0
-    assert prefix_match([1, 2, 9, 4], ref) == 0.5  # the right 4th token after a mistake does not count
-    assert prefix_match([9, 2, 3, 4], ref) == 0.0
+# ----------------------------------------------------------------------------- marking
 
 
-def test_token_f1_ignores_order_and_counts_duplicates_once_each():
-    assert token_f1([4, 3, 2, 1], [1, 2, 3, 4]) == 1.0
-    assert token_f1([5, 6], [1, 2]) == 0.0
-    # sample [1, 1, 5, 6] vs ref [1, 2, 3, 4]: one shared token; precision 1/4, recall 1/4
-    assert token_f1([1, 1, 5, 6], [1, 2, 3, 4]) == pytest.approx(0.25)
-    # sample [1, 2] vs ref [1, 2, 3, 4]: precision 1, recall 1/2 -> F1 2/3
-    assert token_f1([1, 2], [1, 2, 3, 4]) == pytest.approx(2 / 3)
+def test_mark_repeats_marks_the_tokens_that_complete_a_repeated_ngram():
+    loop = [1, 2, 3, 4, 1, 2, 3, 4, 1]
+    # the 4-gram (1 2 3 4) first completes at index 3; it repeats at index 7; (2 3 4 1) at 8
+    assert mark_repeats(loop, 4, {}) == [False] * 7 + [True, True]
+    assert not any(mark_repeats(list(range(20)), 4, {}))
 
 
-def test_distinct_and_seq_rep_on_a_loop_and_on_fresh_text():
-    loop = [7, 8] * 6  # "a b a b ...": 11 bigrams, 2 distinct
-    assert distinct_n(loop, 2) == pytest.approx(2 / 11)
-    assert seq_rep_n(loop, 4) == pytest.approx(1 - 2 / 9)  # 9 four-grams, 2 distinct
-    fresh = list(range(12))
-    assert distinct_n(fresh, 2) == 1.0
-    assert seq_rep_n(fresh, 4) == 0.0
+def test_the_book_allowance_lets_a_refrain_repeat_as_often_as_in_the_book():
+    refrain = (7, 8, 9, 10)
+    text = [*refrain, 1, *refrain, 2, *refrain]  # the refrain completes at 3, 8 and 13
+    assert [i for i, m in enumerate(mark_repeats(text, 4, {})) if m] == [8, 13]
+    assert [i for i, m in enumerate(mark_repeats(text, 4, {refrain: 1})) if m] == [13]  # book repeats it once
+    assert not any(mark_repeats(text, 4, {refrain: 2}))
 
 
-def test_repetition_score_is_relative_to_the_books_own_rate():
-    fresh, loop = list(range(20)), [3] * 20
-    assert repetition_score(fresh, book_rep=0.1) == 1.0
-    assert repetition_score(loop, book_rep=0.1) == pytest.approx(1 - (16 / 17 - 0.1) / 0.9)  # 17 four-grams, 1 distinct
-    # a sample as repetitive as the book is not penalised; twice as repetitive is
-    sample = [1, 2, 3, 4, 1, 2, 3, 4, 9, 10, 11]  # 8 four-grams, 1 repeat -> seq-rep-4 0.125
-    assert repetition_score(sample, book_rep=0.125) == 1.0
-    assert repetition_score(sample, book_rep=0.0) == pytest.approx(0.875)
+def test_book_allowance_matches_counting_every_window():
+    data = np.random.default_rng(0).integers(0, 4, 2000)
+    n, window = 3, 16
+    best = {}
+    for s in range(len(data) - window + 1):
+        for g, k in Counter(tuple(int(t) for t in data[i:i + n]) for i in range(s, s + window - n + 1)).items():
+            best[g] = max(best.get(g, 0), k - 1)
+    assert book_allowance(data, n, window) == {g: k for g, k in best.items() if k > 0}
 
 
-def test_distinct_score_gives_no_bonus_beyond_the_book():
-    assert distinct_score(list(range(10)), book_distinct=0.9) == 1.0  # more varied than the book: capped
-    assert distinct_score([1, 1, 1, 2, 2, 2], book_distinct=0.8) == pytest.approx(0.6 / 0.8)  # 3/5 distinct
+def test_has_loop_looks_for_an_old_8gram_in_the_second_half():
+    assert has_loop(list(range(10)) * 2)
+    assert not has_loop(list(range(20)))
+    assert not has_loop(list(range(8)) * 2 + list(range(100, 120)))  # the repeat is in the first half
 
 
-# ----------------------------------------------------------------------------- GRPO pieces
+# ----------------------------------------------------------------------------- the loss
 
 
-def test_group_advantages_are_centred_and_scaled_within_each_group():
-    rewards = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 10.0, 10.0, 10.0])
-    adv = group_advantages(rewards, G=4).view(2, 4)
-    assert adv[0].mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert adv[0].std(correction=0).item() == pytest.approx(1.0, abs=1e-4)
-    assert torch.equal(adv[1], torch.zeros(4))  # all equal: no signal, and no NaN
-    raw = group_advantages(rewards, G=4, scale_by_std=False).view(2, 4)
-    assert torch.allclose(raw[0], torch.tensor([-1.5, -0.5, 0.5, 1.5]))
+def test_unlikelihood_loss_is_minus_log_one_minus_p_on_marked_tokens_only():
+    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.9, 0.05, 0.05]]]))  # (1, 2, 3)
+    tokens, marks = torch.tensor([[0, 0]]), torch.tensor([[True, False]])
+    assert unlikelihood_loss(logits, tokens, marks).item() == pytest.approx(-np.log(0.5))
+    logits.requires_grad_(True)
+    unlikelihood_loss(logits, tokens, torch.tensor([[True, True]])).backward()
+    assert logits.grad[0, :, 0].gt(0).all()  # gradient descent lowers the marked token's logit
+    assert logits.grad[0, 1].abs().sum() > logits.grad[0, 0].abs().sum()  # p = 0.9 is pushed harder
 
 
-def test_k3_kl_is_zero_for_identical_policies_and_estimates_the_true_kl():
-    logp = torch.log_softmax(torch.randn(5, 7), -1)
-    assert torch.equal(k3_kl(logp, logp), torch.zeros(5, 7))
-    # sample from p, average k3: close to the exact KL(p || q)
-    g = torch.Generator().manual_seed(0)
-    p = torch.softmax(torch.randn(6, generator=g), 0)
-    q = torch.softmax(torch.randn(6, generator=g), 0)
-    x = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    estimate = k3_kl(p.log()[x], q.log()[x]).mean().item()
-    exact = (p * (p / q).log()).sum().item()
-    assert estimate == pytest.approx(exact, rel=0.05)
-    assert (k3_kl(p.log()[x], q.log()[x]) >= 0).all()
+# ----------------------------------------------------------------------------- the proposer
 
 
-def test_learnability_rewards_tasks_solved_sometimes():
-    assert learnability(0.0) == 0.0
-    assert learnability(1.0) == 0.0
-    assert learnability(0.25) == 0.75
+def test_pair_loss_is_unlikelihood_inside_the_pair_and_moves_only_those_two_logits():
+    logits = torch.zeros(1, 1, 5, requires_grad=True)  # p~(repeat) = 1/2 inside the pair
+    loss = pair_loss(logits, torch.tensor([[3]]), torch.tensor([[1]]), torch.tensor([[True]]))
+    assert loss.item() == pytest.approx(np.log(2))
+    loss.backward()
+    g = logits.grad[0, 0]
+    assert g[3] > 0 and g[1] < 0 and g[[0, 2, 4]].abs().sum() == 0  # no mass goes to other tokens
+    assert pair_loss(logits, torch.tensor([[-1]]), torch.tensor([[1]]), torch.tensor([[False]])).item() == 0
 
 
-def test_proposer_keeps_learnable_contexts_and_drops_solved_ones():
-    prop = Proposer(size=2, explore=0.0, max_uses=10)
-    prop.update([10, 20, 30], [0.5, 1.0, 0.0])
-    assert list(prop.buffer) == [10]  # always and never solved teach nothing
-    prop.update([40, 50], [0.25, 0.875])  # over capacity: the least learnable (50) goes
+def test_proposer_keeps_contexts_that_looped_and_prefers_sometimes_to_always():
+    prop = Proposer(size=2, explore=0.0, max_visits=10)
+    prop.update([10, 20], [True, False])
+    assert list(prop.buffer) == [10]  # never looped: nothing to unlearn
+    prop.update([10, 30, 30, 30], [False, True, True, True])
+    assert learnability(*prop.buffer[10]) > learnability(*prop.buffer[30])  # 1 of 2 vs 3 of 3
+    prop.update([40, 40], [True, False])  # over capacity: the always-looper (30) goes
     assert sorted(prop.buffer) == [10, 40]
-    g = torch.Generator().manual_seed(0)
-    assert set(prop.propose(20, high=1000, gen=g)) <= {10, 40}  # explore=0: only buffer picks
-    prop.update([10] * 9, [0.5] * 9)
-    assert 10 not in prop.buffer  # used max_uses times: retired
+    starts, picked = prop.propose(20, high=1000, gen=torch.Generator().manual_seed(0))
+    assert set(starts) <= {10, 40} and all(picked)
 
 
-# ----------------------------------------------------------------------------- the solver
+# ----------------------------------------------------------------------------- rollouts and steps
 
 
-def test_batched_cached_sampler_matches_uncached_sampling():
+class Harness:
+    """A model, an optimizer and a data stream, as the trainer hands them to SelfPlay."""
+
+    def __init__(self, seed=0, **cfg):
+        torch.manual_seed(seed)
+        self.model = GPT(tiny_config())
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-2)
+        self.data = np.random.default_rng(0).integers(0, 512, 2000).astype(np.uint16)  # a "book"
+        cfg = SelfPlayConfig(rollouts=4, prompt_tokens=8, new_tokens=16, **cfg)
+        self.sp = SelfPlay(self.model, self.step, self.data, "fp32", seed, cfg)
+
+    def step(self, loss):
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return norm.item()
+
+
+def test_a_step_logs_its_numbers_and_changes_the_weights():
+    h = Harness()
+    before = copy.deepcopy(h.model.state_dict())
+    m = h.sp.step()
+    for key in ("sp_loss", "repeat_rate", "looping", "buffer_size", "from_buffer", "learnability", "grad_norm"):
+        assert np.isfinite(m[key]), key
+    assert m["repeat_rate"] > 0 and m["sp_loss"] > 0  # an untrained model wants to repeat itself
+    ex = m["example"]  # ... but the blocked rollout does not, and says what it pushed down
+    assert not any(mark_repeats(ex["tokens"], 4, {})) and any(w >= 0 for w in ex["pushed_down"])
+    assert any(not torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(loss="ul")])
+def test_resume_from_state_continues_bit_for_bit(cfg):
+    a = Harness(**cfg)
+    for _ in range(3):
+        a.sp.step()
+    saved = (copy.deepcopy(a.model.state_dict()), copy.deepcopy(a.opt.state_dict()), a.sp.state())
+    rest = [a.sp.step() for _ in range(3)]
+    b = Harness(seed=1, **cfg)  # other weights and RNGs: everything must come from the saved state
+    b.model.load_state_dict(saved[0])
+    b.opt.load_state_dict(saved[1])
+    b.sp.load_state(*saved[2])
+    assert [b.sp.step() for _ in range(3)] == rest
+    assert all(torch.equal(v, a.model.state_dict()[k]) for k, v in b.model.state_dict().items())
+
+
+def test_banned_next_blocks_the_token_that_would_repeat_an_ngram():
+    assert banned_next([1, 2, 3, 9, 1, 2], 3, {}) == [3]  # (1 2 3) is there: 3 may not follow (1 2) again
+    assert banned_next([1, 2, 3, 9, 1, 2], 3, {(1, 2, 3): 1}) == []  # the book repeats it once
+    assert banned_next([1, 2], 3, {}) == []
+
+
+def test_blocked_rollout_never_repeats_an_ngram_and_records_what_greedy_wanted():
     torch.manual_seed(0)
     model = GPT(tiny_config()).eval()
-    prompts = torch.randint(512, (2, 5))
-    G, n = 3, 6
-    got = sample_groups(model, prompts, G, n, 1.0, torch.Generator().manual_seed(1))
-    gen, seqs = torch.Generator().manual_seed(1), prompts.repeat_interleave(G, 0)
-    with torch.no_grad():
-        for _ in range(n):  # the slow way: rerun the whole sequence for every token
-            probs = torch.softmax(model(seqs)[0][:, -1], -1)
-            seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=gen)], 1)
-    assert got.shape == (G * 2, n)
-    assert torch.equal(got, seqs[:, 5:])
+    prompts = torch.randint(512, (3, 5))
+    free = rollouts(model, prompts, 20)
+    outs, blocked = rollouts(model, prompts, 20, ban=lambda rows: [banned_next(r, 4, {}) for r in rows])
+    assert (blocked >= 0).any()
+    for row in outs.tolist():
+        assert not any(mark_repeats(row, 4, {}))
+    first = (blocked >= 0).float().argmax(1)  # up to the first block, blocked greedy is plain greedy
+    for r in range(3):
+        if (blocked[r] >= 0).any():
+            f = int(first[r])
+            assert torch.equal(outs[r, :f], free[r, :f]) and blocked[r, f] == free[r, f]
+
+
+def test_a_selfplay_step_lowers_the_probability_of_a_looping_continuation():
+    """Train the model into a loop, then self-play: the repeat it wanted becomes less likely there."""
+    h = Harness()
+    loop = torch.tensor([[5, 6, 7, 8] * 8])  # (1, 32)
+    for _ in range(30):  # supervised steps on the loop: the model learns to continue it
+        h.step(h.model(loop[:, :-1], loop[:, 1:])[1])
+    h.sp.data = np.tile(np.array([5, 6, 7, 8], dtype=np.uint16), 100)  # contexts from the looping "book"
+    h.sp.allow = {}  # ... but allow no repeats
+    ctx = loop[:, :12]
+
+    def p_repeat():
+        with torch.no_grad():
+            return h.model(ctx)[0][0, -1].softmax(-1)[5].item()  # the loop's next token
+    before = p_repeat()
+    for _ in range(5):
+        h.sp.step()
+    assert p_repeat() < before / 2
 
 
 # ----------------------------------------------------------------------------- in the trainer
 
 
-def make_trainer(store, book, **changes):
-    store.create_model("sp", tiny_config())
-    return runs.make_trainer(store, "sp", new_run([book], quick_train_config(selfplay_every=2, **changes)))
-
-
-def test_one_selfplay_step_changes_the_weights_and_logs_every_component(store, book):
-    tr = make_trainer(store, book)
-    before = {k: v.clone() for k, v in tr.model.state_dict().items()}
-    m = tr.selfplay.step()
-    changed = [k for k, v in tr.model.state_dict().items() if not torch.equal(v, before[k])]
-    assert len(changed) == len(before)
-    for key in ("reward", "prefix_match", "token_f1", "rep_score", "distinct_score", "kl", "pg_loss",
-                "sup_loss", "learnability", "solve_rate", "entropy"):
-        assert isinstance(m[key], float) and math.isfinite(m[key]), key
-    assert m["kl"] == 0.0  # the reference is a copy of the policy: k3 is exactly 0
-    assert 0.0 <= m["reward"] <= 1.0
-    # the reference stays frozen while the policy moves
-    assert not torch.equal(tr.selfplay.ref.transformer.wte.weight, tr.model.transformer.wte.weight)
-
-
-def test_freerun_step_has_no_reference_terms(store, book):
-    tr = make_trainer(store, book)
-    tr.selfplay.cfg.freerun_every = 1  # every step is a free-run step
-    m = tr.selfplay.step()
-    assert m["freerun"] == 1.0 and "prefix_match" not in m
-    assert tr.selfplay.free_P + tr.selfplay.free_new == tr.model.config.max_seq_len
-
-
-def test_exact_resume_with_selfplay_on(store, book, book_text):
+def test_exact_resume_with_selfplay_on(store, book):
     """Stop at step 5 (self-play ran at 2 and 4) and resume: every later number is identical."""
-    tc = quick_train_config(steps=8, selfplay_every=2, checkpoint_every=4, eval_every=4)
+    tc = quick_train_config(steps=8, selfplay_every=2, selfplay_start=0.0, checkpoint_every=4, eval_every=4)
     store.create_model("whole", tiny_config())
     train(store, "whole", [book], tc)
     store.create_model("split", tiny_config())
@@ -169,4 +198,10 @@ def test_exact_resume_with_selfplay_on(store, book, book_text):
     whole, split = rows("whole"), rows("split")
     assert sorted(split) == list(range(1, 9))
     assert split == whole
-    assert whole[8][2]["reward"] >= 0.0 and whole[7][2] is None
+    assert whole[8][2]["repeat_rate"] >= 0.0 and whole[7][2] is None
+
+
+def test_selfplay_waits_for_its_start(store, book):
+    store.create_model("m", tiny_config())
+    train(store, "m", [book], quick_train_config(steps=10, selfplay_every=2, selfplay_start=0.5))
+    assert [r["step"] for r in store.metrics("m") if "selfplay" in r] == [6, 8, 10]

@@ -353,12 +353,17 @@ def test_killed_server_leaves_an_interrupted_job_that_resumes(tmp_path, book_tex
 
 def test_selfplay_every_is_passed_to_the_trainer(client, book):
     client.post("/create_model", json={"name": "t", **TINY})
-    r = client.post("/train", json={"model": "t", "book": book, "steps": 4, "selfplay_every": 2, **TRAIN})
+    r = client.post("/train", json={"model": "t", "book": book, "steps": 4, "selfplay_every": 2, "selfplay_start": 0.0,
+                                    **TRAIN})
     assert r.json()["config"]["selfplay_every"] == 2
     job = wait_for(client, timeout=120)
     rows = client.get("/models/t/metrics", params={"run": job.get("run_id")}).json()["rows"]
     assert job["state"] == "done", job["error"]
-    assert [r["step"] for r in rows if "selfplay" in r] == [2, 4] and job["reward"] is not None
+    assert [r["step"] for r in rows if "selfplay" in r] == [2, 4] and job["repeat_rate"] is not None
+    x = client.get("/models/t/selfplay_example").json()  # the teaching view: the latest rollout, as text
+    assert x["step"] == 4 and len(x["tokens"]) == 16  # the tiny model's context of 32: 16 prompt + 16 written
+    assert all(set(t) == {"text", "pushed_down"} for t in x["tokens"]) and x["prompt"]
+    assert "no model named" in error_of(client.get("/models/ghost/selfplay_example"), 404)
 
 
 def test_lora_finetune_generate_and_merge(trained):

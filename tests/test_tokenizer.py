@@ -130,3 +130,9 @@ def test_token_arrays_split_contiguous_chunks_and_are_cached(tok, tmp_path):
 def test_too_short_book_is_refused(tok, tmp_path):
     with pytest.raises(BookError, match="longer text"):
         prepare_tokens(tok, {"tiny": "Hi there."}, tmp_path)
+
+
+def test_ids_past_the_vocabulary_spell_nothing():
+    tok = Tokenizer.train(["a small book, " * 50], 5000)  # far fewer merges than 5000
+    assert tok.vocab_size < 5000
+    assert tok.token_bytes(4999) == b"" and tok.decode(tok.encode("a small") + [4999]) == "a small"
