@@ -15,12 +15,20 @@ Exact resume: a checkpoint holds everything the future depends on — the traine
 moments, step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
 resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
 
+Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
+and DistributedDataParallel averages the gradients, so one step trains on a global batch of
+batch_size x world_size x grad_accum windows; steps and the learning-rate schedule count
+optimizer steps, as in one process. The lines that differ are marked `# DDP:`. Rank 0 alone
+evaluates and writes (metrics, checkpoints, run.json, the result); a checkpoint holds the RNGs of
+every rank, so a resume on as many processes is exact too. Self-play runs in one process only.
+
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
 books live on disk is the store's business; runs.py connects the two.
 """
 
 import json
 import math
+import os
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -29,6 +37,7 @@ import numpy as np
 import torch
 
 import config
+import distributed
 import speed
 from config import SEED_MAX, setting
 from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
@@ -68,6 +77,8 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
+        if self.selfplay_every and distributed.world_size() > 1:  # DDP: rollouts, buffer and reference are one process's
+            raise ValueError("selfplay_every: self-play runs in one process only; set it to 0, or train without torchrun")
         return self
 
     @classmethod
@@ -92,23 +103,28 @@ class Trainer:
                              f"window needs {self.T + 1}; give a longer book or a smaller seq_len")
         self.optimizer = make_optimizer(model, tc)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        self.loss = speed.TrainLoss(model)  # replaced by its compiled form when compiling pays
+        # DDP: the wrapped loss module runs the model forward; its backward all-reduces the gradients
+        self.loss = distributed.wrap(speed.TrainLoss(model))  # compiled as well when compiling pays
         self.compiled = self.warmed = False
         self.step = 0
-        torch.manual_seed(tc.seed)  # dropout noise; restored from checkpoints on resume
+        torch.manual_seed(tc.seed + distributed.rank())  # DDP: dropout noise, each rank its own; saved in checkpoints
         self.batch_gen = torch.Generator().manual_seed(tc.seed)
         self.selfplay = None
         if tc.selfplay_every:
             from selfplay import SelfPlay  # only needed when the stage is on
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        if distributed.is_main():  # DDP: the others never write
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     # data ----------------------------------------------------------------------
     def get_batch(self, split="train"):
-        """B random windows -> x, y (B, T): y is x shifted left by one token."""
-        data = self.data[split]
-        ix = torch.randint(len(data) - self.T - 1, (self.tc.batch_size,), generator=self.batch_gen).numpy()
+        """B random windows -> x, y (B, T): y is x shifted left by one token. DDP: every rank draws
+        the starts of the whole global batch from the same generator and keeps its own B of them,
+        so the ranks see different windows, and together the ones one process would draw."""
+        data, B, r = self.data[split], self.tc.batch_size, distributed.rank()
+        starts = torch.randint(len(data) - self.T - 1, (B * distributed.world_size(),), generator=self.batch_gen)
+        ix = starts[r * B:(r + 1) * B].numpy()
         rows = data[ix[:, None] + np.arange(self.T + 1)].astype(np.int64)  # (B, T+1)
         xy = torch.from_numpy(rows).to(self.device, non_blocking=True)
         return xy[:, :-1], xy[:, 1:]
@@ -116,12 +132,14 @@ class Trainer:
     # the loop ------------------------------------------------------------------
     def run(self, on_event=None, should_stop=None, on_finish=None):
         """Train up to tc.steps. `on_finish(status)` saves the result (runs.py: into the store)
-        before run.json says the run is over, so a failure there fails the run. -> a summary."""
+        before run.json says the run is over, so a failure there fails the run. -> a summary.
+        `should_stop` (the web app's Stop) must answer alike on every rank; the CLI passes none."""
         emit = on_event or (lambda e: None)
+        main = distributed.is_main()  # DDP: rank 0 writes; the others only train
         tc = self.tc
-        self._write_run("running")
+        self._write_run("running", world_size=distributed.world_size())
         note = self.warm_up()
-        metrics = open(self.metrics_path, "a", encoding="utf-8")
+        metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
               "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
               "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled})
@@ -142,11 +160,12 @@ class Trainer:
                 emit({"type": "step", "total": tc.steps, **row})
                 if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
                     self.save_checkpoint()
-            if status == "done":
+            if main and status == "done":
                 self._restore_best()
-            if on_finish:
+            if main and on_finish:
                 on_finish(status)
             self._write_run(status)
+            distributed.barrier()  # DDP: the job ends when rank 0 has saved the result
         except Exception as e:  # a full disk in on_finish fails the run like any other error
             self._write_run("failed", error=str(e))
             emit({"type": "failed", "step": self.step, "error": str(e)})
@@ -162,12 +181,14 @@ class Trainer:
         t0 = time.time()
         row = self.train_step()
         self.step += 1
+        tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
         row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
-                   tokens_per_s=round(self.tc.batch_size * self.tc.grad_accum * self.T / (time.time() - t0), 1))
+                   tokens_per_s=round(tokens / (time.time() - t0), 1))
         tc = self.tc
         if self.selfplay and self.step >= tc.selfplay_start * tc.steps and self.step % tc.selfplay_every == 0:
             row["selfplay"] = self.selfplay.step()
-        if self.step % self.tc.eval_every == 0 or self.step == self.tc.steps:
+        due = self.step % self.tc.eval_every == 0 or self.step == self.tc.steps
+        if due and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
             row.update(self.evaluate())
             self._track_best(row["val_bpb"])
         return row
@@ -180,12 +201,14 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for _ in range(tc.grad_accum):
+        for i in range(tc.grad_accum):
             x, y = self.get_batch("train")
-            with autocast(self.device, self.precision):
-                loss = self.loss(x, y)
-            self.scaler.scale(loss / tc.grad_accum).backward()
+            with distributed.no_sync(self.loss, skip=i < tc.grad_accum - 1):  # DDP: all-reduce at the last one
+                with autocast(self.device, self.precision):
+                    loss = self.loss(x, y)
+                self.scaler.scale(loss / tc.grad_accum).backward()
             total += loss.item() / tc.grad_accum
+        total = distributed.mean(total)  # DDP: the loss of the global batch
         return {"loss": round(total, 5), "lr": lr, "grad_norm": round(self._apply_gradients(), 4)}
 
     def optimizer_step(self, loss):
@@ -226,22 +249,25 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, max_windows=None):
-        """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split."""
-        n = max_windows or self.tc.eval_batches * self.tc.batch_size
+        """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split: as many
+        as eval_batches global batches (DDP: rank 0 scores them all)."""
+        n = max_windows or self.tc.eval_batches * self.tc.batch_size * distributed.world_size()
         return evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision)
 
     # checkpoints ---------------------------------------------------------------
     def save_checkpoint(self):
-        """Trained weights + AdamW state + RNGs + step, in one safetensors file, written atomically."""
+        """Trained weights + AdamW state + RNGs + step, in one safetensors file, written atomically.
+        DDP: every rank calls it; rank 0 gathers their RNG states and writes the file."""
+        rngs = distributed.gather(self._rng_state())
+        if not distributed.is_main():
+            return
         tensors = {f"model.{k}": v for k, v in trained_weights(self.model).items()}
         opt = self.optimizer.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.batch"] = self.batch_gen.get_state()
-        if self.device.type == "cuda":
-            tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        for k in rngs[0]:  # one row per rank: rng.torch is (world_size, state bytes)
+            tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
         meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
                 "param_groups": opt["param_groups"], "run_best": self.run_best}
         if self.selfplay:
@@ -265,14 +291,21 @@ class Trainer:
                 continue
             if meta.get("run_id") != self.run_info["run_id"]:
                 continue  # another run's file: resuming from it would mix two runs
-            self._restore(tensors, meta)
-            return {"step": self.step, "path": path.name, "skipped": errors}
+            note = self._restore(tensors, meta)
+            return {"step": self.step, "path": path.name, "skipped": errors, "note": note}
         if errors:
             raise CorruptFile("every checkpoint is damaged: " + "; ".join(errors))
         self._truncate_metrics()  # cut off before the first checkpoint: redo the run from step 0
-        return {"step": 0, "path": None, "skipped": []}
+        return {"step": 0, "path": None, "skipped": [], "note": None}
+
+    def _rng_state(self):
+        state = {"torch": torch.get_rng_state(), "batch": self.batch_gen.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
     def _restore(self, tensors, meta):
+        """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
         load_trained_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         state = {}
         for k, v in tensors.items():
@@ -280,21 +313,37 @@ class Trainer:
                 _, i, key = k.split(".", 2)
                 state.setdefault(int(i), {})[key] = v.to(self.device) if key != "step" else v
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        torch.set_rng_state(tensors["rng.torch"])
-        self.batch_gen.set_state(tensors["rng.batch"])
-        if "rng.cuda" in tensors and self.device.type == "cuda":
-            torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.run_best = meta["step"], meta.get("run_best")
+        note = self._restore_rngs({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
         if self.selfplay and "selfplay" in meta:
             self.selfplay.load_state({k[9:]: v for k, v in tensors.items() if k.startswith("selfplay.")}, meta["selfplay"])
         self._truncate_metrics()
+        return note
+
+    def _restore_rngs(self, saved):
+        """Each rank takes back its own RNG states -> None; or, when the checkpoint was written
+        by another number of processes, rank 0's batch stream and fresh dropout noise -> a note."""
+        saved = {k: v.reshape(-1, v.shape[-1]) for k, v in saved.items()}  # (world_size, bytes); 1-D before DDP
+        n, world, r = len(saved["torch"]), distributed.world_size(), distributed.rank()
+        own = {k: v[r if n == world else 0].clone() for k, v in saved.items()}  # a row of its own: set_state wants one
+        self.batch_gen.set_state(own["batch"])
+        torch.set_rng_state(own["torch"])
+        if "cuda" in own and self.device.type == "cuda":
+            torch.cuda.set_rng_state(own["cuda"], self.device)
+        if n == world:
+            return None
+        if r > 0:
+            torch.manual_seed(self.tc.seed + r)  # rank 0's dropout stream goes on; the others start fresh
+        return (f"the checkpoint was written at world size {n}, this run has world size {world}: training goes on "
+                f"from step {self.step}, but not bit-exact (the global batch is now {self.tc.batch_size} x {world} x "
+                f"{self.tc.grad_accum} windows, and the windows differ from those the run at world size {n} would see)")
 
     def _truncate_metrics(self):
         """Drop this run's metric lines past the restored step: the resumed run rewrites them."""
         path = self.metrics_path
-        if not path.exists():
+        if not distributed.is_main() or not path.exists():
             return
         keep = []
         for line in path.read_text(encoding="utf-8").splitlines():
@@ -308,7 +357,8 @@ class Trainer:
 
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
-        write_json(self.ckpt_dir / "run.json", self.run_info)
+        if distributed.is_main():
+            write_json(self.ckpt_dir / "run.json", self.run_info)
 
     def _track_best(self, val_bpb):
         """Keep the weights of this run's best evaluation on disk. A small book is memorised after

@@ -22,6 +22,11 @@ What is measured (`python bench.py`, `--json` for machine-readable output):
 
 `python bench.py quality --minutes 5` trains the small preset on tinyshakespeare for a time
 budget and reports validation bits/byte: quality per minute, the number the defaults are tuned on.
+
+`python bench.py ddp` runs the same training — one global batch, the same steps — as one process
+(`python cli.py train`) and as N ranks (`torchrun --standalone --nproc_per_node N cli.py train`),
+in alternating rounds, and reports the global tokens/s of each, the speed-up over one process
+and the scaling efficiency (speed-up / N). On a GPU machine: `--device cuda --procs 1,8`.
 """
 
 import argparse
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,7 +73,7 @@ def main(argv=None):
         from benchmarks import selfplay_ab
         return selfplay_ab.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora", "selfplay"],
+    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora", "ddp", "selfplay"],
                    help="selfplay: the self-play A/B, see `python bench.py selfplay --help`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
@@ -82,7 +88,11 @@ def main(argv=None):
     p.add_argument("--minutes", type=float, default=5.0, help="quality: training time budget")
     p.add_argument("--book", default=str(SHAKESPEARE), help="quality: the book to train and validate on")
     p.add_argument("--sweep", action="store_true", help="quality: try each candidate in CANDIDATES")
-    p.add_argument("--steps", type=int, help="quality: train exactly this many steps instead of filling --minutes")
+    p.add_argument("--steps", type=int, help="quality: train exactly this many steps instead of filling --minutes; "
+                                            "ddp: steps per run (default 20)")
+    p.add_argument("--procs", default="1,2", help="ddp: numbers of processes to compare (the first is the baseline)")
+    p.add_argument("--global-batch", type=int, help="ddp: windows per optimizer step over all processes "
+                                                     "(default: twice the preset's batch of the speed mode)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="quality: a TrainConfig change, e.g. --set learning_rate=3e-3 (repeatable)")
     args = p.parse_args(argv)
@@ -92,6 +102,10 @@ def main(argv=None):
         return run_profile(args)
     if args.mode == "lora":
         return run_lora(args)
+    if args.mode == "ddp":
+        result = run_ddp(args)
+        print(json.dumps(result, indent=1) if args.json else format_ddp(result))
+        return result
     if args.mode == "quality":
         result = run_quality(args)
     else:
@@ -569,6 +583,60 @@ def _parse_set(kv):
     return key, kind(float(value)) if kind is int else kind(value)
 
 
+# ----------------------------------------------------------------------------- several processes
+
+
+def run_ddp(args):
+    """Global tokens/s of one training on 1 and N processes: the same global batch, split evenly
+    over the ranks, so every run computes the same steps (strong scaling). Each run is the CLI as
+    a user starts it, in a fresh process; tokens/s is the median over its steps after the first 3."""
+    procs = [int(n) for n in args.procs.split(",")]
+    presets = {"tiny": TINY} if args.quick else {k: PRESETS[k] for k in args.presets.split(",")}
+    steps, rounds = (6, 1) if args.quick else (args.steps or 20, 2)
+    book = EXAMPLE_BOOK if args.quick or not SHAKESPEARE.exists() else SHAKESPEARE
+    result = {"meta": machine_info(pick_device(args.device), args, book, None), "rows": []}
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(home)
+        store.add_book("book", book.read_bytes(), book.name)
+        for preset, cfg in presets.items():
+            B, T = (4, 32) if args.quick else SHAPES[preset]
+            global_batch = args.global_batch or 2 * B
+            speeds, tok = collections.defaultdict(list), None
+            for r in range(rounds):
+                for n in procs if r % 2 == 0 else procs[::-1]:  # alternating: slow drifts in load hit both
+                    name = f"{preset}-{n}-{r}"
+                    store.create_model(name, cfg, tokenizer=tok)
+                    run = ddp_run(store, name, n, global_batch, T, steps, args)
+                    tok = store.tokenizer(name)  # trained by the first run, reused by the others
+                    speeds[n].append(run["tok_s"])
+                    log({"preset": preset, "procs": n, **run})
+            base = statistics.median(speeds[procs[0]])
+            for n in procs:
+                tok_s = statistics.median(speeds[n])
+                result["rows"].append({"preset": preset, "procs": n, "batch_per_rank": global_batch // n,
+                                       "global_batch": global_batch, "seq_len": T, "precision": run["precision"],
+                                       "tok_s": tok_s, "speedup": tok_s / base, "efficiency": tok_s / base / (n / procs[0])})
+    result["meta"]["loadavg_end"] = load_average()
+    return result
+
+
+def ddp_run(store, name, n, global_batch, T, steps, args):
+    """One `cli.py train` on n processes (plain python for one) -> {tok_s, precision, wall_s}."""
+    if global_batch % n:
+        raise SystemExit(f"--global-batch {global_batch} does not split evenly over {n} processes")
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
+    flags = ["--steps", steps, "--batch-size", global_batch // n, "--seq-len", T, "--device", args.device,
+             "--compile", args.compile or "off", "--eval-every", 10**6, "--checkpoint-every", 10**6]
+    cmd = [sys.executable, *launch, "cli.py", "--home", store.home, "train", name, "--book", "book", *flags]
+    t0 = time.perf_counter()
+    out = subprocess.run([str(c) for c in cmd], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{out.stderr[-3000:]}")
+    rows = store.metrics(name)[3:]
+    return {"tok_s": statistics.median(r["tokens_per_s"] for r in rows), "wall_s": round(time.perf_counter() - t0, 1),
+            "precision": json.loads(out.stdout.splitlines()[-1])["precision"]}
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -620,6 +688,16 @@ def format_report(r):
         lines += ["", f"NF4 on {q['params']:,} Linear weights: {q['bits_per_param']:.3f} bits/param, quantize "
                       f"{q['quantize_mparams_s']:.1f} M params/s, dequantize {q['dequantize_mparams_s']:.1f} M params/s"]
     return "\n".join(lines)
+
+
+def format_ddp(r):
+    m = r["meta"]
+    lines = [f"{m['date']}  {m['cpu']}, {os.cpu_count()} cores, device {m['device']}, torch {m['torch']}, "
+             f"load {m['loadavg_start']} -> {m.get('loadavg_end')}", f"command: {m['command']}", ""]
+    return "\n".join(lines + _table(
+        ["preset", "processes", "batch per rank", "global batch x T", "precision", "tok/s", "speed-up", "efficiency"],
+        [[x["preset"], x["procs"], x["batch_per_rank"], f"{x['global_batch']} x {x['seq_len']}", x["precision"],
+          x["tok_s"], x["speedup"], _pct(x["efficiency"])] for x in r["rows"]]))
 
 
 def _pct(x):

@@ -8,20 +8,24 @@
     python cli.py generate tiny --adapter tiny-ru --prompt "Once upon"
     python cli.py merge tiny --adapter tiny-ru --out tiny-ru-merged
     python cli.py list
+    torchrun --standalone --nproc_per_node 2 cli.py train tiny --book books/example_book.txt --steps 1000
 
 Data lives under --home (default: $AZR_HOME, else this folder). The flags of create, train,
 finetune and generate are the fields of ModelConfig, TrainConfig, LoRAConfig and SamplingConfig,
-with their help, ranges and defaults taken from those dataclasses.
+with their help, ranges and defaults taken from those dataclasses. Under torchrun, train,
+finetune and resume run as one rank each (distributed.py); rank 0 alone prints.
 """
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import fields
 
 from tqdm import tqdm
 
 import config
+import distributed
 import runs
 from azr_trainer import TrainConfig
 from generate import SamplingConfig, stream
@@ -36,9 +40,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     store = Store(args.home)
     try:
-        return args.func(store, args) or 0
+        with distributed.started(allowed=args.func in (cmd_train, cmd_finetune, cmd_resume)):
+            return args.func(store, args) or 0
     except (ValueError, OSError) as e:  # StoreError, BookError and settings errors are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if distributed.launched() else ""
+        print(f"error{where}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -59,7 +65,7 @@ def cmd_train(store, args):
     tc = TrainConfig.from_dict(given(args, TrainConfig))
     with ProgressBar() as bar:
         summary = runs.train(store, args.name, args.book, tc, on_event=bar.update)
-    print(json.dumps(summary))
+    show(json.dumps(summary))
 
 
 def cmd_finetune(store, args):
@@ -68,8 +74,8 @@ def cmd_finetune(store, args):
     with ProgressBar() as bar:
         summary = runs.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update)
     p = summary["params"]
-    print(f"trained {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
-    print(json.dumps(summary))
+    show(f"trained {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
+    show(json.dumps(summary))
 
 
 def cmd_merge(store, args):
@@ -80,7 +86,13 @@ def cmd_merge(store, args):
 def cmd_resume(store, args):
     with ProgressBar() as bar:
         summary = runs.resume(store, args.name, on_event=bar.update, adapter=args.adapter)
-    print(json.dumps(summary))
+    show(json.dumps(summary))
+
+
+def show(line):
+    """Print a result; on several processes, once (rank 0)."""
+    if distributed.is_main():
+        print(line)
 
 
 def cmd_generate(store, args):
@@ -155,6 +167,8 @@ class ProgressBar:
         return self
 
     def update(self, e):
+        if not distributed.is_main():  # on several processes, rank 0's progress alone
+            return
         if e["type"] == "start":
             self.bar = tqdm(total=e["total"], initial=e["step"], unit="step")
             tqdm.write(f"device {e['device']}, precision {e['precision']}, compiled {e.get('compiled')}, tokens {e['tokens']}")

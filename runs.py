@@ -9,6 +9,9 @@ where models, books and adapters live. A run connects them in three explicit ste
    fine-tune) and run it; `run.json` and checkpoints go to `checkpoints/<name>/`.
 3. **Record.** At the end — also when stopped — the weights (or the adapter) go back into the
    store, and the lineage gets the run: books with their sha256, steps, best evaluation.
+
+On several processes (torchrun, distributed.py) every rank builds the same run; rank 0 alone
+deletes and writes, and prepares the data before the others read it (lines marked `# DDP:`).
 """
 
 import json
@@ -17,9 +20,10 @@ import time
 
 import torch
 
+import distributed
 from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, unigram_bpb
 from files import CorruptFile, Exists, NotFound, StoreError, shown
-from hardware import pick_device, pick_precision
+from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
@@ -28,9 +32,10 @@ from tokenizer import Tokenizer, prepare_tokens
 def train(store, name, books, tc, on_event=None, should_stop=None):
     """Start a new run of `tc.steps` steps on `books` (names, or paths from the CLI). -> a summary."""
     tc.validate()
-    run = new_run(books, tc, base_steps=store.lineage(name)["steps"])
-    for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
-        old.unlink()
+    if distributed.is_main():  # DDP: the others never write
+        for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
+            old.unlink()
+    run = distributed.broadcast(new_run(books, tc, base_steps=store.lineage(name)["steps"]))  # DDP: one run id
     return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
 
 
@@ -47,8 +52,10 @@ def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_sto
         raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
     if tc.selfplay_every:
         raise StoreError("self-play is not available for LoRA fine-tuning; set selfplay_every to 0")
-    shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
+    if distributed.is_main():  # DDP: the others never write
+        shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
     run = new_run(books, tc, adapter=adapter, lora=lc.to_dict(), base_sha256=store.weights_sha256(name))
+    run = distributed.broadcast(run)  # DDP: one run id
     return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
 
 
@@ -60,6 +67,8 @@ def resume(store, name, on_event=None, should_stop=None, adapter=None):
     if restored["skipped"] and on_event:  # say why steps are redone: the newest checkpoint was bad
         on_event({"type": "warning", "message": f"skipped damaged checkpoints ({'; '.join(restored['skipped'])}); "
                                                 f"resuming from {restored['path']} (step {restored['step']})"})
+    if restored["note"] and on_event:  # resumed on another number of processes
+        on_event({"type": "warning", "message": restored["note"]})
     return run_and_record(store, name, trainer, on_event, should_stop)
 
 
@@ -92,18 +101,20 @@ def run_dir(store, name, adapter=None):
 def make_trainer(store, name, run):
     """The Trainer for `run` on model `name`: its weights (+ a fresh LoRA adapter), its data."""
     tc = TrainConfig.from_dict(run["config"])
-    device = pick_device(tc.device)
+    device = distributed.device_for_rank(tc.device)
     model = store.load_model(name, device)
     adapter = run.get("adapter")
     if adapter:
         lc = LoRAConfig.from_dict(run["lora"])
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pick_precision(device, tc.precision), torch.float32)
         attach_lora(model, lc, dtype, torch.Generator().manual_seed(tc.seed))  # the same seed, the same initial A
-    tok, data, book_refs = prepare_data(store, name, run["books"], tc.val_fraction)
+    out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
+    with distributed.main_first():  # DDP: rank 0 writes the tokenizer and the token arrays, the others read them
+        tok, data, book_refs = prepare_data(store, name, run["books"], tc.val_fraction)
+        if distributed.is_main():
+            out_dir.mkdir(parents=True, exist_ok=True)
     run.setdefault("book_refs", book_refs)
     run["params"] = count_params(model)
-    out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
     byte_len = torch.from_numpy(tok.byte_lengths())
     return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run)
 
@@ -140,7 +151,7 @@ def record(store, name, trainer, status):
     when it finished — or, for a fine-tune, the adapter (also when stopped: it is usable)."""
     run = trainer.run_info
     entry = {"run_id": run["run_id"], "books": run["book_refs"], "steps": trainer.step, "status": status,
-             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best": trainer.run_best}
+             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best": trainer.run_best, "world_size": run["world_size"]}
     best = trainer.run_best[0] if trainer.run_best else None
     if run.get("adapter"):
         store.save_adapter(name, run["adapter"], trainer.model, LoRAConfig.from_dict(run["lora"]), run["base_sha256"],

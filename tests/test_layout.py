@@ -8,7 +8,7 @@ from conftest import ROOT
 # bottom to top; a module may import modules of lower layers only
 LAYERS = [
     {"config", "files", "hardware"},  # settings rules, files that are never half-written, the device
-    {"tokenizer", "sizing"},  # books -> tokens; how big a config is
+    {"tokenizer", "sizing", "distributed"},  # books -> tokens; how big a config is; several processes
     {"model"},  # the network
     {"generate", "speed", "quant"},  # running it, training it fast, storing it in 4 bits
     {"lora"},  # adapters on top of the network
