@@ -94,6 +94,8 @@ class Trainer:
         self.model, self.data, self.byte_len, self.tc = model, data, byte_len, tc.validate()
         self.ckpt_dir, self.metrics_path, self.run_info = ckpt_dir, metrics_path, run_info
         self.device = next(model.parameters()).device
+        if self.device.type == "cpu":
+            speed.keep_freed_memory()
         self.precision = pick_precision(self.device, tc.precision)
         self.cfg = model.config
         self.T = min(tc.seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
@@ -106,6 +108,7 @@ class Trainer:
         # DDP: the wrapped loss module runs the model forward; its backward all-reduces the gradients
         self.loss = distributed.wrap(speed.TrainLoss(model))  # compiled as well when compiling pays
         self.compiled = self.warmed = False
+        self.compile_reason = None
         self.step = 0
         torch.manual_seed(tc.seed + distributed.rank())  # DDP: dropout noise, each rank its own; saved in checkpoints
         self.batch_gen = torch.Generator().manual_seed(tc.seed)
@@ -142,7 +145,8 @@ class Trainer:
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
               "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
-              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled})
+              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled,
+              "compile_reason": self.compile_reason})
         if note:
             emit({"type": "warning", "message": note})
         t_start, step_start = time.time(), self.step
@@ -226,13 +230,16 @@ class Trainer:
         return norm.item()
 
     def warm_up(self):
-        """torch.compile the loss when speed.use_compile says it pays (once) -> a note if compiling
+        """torch.compile the loss when speed.compile_decision says it pays (once) -> a note if compiling
         failed. Evaluation and self-play use the eager model: other shapes, no recompiles."""
         tc = self.tc
-        run_flops = tc.steps * tc.grad_accum * tc.batch_size * self.T * flops_per_token(self.cfg, self.T)
-        if self.warmed or not speed.use_compile(tc.compile, self.device, run_flops):
+        if self.warmed:
             return None
         self.warmed = True
+        run_flops = tc.steps * tc.grad_accum * tc.batch_size * self.T * flops_per_token(self.cfg, self.T)
+        on, self.compile_reason = speed.compile_decision(tc.compile, self.device, run_flops, self.precision)
+        if not on:
+            return None
         x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
 
         def try_step(compiled):
@@ -245,6 +252,8 @@ class Trainer:
 
         self.loss, note = speed.compile_loss(self.loss, self.device, try_step)
         self.compiled = note is None
+        if note:
+            self.compile_reason = "torch.compile failed"
         return note
 
     @torch.no_grad()

@@ -187,7 +187,8 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     rate = {k: [tokens / t for t in ts] for k, ts in times.items()}
     row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
            "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
-           "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4)["total"] / 2**20,
+           "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4,
+                                          compiled=contestants["ours"].trainer.compiled)["total"] / 2**20,
            "ours_compiled": contestants["ours"].trainer.compiled,
            "matmul_only_tok_s": matmul_only_tok_s(cfg, tc.batch_size, trainer.T, DTYPES[trainer.precision], trainer.device)}
     for k, step in contestants.items():

@@ -171,7 +171,8 @@ class ProgressBar:
             return
         if e["type"] == "start":
             self.bar = tqdm(total=e["total"], initial=e["step"], unit="step")
-            tqdm.write(f"device {e['device']}, precision {e['precision']}, compiled {e.get('compiled')}, tokens {e['tokens']}")
+            tqdm.write(f"device {e['device']}, precision {e['precision']}, tokens {e['tokens']}; "
+                       f"torch.compile {'on' if e.get('compiled') else 'off'}: {e.get('compile_reason')}")
         elif e["type"] == "step":
             self.bar.update(1)
             post = {"loss": f"{e['loss']:.3f}", "tok/s": f"{e['tokens_per_s']:.0f}"}

@@ -10,6 +10,7 @@ import os
 from files import StoreError
 
 MAX_PARAMS = 2_000_000_000  # a config beyond this is a typo, whatever the machine
+HEAD_CHUNK = 256  # rows of the output layer and loss computed at a time (speed.HeadLoss)
 
 
 def param_count(cfg):
@@ -34,18 +35,31 @@ def flops_per_token(cfg, seq_len=None):
     return 6 * n_matmul + 12 * cfg.num_layers * T * cfg.d_model
 
 
-def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4):
-    """Rough training memory in bytes: weights, gradients, AdamW's two moments, activations.
+def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=False):
+    """Peak memory of one training step in bytes, counted from what this code keeps alive.
 
-    Activations per block follow Korthikanti et al. 2022 ("Reducing Activation Recomputation"),
-    34*B*T*C + 5*B*nh*T^2 bytes at 2 bytes per value, scaled here to `bytes_per_act`; the
-    logits (B, T, V) are counted twice: the values and the softmax gradient."""
-    T, B, C = seq_len or cfg.max_seq_len, batch_size, cfg.d_model
-    n = param_count(cfg)
-    per_block = (34 * B * T * C + 5 * B * cfg.num_heads * T * T) * bytes_per_act / 2
-    acts = cfg.num_layers * per_block + 2 * B * T * cfg.vocab_size * bytes_per_act
-    est = {"weights": 4 * n, "grads": 4 * n, "adam": 8 * n, "activations": int(acts)}
-    est["total"] = sum(est.values())
+    Before the step: fp32 weights (4 bytes per parameter) and AdamW's two moments (8). The peak
+    comes late in the forward, inside the chunked loss, before any gradient exists, so the
+    gradients (4 per parameter, alive only after the activations are freed) count only if larger.
+    At that moment autograd holds, per token and block: the block's input and its post-attention
+    residual (read by the LayerNorms' backward), the two LayerNorm outputs (the next Linear's
+    input), q, k, v and the attention output (the fused kernel keeps no T x T weights), and the
+    MLP's hidden layer before and after GELU: 8C + 2F values, 4 bytes each in fp32; under bf16
+    autocast the residuals stay fp32 and the rest is bf16, 8C + 2(6C + 2F) bytes (Korthikanti et
+    al. 2022 count the same tensors for a GPU kernel set). On top: the final LayerNorm's input
+    and output and the loss's dx (3C fp32 per token), its fp32 dw (V x C) and two (HEAD_CHUNK, V)
+    chunks; bf16 adds autocast's copy of every weight. Compiled attention is written out and
+    keeps its (T, T) weights per head: + L * B * nh * T^2 values."""
+    T, B, C, F_, L, V = seq_len or cfg.max_seq_len, batch_size, cfg.d_model, cfg.d_ff, cfg.num_layers, cfg.vocab_size
+    N, n = B * T, param_count(cfg)
+    low = bytes_per_act < 4
+    per_token = 8 * C + 2 * (6 * C + 2 * F_) if low else 4 * (8 * C + 2 * F_)
+    acts = L * N * per_token + 4 * (3 * N * C + V * C + 2 * HEAD_CHUNK * V)
+    casts = bytes_per_act * (V * C + L * (4 * C * C + 2 * C * F_)) if low else 0  # the head and every Linear
+    if compiled:
+        acts += L * B * cfg.num_heads * T * T * bytes_per_act
+    est = {"weights": 4 * n + casts, "grads": 4 * n, "adam": 8 * n, "activations": int(acts)}
+    est["total"] = est["weights"] + est["adam"] + max(est["activations"], est["grads"])
     return est
 
 

@@ -8,17 +8,22 @@
    logits has a closed form, (softmax(logits) - onehot(target)) / N, so each chunk's share of the
    gradients is made right away and the chunk is dropped; backward only scales them. Never holding
    all the logits is also the idea of Cut Cross-Entropy (Wijmans et al. 2024) on GPUs.
-2. **torch.compile** (`compile_loss`), where it pays: inductor fuses the elementwise work around
-   the matmuls (LayerNorm, GELU, the softmax of attention written out) into a few loops.
+2. **torch.compile** (`compile_decision`, `compile_loss`), where it pays: inductor fuses the
+   elementwise work around the matmuls (LayerNorm, GELU, the softmax of attention written out).
+3. **Keeping freed memory** (`keep_freed_memory`): no page faults for each step's activations.
 
 BENCHMARKS.md measures each (`python bench.py`), as ratios against a peer in the same run.
 """
 
+import ctypes
 import os
 import shutil
+import sys
 
 import torch
 import torch.nn as nn
+
+from sizing import HEAD_CHUNK
 
 # "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
 # eager training on 2 cores, enough to win back the compile time
@@ -29,7 +34,7 @@ class HeadLoss(torch.autograd.Function):
     """Mean cross-entropy of the output layer, x (N, C) @ w (V, C)^T, over targets (N,) (-1 = skip),
     computed a chunk of rows at a time, with its gradients made in the same pass."""
 
-    CHUNK = 256  # rows: 256 x 5000 fp32 logits is 5 MB, cache-sized
+    CHUNK = HEAD_CHUNK  # rows: 256 x 5000 fp32 logits is 5 MB, cache-sized
 
     @staticmethod
     def forward(ctx, x, w, targets):
@@ -38,7 +43,8 @@ class HeadLoss(torch.autograd.Function):
         # fp16's range would flush the small gradient entries to zero before GradScaler scales them
         grad_dtype = torch.float32 if dtype == torch.float16 else dtype
         n = (targets != -1).sum().clamp(min=1)
-        w_lo, w_grad = w.to(dtype), w.to(grad_dtype)  # cast once, not once per chunk
+        w_lo = w.to(dtype)  # cast once, not once per chunk
+        w_grad = w_lo if grad_dtype == dtype else w.to(grad_dtype)
         total = torch.zeros((), device=x.device)
         dx = torch.empty_like(x)
         dw = torch.zeros_like(w, dtype=torch.float32) if ctx.needs_input_grad[1] else None  # frozen under LoRA
@@ -47,13 +53,24 @@ class HeadLoss(torch.autograd.Function):
                 xc, tc = x[i:i + HeadLoss.CHUNK], targets[i:i + HeadLoss.CHUNK]
                 keep = (tc != -1)[:, None]  # (n, 1)
                 tc = tc.clamp(min=0)[:, None]
-                logp = (xc.to(dtype) @ w_lo.t()).float().log_softmax(-1)  # (n, C) x (C, V) -> (n, V)
-                total -= (logp.gather(1, tc) * keep).sum()
-                g = logp.exp_().scatter_add_(1, tc, -keep.float()).mul_(keep / n)  # (softmax - onehot) / N
-                g = g.to(grad_dtype)
-                dx[i:i + HeadLoss.CHUNK] = g @ w_grad  # (n, V) x (V, C)
+                # the mask and the 1/N scale go on the (n, C) side of each product, not on the (n, V)
+                # chunk: (g * s) @ w == (g @ w) * s, and (g * s)^T @ xc == g^T @ (xc * s)
+                scale = (keep / n).to(grad_dtype)  # (n, 1)
+                p = (xc.to(dtype) @ w_lo.t()).float().softmax(-1)  # (n, C) x (C, V) -> (n, V)
+                # -log p[target]; the clamp only bounds the loss of a target whose probability underflows
+                total -= (p.gather(1, tc).clamp_(min=1e-38).log_() * keep).sum()
+                g = p.scatter_add_(1, tc, torch.full_like(p[:, :1], -1.0)).to(grad_dtype)  # softmax - onehot
+                if g.dtype == dx.dtype:
+                    torch.mm(g, w_grad, out=dx[i:i + HeadLoss.CHUNK]).mul_(scale)  # (n, V) x (V, C), in place
+                else:
+                    dx[i:i + HeadLoss.CHUNK] = (g @ w_grad).mul_(scale)
                 if dw is not None:
-                    dw += (g.t() @ xc.to(grad_dtype)).float()  # (V, n) x (n, C)
+                    xs = xc.to(grad_dtype) * scale
+                    if g.dtype == dw.dtype:
+                        dw.addmm_(g.t(), xs)  # (V, n) x (n, C), accumulated without a (V, C) temporary
+                    else:
+                        dw += (g.t() @ xs).float()
+                del p, g  # before the next chunk's logits: two (n, V) chunks alive at a time, not three
         ctx.save_for_backward(dx, None if dw is None else dw.to(w.dtype))
         return total / n
 
@@ -76,14 +93,43 @@ class TrainLoss(nn.Module):
         return HeadLoss.apply(x.flatten(0, 1), self.model.lm_head.weight, targets.flatten())
 
 
-def use_compile(setting, device, run_flops):
-    """Whether to torch.compile the training loss. "auto" compiles on CPU for runs long enough to
-    win back the compile time, and only with the C++ compiler inductor builds its kernels with.
+def compile_decision(setting, device, run_flops, precision):
+    """-> (compile?, reason): whether to torch.compile the training loss, and why, in words the
+    trainer shows. "auto" compiles only where it was measured to pay (BENCHMARKS.md):
+    - on a CPU in bf16 (which pick_precision only chooses where the CPU has native bf16), where
+      inductor fuses the elementwise work around the bf16 matmuls;
+    - never on a CPU in fp32: there compiled training was measured no faster than eager, on an
+      AVX-512 and on an AVX2 CPU, after tens of seconds of compiling;
+    - and only for a run long enough to win back the compile time, with a C++ compiler present.
     On CUDA, ask for it with "on"."""
     if setting != "auto":
-        return setting == "on"
-    has_cxx = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
-    return device.type == "cpu" and has_cxx and run_flops >= COMPILE_MIN_FLOPS
+        return setting == "on", f"compile={setting} was asked for"
+    if device.type != "cpu":
+        return False, f"compile=auto compiles only on CPU (not measured on {device.type}); ask for it with compile=on"
+    if precision != "bf16":
+        return False, f"{precision} on CPU: torch.compile measured no faster than eager training here"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+        return False, "no C++ compiler for inductor's kernels"
+    if run_flops < COMPILE_MIN_FLOPS:
+        return False, f"a short run ({run_flops:.1e} FLOPs): compiling would not pay back"
+    return True, "bf16 on a CPU with native bf16: compiled training measured faster than eager"
+
+
+def keep_freed_memory():
+    """Ask glibc's malloc to keep freed memory in the process instead of handing it back to the
+    kernel. By default every tensor above the mmap threshold gets fresh pages from the kernel and
+    returns them when freed, and freed heap is trimmed, so each training step's activations are
+    page-faulted in and zeroed again (thousands of faults per step). With mmap and trimming off the
+    steps reuse the same memory, as jemalloc or tcmalloc would; the process keeps its peak.
+    Returns whether it was applied (Linux with glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
+    except (OSError, AttributeError):  # musl or another libc: nothing to tune
+        return False
 
 
 def compile_loss(loss, device, try_step):

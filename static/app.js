@@ -392,7 +392,8 @@ function logLine(e) {
   const t = fmt.clock(e.time);
   switch (e.type) {
     case "start": return `${t} started at step ${e.step}/${e.total} on ${e.device} (${e.precision}); ` +
-      `${fmt.int(e.tokens.train)} train and ${fmt.int(e.tokens.val)} validation tokens`;
+      `${fmt.int(e.tokens.train)} train and ${fmt.int(e.tokens.val)} validation tokens; ` +
+      `torch.compile ${e.compiled ? "on" : "off"} (${e.compile_reason})`;
     case "step": return `${t} step ${e.step}/${e.total} loss ${fmt.num(e.loss)}` +
       (e.val_loss != null ? ` · val loss ${fmt.num(e.val_loss)} · bits/byte ${fmt.num(e.val_bpb)}` : "") +
       (e.selfplay ? ` · self-play: greedy wanted ${fmt.num(100 * e.selfplay.repeat_rate, 1)}% repeats` : "") +

@@ -13,7 +13,7 @@ import model as M
 import sizing
 from azr_trainer import TrainConfig
 from runs import train
-from speed import use_compile
+from speed import compile_decision
 from conftest import ROOT, quick_train_config, tiny_config
 
 
@@ -106,10 +106,12 @@ def test_written_out_attention_used_under_compile_matches_the_fused_kernel():
 def test_auto_compiles_only_long_cpu_runs_and_on_off_are_obeyed():
     cpu = torch.device("cpu")
     if shutil.which("g++"):
-        assert use_compile("auto", cpu, 1e15)  # many minutes of training
-    assert not use_compile("auto", cpu, 1e9)  # a few seconds of work: not worth it
-    assert not use_compile("auto", torch.device("cuda"), 1e15)  # not measured there
-    assert use_compile("on", cpu, 1) and not use_compile("off", cpu, 1e15)
+        assert compile_decision("auto", cpu, 1e15, "bf16")[0]  # many minutes of training
+    on, reason = compile_decision("auto", cpu, 1e15, "fp32")
+    assert not on and "fp32" in reason  # fp32 on CPU: measured no faster than eager
+    assert not compile_decision("auto", cpu, 1e9, "bf16")[0]  # a few seconds of work: not worth it
+    assert not compile_decision("auto", torch.device("cuda"), 1e15, "bf16")[0]  # not measured there
+    assert compile_decision("on", cpu, 1, "fp32")[0] and not compile_decision("off", cpu, 1e15, "bf16")[0]
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="yes").validate()
 
@@ -125,4 +127,5 @@ def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, b
     summary = train(store, "m", [book], quick_train_config(steps=3, compile="on"), on_event=events.append)
     assert summary["status"] == "done" and summary["step"] == 3
     assert events[0]["type"] == "start" and events[0]["compiled"] is False
+    assert events[0]["compile_reason"] == "torch.compile failed"
     assert "no C++ compiler found" in events[1]["message"]
