@@ -31,7 +31,7 @@ import math
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -67,6 +67,9 @@ class TrainConfig:
     compile: str = setting("auto", "torch.compile the training step (auto: long CPU runs)", choices=("auto", "on", "off"))
     selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off)", 0, 100_000)
     selfplay_start: float = setting(0.4, "self-play begins once this share of the steps is done", 0.0, 1.0)
+    minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the schedule is fitted "
+                                  "to the steps that fit (0 = off)", 0.0, 1e6)
+    patience: int = setting(3, "stop once val bits/byte has not improved for this many evaluations (0 = never)", 0, 10_000)
     keep_best: bool = setting(True, "finish with the weights of the best evaluation")
     val_fraction: float = setting(0.1, "share of the book held out for validation", 0.01, 0.5)
 
@@ -117,6 +120,7 @@ class Trainer:
             from selfplay import SelfPlay  # only needed when the stage is on
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
+        self.stale_evals = 0  # evaluations since the best one: early stopping (patience)
         if distributed.is_main():  # DDP: the others never write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
 
@@ -150,19 +154,32 @@ class Trainer:
         if note:
             emit({"type": "warning", "message": note})
         t_start, step_start = time.time(), self.step
+        budget = Budget(tc.minutes, self.run_info, self.step) if tc.minutes else None
         status = "done"
         try:
-            while self.step < tc.steps:
+            while self.step < self.tc.steps:
                 if should_stop and should_stop():
                     status = "stopped"
                     self.save_checkpoint()
                     break
                 row = self._one_step()
+                if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): end evaluated
+                    self.tc = replace(self.tc, steps=self.step)
+                    if "val_bpb" not in row and distributed.is_main():
+                        row.update(self.evaluate())
+                        self._track_best(row["val_bpb"])
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
-                row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (tc.steps - self.step), 1)
-                emit({"type": "step", "total": tc.steps, **row})
-                if self.step % tc.checkpoint_every == 0 and self.step < tc.steps:
+                if budget:
+                    self.tc = replace(self.tc, steps=distributed.broadcast(budget.fit(self.step, self.tc.steps)))
+                row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (self.tc.steps - self.step), 1)
+                emit({"type": "step", "total": self.tc.steps, **row})
+                if self._evaluated(self.step) and distributed.broadcast(self.early_stop()):
+                    emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has not improved "
+                                                     f"for {tc.patience} evaluations (best {self.run_best[0]:.4f} at step "
+                                                     f"{self.run_best[1]})"})
+                    break
+                if self.step % tc.checkpoint_every == 0 and self.step < self.tc.steps:
                     self.save_checkpoint()
             if main and status == "done":
                 self._restore_best()
@@ -176,8 +193,8 @@ class Trainer:
             raise
         finally:
             metrics.close()
-        emit({"type": status, "step": self.step, "total": tc.steps, "best": self.run_best})
-        return {"status": status, "step": self.step, "total": tc.steps, "best": self.run_best,
+        emit({"type": status, "step": self.step, "total": self.tc.steps, "best": self.run_best})
+        return {"status": status, "step": self.step, "total": self.tc.steps, "best": self.run_best,
                 "device": str(self.device), "precision": self.precision, "compiled": self.compiled}
 
     def _one_step(self):
@@ -191,11 +208,13 @@ class Trainer:
         tc = self.tc
         if self.selfplay and self.step >= tc.selfplay_start * tc.steps and self.step % tc.selfplay_every == 0:
             row["selfplay"] = self.selfplay.step()
-        due = self.step % self.tc.eval_every == 0 or self.step == self.tc.steps
-        if due and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
+        if self._evaluated(self.step) and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
             row.update(self.evaluate())
             self._track_best(row["val_bpb"])
         return row
+
+    def _evaluated(self, step):
+        return step % self.tc.eval_every == 0 or step == self.tc.steps
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
@@ -278,7 +297,8 @@ class Trainer:
         for k in rngs[0]:  # one row per rank: rng.torch is (world_size, state bytes)
             tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
         meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
-                "param_groups": opt["param_groups"], "run_best": self.run_best}
+                "param_groups": opt["param_groups"], "run_best": self.run_best,
+                "stale_evals": self.stale_evals, "steps": self.tc.steps}
         if self.selfplay:
             sp_tensors, meta["selfplay"] = self.selfplay.state()
             tensors.update({f"selfplay.{k}": v for k, v in sp_tensors.items()})
@@ -324,7 +344,8 @@ class Trainer:
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
-        self.step, self.run_best = meta["step"], meta.get("run_best")
+        self.step, self.run_best, self.stale_evals = meta["step"], meta.get("run_best"), meta.get("stale_evals", 0)
+        self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
         note = self._restore_rngs({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
         if self.selfplay and "selfplay" in meta:
             self.selfplay.load_state({k[9:]: v for k, v in tensors.items() if k.startswith("selfplay.")}, meta["selfplay"])
@@ -372,10 +393,15 @@ class Trainer:
     def _track_best(self, val_bpb):
         """Keep the weights of this run's best evaluation on disk. A small book is memorised after
         a few hundred steps and val loss climbs again, so a finished run ends on its best weights."""
+        self.stale_evals += 1
         if self.run_best is None or val_bpb < self.run_best[0]:
-            self.run_best = [val_bpb, self.step]
+            self.run_best, self.stale_evals = [val_bpb, self.step], 0
             if self.tc.keep_best:
                 save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
+
+    def early_stop(self):
+        """Patience: the last `patience` evaluations were all worse than the best one."""
+        return bool(self.tc.patience) and self.stale_evals >= self.tc.patience
 
     def _restore_best(self):
         """At the end of a run: go back to the best evaluation's weights if the last is worse."""
@@ -385,6 +411,37 @@ class Trainer:
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+class Budget:
+    """A wall-clock budget: the run's length in steps is re-fitted from the measured time per step,
+    so that the warm-up and cosine schedule end when the time does. The clock started when the run
+    was created (tokenizer and token arrays count); a resumed run continues it from run.json."""
+
+    def __init__(self, minutes, run_info, step):
+        self.seconds, self.run_info = minutes * 60, run_info
+        self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
+        self.start_step, self.first = step, None  # time per step is measured after the first 10 steps
+
+    def elapsed(self):
+        return time.time() - self.t0
+
+    def over(self):
+        return self.elapsed() >= self.seconds
+
+    def fit(self, step, steps):
+        """The schedule's length after `step`, re-fitted every 10 steps from the time per step
+        since the 10th (the first steps are slow: caches, allocations, compilation)."""
+        self.run_info["elapsed_s"] = round(self.elapsed(), 3)
+        if self.over():
+            return step
+        done = step - self.start_step
+        if done == 10:
+            self.first = (step, time.time())
+        if done <= 10 or done % 10:
+            return steps
+        per_step = (time.time() - self.first[1]) / (step - self.first[0])
+        return step + max(1, int((self.seconds - self.elapsed()) / per_step))
 
 
 def new_run(books, tc, **extra):

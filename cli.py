@@ -184,6 +184,8 @@ class ProgressBar:
             self.bar.set_postfix(post)
         elif e["type"] == "warning":
             tqdm.write(f"warning: {e['message']}", file=sys.stderr)
+        elif e["type"] == "info":
+            tqdm.write(e["message"])
 
     def __exit__(self, *exc):
         if self.bar:

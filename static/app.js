@@ -404,6 +404,7 @@ function logLine(e) {
       (e.best ? ` (step ${e.best[1]})` : "");
     case "failed": return `${t} failed: ${e.error}`;
     case "warning": return `${t} warning: ${e.message}`;
+    case "info": return `${t} ${e.message}`;
     default: return `${t} ${JSON.stringify(e)}`;
   }
 }

@@ -1,6 +1,7 @@
-"""The training loop: it learns, it resumes exactly, its checkpoints are safe."""
+"""The training loop: it learns, it resumes exactly, its checkpoints are safe, it stops in time."""
 
 import math
+import time
 
 import pytest
 import torch
@@ -154,3 +155,27 @@ def test_a_new_run_never_resumes_from_an_old_runs_checkpoint(store, book):
     assert resumed["status"] == "done"
     second_run = [r["step"] for r in store.metrics("m")][20:]
     assert second_run == list(range(1, 21))  # steps 1-3, then 4-20 from the restart: not 11-20 of the old run
+
+
+def test_early_stopping_ends_a_run_that_stopped_improving(store, book, monkeypatch):
+    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 1.0])  # no better than step 20 for three evaluations
+    monkeypatch.setattr(azr_trainer.Trainer, "evaluate", lambda self: {"val_loss": 1.0, "val_ppl": 2.7, "val_bpb": next(scores)})
+    store.create_model("m", tiny_config())
+    events = []
+    summary = train(store, "m", [book], quick_train_config(steps=100, patience=3), on_event=events.append)
+    assert summary["status"] == "done" and summary["step"] == 50 and summary["best"] == [2.0, 20]
+    assert any(e["type"] == "info" and "early stop at step 50" in e["message"] for e in events)
+    assert store.lineage("m")["runs"][-1]["steps"] == 50
+
+
+def test_a_time_budget_fits_the_schedule_and_ends_on_time(store, book):
+    store.create_model("m", tiny_config())
+    t0 = time.time()
+    summary = train(store, "m", [book], quick_train_config(steps=10**6, minutes=0.25, patience=0, eval_every=50,
+                                                           checkpoint_every=10**6))
+    wall = time.time() - t0  # the budget counts the whole run: tokenizer, token arrays, training
+    rows = store.metrics("m")
+    assert 0.9 * 15 <= wall <= 1.3 * 15, wall  # loosely: a behaviour, not a timing test
+    assert summary["step"] == rows[-1]["step"] == summary["total"] < 10**6 and "val_bpb" in rows[-1]
+    tc = quick_train_config()
+    assert rows[-1]["lr"] < tc.learning_rate * (tc.min_lr_ratio + 0.3)  # the cosine came down by the end
