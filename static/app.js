@@ -161,9 +161,10 @@ async function updateEstimate() {
     const m = e.memory;
     out.className = "estimate";
     out.replaceChildren(
-      el("strong", {}, `${fmt.params(e.params)} parameters`), ` (${fmt.int(e.params)}) · training memory ≈ `,
-      el("strong", {}, fmt.bytes(m.total)), ` at batch ${e.batch_size}: weights ${fmt.bytes(m.weights)}, gradients ${fmt.bytes(m.grads)}, ` +
-      `AdamW ${fmt.bytes(m.adam)}, activations ${fmt.bytes(m.activations)} · ${fmt.params(e.flops_per_token)}FLOPs per token`);
+      el("strong", {}, `${fmt.params(e.params)} parameters`), ` (${fmt.int(e.params)}) · training memory at its peak ≈ `,
+      el("strong", {}, fmt.bytes(m.total)), ` at batch ${e.batch_size}: weights ${fmt.bytes(m.weights)} + AdamW ${fmt.bytes(m.adam)} + ` +
+      `activations ${fmt.bytes(m.activations)} (the gradients, ${fmt.bytes(m.grads)}, come after them) · ` +
+      `${fmt.params(e.flops_per_token)}FLOPs per token`);
   } catch (err) {
     if (seq !== estimateSeq) return;
     if (err.field) fieldError(createForm, err.field, err.message);
