@@ -23,6 +23,7 @@ import torch.nn as nn
 # "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
 # eager training on 2 cores, enough to win back the compile time
 COMPILE_MIN_FLOPS = 5e12
+USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read before inductor sets it itself
 
 
 class HeadLoss(torch.autograd.Function):
@@ -84,6 +85,14 @@ def use_compile(setting, device, run_flops):
         return setting == "on"
     has_cxx = any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++"))
     return device.type == "cpu" and has_cxx and run_flops >= COMPILE_MIN_FLOPS
+
+
+def cache_compiles_in(folder):
+    """Keep inductor's cache of compiled kernels in `folder` (the data folder's cache/), not in
+    /tmp/torchinductor_<user>, unless the user chose a place with TORCHINDUCTOR_CACHE_DIR.
+    Inductor reads the variable each time it compiles."""
+    if USER_COMPILE_CACHE is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def compile_loss(loss, device, try_step):
