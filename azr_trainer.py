@@ -101,7 +101,7 @@ class Trainer:
             speed.keep_freed_memory()
         self.precision = pick_precision(self.device, tc.precision)
         self.cfg = model.config
-        self.T = min(tc.seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.T = window_len(tc, self.cfg)
         short = min(len(d) for d in data.values())
         if short <= self.T + 1:
             raise ValueError(f"the book is too short: its validation split has {short} tokens but one "
@@ -448,6 +448,16 @@ def new_run(books, tc, **extra):
     """The record of a run (run.json): its id, books, options and status."""
     return {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
             "base_steps": 0, "started": time.time(), **extra}
+
+
+def window_len(tc, cfg):
+    """Tokens per training window: seq_len, or the model's whole context when it is 0. Never
+    more than the context: positions past max_seq_len have no embedding to look up."""
+    T = tc.seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise ValueError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
+                         f"use at most {cfg.max_seq_len}, or 0 for the whole context")
+    return T
 
 
 def trained_weights(model):

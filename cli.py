@@ -64,7 +64,7 @@ def cmd_create(store, args):
 def cmd_train(store, args):
     tc = TrainConfig.from_dict(given(args, TrainConfig))
     with ProgressBar() as bar:
-        summary = runs.train(store, args.name, args.book, tc, on_event=bar.update)
+        summary = runs.train(store, args.name, args.book, tc, on_event=bar.update, allow_paths=True)
     show(json.dumps(summary))
 
 
@@ -72,7 +72,7 @@ def cmd_finetune(store, args):
     tc = TrainConfig.from_dict(given(args, TrainConfig))
     lc = config.build(LoRAConfig, given(args, LoRAConfig, "lora_"), "lora_")
     with ProgressBar() as bar:
-        summary = runs.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update)
+        summary = runs.finetune(store, args.name, args.book, tc, args.adapter, lc, on_event=bar.update, allow_paths=True)
     p = summary["params"]
     show(f"trained {p['trainable']:,} of {p['total']:,} parameters ({100 * p['trainable'] / p['total']:.2f}%)")
     show(json.dumps(summary))
@@ -85,7 +85,7 @@ def cmd_merge(store, args):
 
 def cmd_resume(store, args):
     with ProgressBar() as bar:
-        summary = runs.resume(store, args.name, on_event=bar.update, adapter=args.adapter)
+        summary = runs.resume(store, args.name, on_event=bar.update, adapter=args.adapter, changed_data=args.changed_data)
     show(json.dumps(summary))
 
 
@@ -110,7 +110,7 @@ def cmd_eval(store, args):
     """Bits/byte of a model on a book's validation split, next to the unigram baseline."""
     device = pick_device(args.device)
     model, tok = load_for_generation(store, args.name, args.adapter, device)
-    r = runs.evaluate_on_book(store, model, tok, args.book, args.windows, device)
+    r = runs.evaluate_on_book(store, model, tok, args.book, args.windows, device, allow_path=True)
     print(json.dumps({"val_loss": r["val_loss"], "bits_per_byte": r["val_bpb"], "perplexity": r["val_ppl"],
                       "unigram_bits_per_byte": r["unigram_bpb"], "val_tokens": r["val_tokens"]}))
 
@@ -256,6 +256,8 @@ def build_parser():
     r = command("resume", cmd_resume, "continue an interrupted or stopped run")
     r.add_argument("name")
     r.add_argument("--adapter", help="resume this adapter's fine-tune instead")
+    r.add_argument("--changed-data", action="store_true",
+                   help="resume although a book's text changed since the run started (the lineage records it)")
 
     g = command("generate", cmd_generate, "continue a prompt")
     g.add_argument("name")

@@ -51,15 +51,30 @@ def check_value(cls, f, v):
     if v is None and optional:
         return
     if not _is(v, kind):
-        raise ValueError(f"{f.name} must be {_KIND_WORDS.get(kind, kind.__name__)}, got {v!r}")
+        raise ValueError(f"{f.name} must be {_KIND_WORDS.get(kind, kind.__name__)}, got {echo(v)}")
     if kind is float and not math.isfinite(v):
         raise ValueError(f"{f.name} must be a finite number, got {v!r}")
     choices = m.get("choices")
     if choices and any(x not in choices for x in (v if kind is tuple else [v])):
-        raise ValueError(f"{f.name} must be {'any' if kind is tuple else 'one'} of {', '.join(map(str, choices))}, got {v!r}")
+        raise ValueError(f"{f.name} must be {'any' if kind is tuple else 'one'} of {', '.join(map(str, choices))}, got {echo(v)}")
     lo, hi = m.get("lo"), m.get("hi")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{f.name} must be {describe_range(lo, hi)}, got {v!r}")
+        raise ValueError(f"{f.name} must be {describe_range(lo, hi)}, got {echo(v)}")
+
+
+def check_seed(seed):
+    """The rule of every seed, also of one that is no settings field (create_model's)."""
+    if not (_is(seed, int) and 0 <= seed <= SEED_MAX):
+        raise ValueError(f"seed must be {describe_range(0, SEED_MAX)}, got {echo(seed)}")
+    return seed
+
+
+def echo(value, limit=80):
+    """A rejected value as an error message repeats it: cut, so a 20 MB string is not sent back."""
+    if isinstance(value, int) and value.bit_length() > 4 * limit:  # repr would be long (or refused)
+        return f"a number of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
 def describe_range(lo, hi):

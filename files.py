@@ -6,6 +6,12 @@ file is moved over the target with os.replace, which is atomic. A reader sees th
 the new one, never a mix. Each temp file has a name no other writer uses (mkstemp), so two
 threads or processes writing the same target at once cannot write into each other's temp file.
 
+An atomic file is not yet a safe *object*: a model is several files, and "read the lineage, add
+a run, write it back" loses one of two concurrent updates even when each write is atomic. So
+every change to one object (a model, a book) happens while holding that object's lock: a file
+lock (flock, via the `filelock` package), which serialises the threads of one server and the
+processes of a CLI and a server working on one data folder alike.
+
 Weights and checkpoints are safetensors: raw tensors plus a JSON header, never pickle, so
 loading a file cannot run code. The header also holds a sha256 of the tensor bytes, which
 catches a file that was truncated or corrupted after it was written.
@@ -14,11 +20,13 @@ catches a file that was truncated or corrupted after it was written.
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
@@ -37,6 +45,33 @@ class CorruptFile(StoreError):
 
 class Exists(StoreError):
     """The name is taken (the web API answers 409 Conflict)."""
+
+
+class InUse(StoreError):
+    """Another thread or process holds the object (the web API answers 409 Conflict)."""
+
+
+LOCK_WAIT_S = 120  # the longest a change waits for another one to the same object (a big model's weights)
+
+
+@contextmanager
+def held(lock_path, busy, wait_s=LOCK_WAIT_S):
+    """Hold the lock at `lock_path` for the block, waiting up to `wait_s` seconds (0: one try);
+    InUse(busy) if it stays taken.
+
+    One FileLock object per path and process (is_singleton), with its holds counted per thread
+    (thread_local, the default): another thread, like another process, waits for the flock, while
+    the holding thread may take it again (a store method calling another). tests/test_concurrency.py
+    checks these three rules."""
+    lock = FileLock(lock_path, is_singleton=True, poll_interval=0.01)
+    try:
+        lock.acquire(timeout=wait_s, blocking=wait_s > 0)
+    except Timeout:
+        raise InUse(busy) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextmanager
@@ -73,6 +108,18 @@ def read_json(path):
 def shown(path):
     """A path as error messages show it: its last two parts, never where the data folder is."""
     return "/".join(Path(path).parts[-2:])
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/[^\s'\"]+")
+
+
+def hide_paths(message, home):
+    """A message for a web client: absolute paths inside it become paths relative to the data
+    folder `home` (or their last two parts), so an error never tells where the data lives."""
+    def relative(m):
+        path = Path(m.group())
+        return str(path.relative_to(home)) if path.is_relative_to(home) else shown(path)
+    return _ABSOLUTE_PATH.sub(relative, message)
 
 
 # ----------------------------------------------------------------------------- tensors

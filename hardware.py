@@ -48,6 +48,22 @@ def pick_precision(device, requested="auto"):
     return "fp32"  # mps autocast coverage is still patchy; fp32 is the safe default there
 
 
+def available_memory(device=None):
+    """Bytes a new allocation can still get on `device` (default: the CPU), or None when the
+    system does not say. On Linux that is MemAvailable (free memory plus the page cache the
+    kernel can drop), not MemFree, which a busy disk cache makes look almost full."""
+    if device is not None and device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def autocast(device, precision):
     """A context manager that runs the forward pass in `precision` (no-op for fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 
-from files import read_json, write_json
+from files import hide_paths, read_json, write_json
 
 LOG_EVENTS = 200  # events kept for the page's log panel (and saved in the job file)
 SAVE_EVERY_S = 1.0  # progress is written to disk at most this often (state changes: always)
@@ -109,7 +109,7 @@ class JobRunner:
             state, error = result.get("status", "done"), None
         except Exception as e:  # the job fails; the server goes on
             log.exception("training job failed")
-            state, error = "failed", str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            state, error = "failed", self._said(str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}")
         with self.lock:
             self.job.update(state=state, error=error, finished=time.time())
             if error and not (self.events and self.events[-1]["type"] == "failed"):
@@ -149,7 +149,12 @@ class JobRunner:
         self.seq += 1
         if "selfplay" in e:  # its example rollout is for the teaching view (metrics.jsonl), not the log
             e = {**e, "selfplay": {k: v for k, v in e["selfplay"].items() if k != "example"}}
-        self.events.append({"seq": self.seq, "time": round(time.time(), 3), **e})
+        said = {k: self._said(v) for k, v in e.items() if k in ("error", "message")}
+        self.events.append({"seq": self.seq, "time": round(time.time(), 3), **e, **said})
+
+    def _said(self, message):
+        """A message as the page may see it: no absolute path on the server in it."""
+        return hide_paths(message, self.store.home)
 
     # ------------------------------------------------------------------ disk
     def _save(self, force=False):

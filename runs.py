@@ -12,8 +12,15 @@ where models, books and adapters live. A run connects them in three explicit ste
 
 On several processes (torchrun, distributed.py) every rank builds the same run; rank 0 alone
 deletes and writes, and prepares the data before the others read it (lines marked `# DDP:`).
+
+A run holds its model's lease (store.training) from the first step to the record, so a second
+run of the model — from this server or a CLI in another terminal — is refused, not interleaved.
+Resume continues on the data the run started with: run.json keeps each book's sha256, and a book
+whose text changed since is refused unless the user says to go on with the new text
+(`changed_data`), which the run and the lineage then record.
 """
 
+import contextlib
 import json
 import shutil
 import time
@@ -21,58 +28,82 @@ import time
 import torch
 
 import distributed
-from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, unigram_bpb
+from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, unigram_bpb, window_len
 from files import CorruptFile, Exists, NotFound, StoreError, shown
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
+from sizing import check_training_memory
+from speed import cache_compiles_in
 from store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 
 
-def train(store, name, books, tc, on_event=None, should_stop=None):
-    """Start a new run of `tc.steps` steps on `books` (names, or paths from the CLI). -> a summary."""
-    tc.validate()
-    if distributed.is_main():  # DDP: the others never write
-        for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
-            old.unlink()
-    run = distributed.broadcast(new_run(books, tc, base_steps=store.lineage(name)["steps"]))  # DDP: one run id
-    return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
+def train(store, name, books, tc, on_event=None, should_stop=None, allow_paths=False):
+    """Start a new run of `tc.steps` steps on `books` (store names; with allow_paths, the CLI's
+    paths too). -> a summary."""
+    with lease(store, name):
+        check_fits(store, name, tc)
+        if distributed.is_main():  # DDP: the others never write
+            for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
+                old.unlink()
+        run = new_run(books, tc, base_steps=store.lineage(name)["steps"], book_paths=allow_paths)
+        run = distributed.broadcast(run)  # DDP: one run id
+        return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
 
 
-def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_stop=None):
+def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_stop=None, allow_paths=False):
     """LoRA fine-tuning (lora.py) of model `name` on `books`: the base stays frozen, in NF4 if
     lc.nf4 (QLoRA), and reuses its tokenizer; only the adapter trains. The run saves
     models/<name>/adapters/<adapter>/ and leaves the base model untouched. -> a summary."""
-    tc.validate()
     lc = (lc or LoRAConfig()).validate()
     check_name(adapter, "adapter")
-    if store.tokenizer(name) is None:
-        raise StoreError(f"model {name!r} has no tokenizer yet: train it on a book before fine-tuning it")
-    if adapter in store.list_adapters(name):
-        raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
-    if tc.selfplay_every:
-        raise StoreError("self-play is not available for LoRA fine-tuning; set selfplay_every to 0")
-    if distributed.is_main():  # DDP: the others never write
-        shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
-    run = new_run(books, tc, adapter=adapter, lora=lc.to_dict(), base_sha256=store.weights_sha256(name))
-    run = distributed.broadcast(run)  # DDP: one run id
-    return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
+    with lease(store, name):
+        check_fits(store, name, tc)
+        if store.tokenizer(name) is None:
+            raise StoreError(f"model {name!r} has no tokenizer yet: train it on a book before fine-tuning it")
+        if adapter in store.list_adapters(name):
+            raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
+        if tc.selfplay_every:
+            raise StoreError("self-play is not available for LoRA fine-tuning; set selfplay_every to 0")
+        if distributed.is_main():  # DDP: the others never write
+            shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
+        run = new_run(books, tc, adapter=adapter, lora=lc.to_dict(), base_sha256=store.weights_sha256(name),
+                      book_paths=allow_paths)
+        run = distributed.broadcast(run)  # DDP: one run id
+        return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
 
 
-def resume(store, name, on_event=None, should_stop=None, adapter=None):
-    """Continue the last unfinished run of `name` (or of its adapter) from its newest good checkpoint."""
-    run = load_run(store, name, adapter)
-    trainer = make_trainer(store, name, run)
-    restored = trainer.restore_latest()
-    if restored["skipped"] and on_event:  # say why steps are redone: the newest checkpoint was bad
-        on_event({"type": "warning", "message": f"skipped damaged checkpoints ({'; '.join(restored['skipped'])}); "
-                                                f"resuming from {restored['path']} (step {restored['step']})"})
-    if restored["note"] and on_event:  # resumed on another number of processes
-        on_event({"type": "warning", "message": restored["note"]})
-    return run_and_record(store, name, trainer, on_event, should_stop)
+def resume(store, name, on_event=None, should_stop=None, adapter=None, changed_data=False):
+    """Continue the last unfinished run of `name` (or of its adapter) from its newest good
+    checkpoint, on the books it started with (changed_data: on the books as they are now)."""
+    with lease(store, name):
+        run = load_run(store, name, adapter, changed_data)
+        check_fits(store, name, TrainConfig.from_dict(run["config"]))
+        trainer = make_trainer(store, name, run)
+        restored = trainer.restore_latest()
+        if restored["skipped"] and on_event:  # say why steps are redone: the newest checkpoint was bad
+            on_event({"type": "warning", "message": f"skipped damaged checkpoints ({'; '.join(restored['skipped'])}); "
+                                                    f"resuming from {restored['path']} (step {restored['step']})"})
+        if restored["note"] and on_event:  # resumed on another number of processes
+            on_event({"type": "warning", "message": restored["note"]})
+        return run_and_record(store, name, trainer, on_event, should_stop)
 
 
-def load_run(store, name, adapter=None):
+def lease(store, name):
+    """The model's training lease, held by rank 0 for all ranks of a run (DDP)."""
+    return store.training(name) if distributed.is_main() else contextlib.nullcontext()
+
+
+def check_fits(store, name, tc):
+    """Refuse, before anything is allocated, a run that model `name` or this machine cannot take:
+    windows longer than the model's context, or a step that needs more memory than there is."""
+    tc.validate()
+    cfg = store.config(name)
+    device = distributed.device_for_rank(tc.device)
+    check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
+
+
+def load_run(store, name, adapter=None, changed_data=False):
     """The run.json of the last run of `name` (or of its adapter), checked to be resumable."""
     path = run_dir(store, name, adapter) / "run.json"
     what = f"adapter {adapter!r} of {name!r}" if adapter else f"model {name!r}"
@@ -86,7 +117,36 @@ def load_run(store, name, adapter=None):
         raise StoreError(f"the last run of {what} finished; start a new one")
     if adapter and store.weights_sha256(name) != run["base_sha256"]:
         raise StoreError(f"model {name!r} has other weights than when adapter {adapter!r} started; it cannot resume")
+    check_same_books(store, run, changed_data)
     return run
+
+
+def check_same_books(store, run, changed_data):
+    """A resumed run goes on with the text it started on. If a book changed since (deleted and
+    uploaded again, edited), refuse — or, with changed_data, note in the run what changed at
+    which step (record() puts it in the lineage) and let make_trainer take the books as they are."""
+    then = run.get("book_refs")
+    if not then:
+        return
+    now = [_sha256_now(store, ref, run.get("book_paths", False)) for ref in run["books"]]
+    changed = [{"book": b, "sha256_then": r["sha256"], "sha256_now": sha}
+               for b, r, sha in zip(run["books"], then, now) if r["sha256"] != sha]
+    if not changed:
+        return
+    if not changed_data:
+        said = ", ".join(f"{c['book']!r} (sha256 {c['sha256_then'][:12]} then, {c['sha256_now'][:12]} now)" for c in changed)
+        raise StoreError(f"the text of book {said} changed since this run started: resuming would go on "
+                         f"training on other data. Start a new run, or resume on the changed data on purpose "
+                         f"(`python cli.py resume --changed-data`, or \"changed_data\": true in /resume_training)")
+    run.setdefault("data_changed", []).append({"step": run.get("step", 0), "books": changed})
+    del run["book_refs"]
+
+
+def _sha256_now(store, ref, allow_path):
+    try:
+        return store.book_sha256(ref, allow_path)
+    except NotFound as e:
+        raise StoreError(f"a book of this run is gone ({e}); upload it again, or start a new run") from None
 
 
 def run_dir(store, name, adapter=None):
@@ -110,11 +170,13 @@ def make_trainer(store, name, run):
         attach_lora(model, lc, dtype, torch.Generator().manual_seed(tc.seed))  # the same seed, the same initial A
     out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
     with distributed.main_first():  # DDP: rank 0 writes the tokenizer and the token arrays, the others read them
-        tok, data, book_refs = prepare_data(store, name, run["books"], tc.val_fraction)
+        tok, data, book_refs = prepare_data(store, name, run["books"], tc.val_fraction, run.get("book_paths", False))
         if distributed.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
-    run.setdefault("book_refs", book_refs)
+    if run.setdefault("book_refs", book_refs) != book_refs:  # a book changed after check_same_books looked
+        raise StoreError("a book of this run changed while it was being resumed; resume again")
     run["params"] = count_params(model)
+    cache_compiles_in(store.home / "cache" / "inductor")
     byte_len = torch.from_numpy(tok.byte_lengths())
     return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run)
 
@@ -127,12 +189,12 @@ def run_and_record(store, name, trainer, on_event, should_stop):
     return {**summary, "params": run["params"], "adapter": run.get("adapter"), "best_val_bpb": best}
 
 
-def prepare_data(store, name, books, val_fraction=0.1):
+def prepare_data(store, name, books, val_fraction=0.1, allow_paths=False):
     """Books -> (tokenizer, {train, val} token arrays, [{name, sha256}]). The first run of a model
     trains its tokenizer on its books; later runs reuse it."""
     if not books:
         raise StoreError("give at least one book to train on")
-    resolved = [store.resolve_book(b) for b in books]
+    resolved = [store.resolve_book(b, allow_paths) for b in books]
     texts = {f"{n}-{sha[:8]}": text for n, text, sha in resolved}
     tok = store.tokenizer(name) or train_tokenizer(store, name, texts.values())
     data = prepare_tokens(tok, texts, store.home / "cache" / "tokens", val_fraction)
@@ -152,29 +214,33 @@ def record(store, name, trainer, status):
     run = trainer.run_info
     entry = {"run_id": run["run_id"], "books": run["book_refs"], "steps": trainer.step, "status": status,
              "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best": trainer.run_best, "world_size": run["world_size"]}
+    if "data_changed" in run:
+        entry["data_changed"] = run["data_changed"]
     best = trainer.run_best[0] if trainer.run_best else None
     if run.get("adapter"):
         store.save_adapter(name, run["adapter"], trainer.model, LoRAConfig.from_dict(run["lora"]), run["base_sha256"],
                            {**entry, "best_val_bpb": best})
         return
-    store.save_weights(name, trainer.model)
-    lin = store.lineage(name)
-    runs = [r for r in lin["runs"] if r["run_id"] != run["run_id"]]
-    runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every})
-    olds = [b for b in (lin["best_val_bpb"], best) if b is not None]
-    store.update_lineage(name, runs=runs, books=merge_books(lin["books"], run["book_refs"]),
-                         best_val_bpb=min(olds) if olds else None, steps=run["base_steps"] + trainer.step)
-    if status == "done":
-        store.save_version(name, note=f"run {run['run_id']}: {trainer.step} steps")
+    with store.locked(name):  # read, change, write: no other update of the lineage in between
+        store.save_weights(name, trainer.model)
+        lin = store.lineage(name)
+        runs = [r for r in lin["runs"] if r["run_id"] != run["run_id"]]
+        runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every})
+        olds = [b for b in (lin["best_val_bpb"], best) if b is not None]
+        store.update_lineage(name, runs=runs, books=merge_books(lin["books"], run["book_refs"]),
+                             best_val_bpb=min(olds) if olds else None, steps=run["base_steps"] + trainer.step)
+        if status == "done":
+            store.save_version(name, note=f"run {run['run_id']}: {trainer.step} steps")
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_on_book(store, model, tok, book, windows, device):
-    """Loss and bits/byte of `model` on the validation split of `book`, cut with its tokenizer;
-    also the unigram baseline and the split's size."""
-    name, text, _ = store.resolve_book(book)
+def evaluate_on_book(store, model, tok, book, windows, device, allow_path=False):
+    """Loss and bits/byte of `model` on the validation split of `book` (a store name; with
+    allow_path, the CLI's path too), cut with its tokenizer; also the unigram baseline and the
+    split's size."""
+    name, text, _ = store.resolve_book(book, allow_path)
     data = prepare_tokens(tok, {name: text}, store.home / "cache" / "tokens")
     T = min(model.config.max_seq_len, len(data["val"]) - 1)
     if T < 8:

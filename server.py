@@ -2,6 +2,7 @@
 
     python server.py                      # http://127.0.0.1:8000, data in $AZR_HOME or here
     python server.py --port 8080 --home ~/azr --max-upload-mb 200
+    python server.py --host 0.0.0.0 --allowed-host mybox.lan   # reachable from the LAN as mybox.lan
 
 A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
 page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
@@ -17,7 +18,13 @@ default and its range are defined once. Three pieces hold the state that outlive
 - The store: everything else is files, read on every request.
 
 Errors a user can cause become 4xx JSON {"error": "..."}; anything else becomes a 500 with the
-same shape, and the server keeps running.
+same shape, and the server keeps running. No error shows where the data folder is.
+
+Binding 127.0.0.1 keeps other machines out, but not a web page in the user's own browser: any
+site can send requests to http://127.0.0.1:8000, and a DNS-rebinding site can even read the
+answers. `guard_site` (at the end of this file) answers only requests addressed to this server
+by name (the Host header) and refuses state-changing requests sent by another site's page
+(the Origin header), so only this server's own page, curl and scripts can drive it.
 """
 
 import argparse
@@ -34,6 +41,7 @@ from collections import OrderedDict
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 import torch
 import uvicorn
@@ -49,7 +57,7 @@ from starlette.exceptions import HTTPException
 import config
 import runs
 from azr_trainer import TrainConfig
-from files import CorruptFile, Exists, NotFound
+from files import CorruptFile, Exists, InUse, NotFound, hide_paths
 from generate import SamplingConfig, generate, stream
 from hardware import pick_device
 from inside import attention_map, selfplay_rollout, top_alternatives
@@ -63,6 +71,7 @@ ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "lineage.json", "metrics.jsonl")
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
+MAX_ERROR_CHARS = 2000  # an error message is cut here: it never sends a huge request back
 ARENA_MAX_WINDOWS = 256
 # Generation runs on one CPU thread. Decoding one token is a chain of small matrix-vector products
 # where handing work between OpenMP threads costs more than it saves, and when a training job
@@ -105,7 +114,8 @@ def settings_fields(cls, skip=(), prefix=""):
 
 CreateModelRequest = create_model(
     "CreateModelRequest", __base__=Body, __doc__="A preset, or the config numbers; numbers given next to a preset override it.",
-    name=(str, ...), preset=(Literal[tuple(PRESETS)] | None, None), seed=(int, Field(0, ge=0, le=config.SEED_MAX)),
+    name=(str, ...), preset=(Literal[tuple(PRESETS)] | None, None),
+    seed=(int, Field(0, json_schema_extra={"minimum": 0, "maximum": config.SEED_MAX})),  # checked by the store
     **{k: (v[0] | None, None) for k, v in settings_fields(ModelConfig).items()})
 
 TrainRequest = create_model(
@@ -148,6 +158,11 @@ class RollbackRequest(Body):
     version: str
 
 
+class ResumeRequest(Body):
+    """changed_data: go on although a book's text changed since the run started (the lineage says so)."""
+    changed_data: bool = False
+
+
 class MergeRequest(Body):
     """A new model `out`: `model` with its LoRA `adapter` merged into the weights."""
     model: str
@@ -182,8 +197,9 @@ def app_of(request: Request) -> App:
 Azr = Annotated[App, Depends(app_of)]
 
 
-def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB):
-    """A new app over the store at `home`. Tests build several on one home to mimic restarts."""
+def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
+    """A new app over the store at `home`, answering to `hosts` (see allowed_hosts; default: this
+    machine's loopback names on any port). Tests build several on one home to mimic restarts."""
     app = FastAPI(title="AZR Model Trainer", version="1.0",
                   description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\", \"field\": \"...\"}.")
     app.state.azr = azr = App(home, max_upload_mb)
@@ -193,7 +209,8 @@ def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB):
     # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
     # at the limit instead of being spooled to a temp file in full before read_upload sees it
     app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16)  # + room for the multipart headers
-    add_error_handlers(app, azr.max_upload_bytes)
+    add_error_handlers(app, azr)
+    guard_site(app, hosts or allowed_hosts("127.0.0.1", None))  # added last: it runs first
     return app
 
 
@@ -219,9 +236,11 @@ def page_data(azr):
             "lora_targets": TARGETS, "max_upload_bytes": azr.max_upload_bytes}
 
 
-@page.get("/health", summary="Server is up: device, counts, job state")
+@page.get("/health", summary="Server is up: device, counts, job state, models whose files are damaged")
 def health(azr: Azr):
-    return {"ok": True, "device": str(azr.device), "models": len(azr.store.list_models()),
+    models_ = azr.store.list_models()
+    return {"ok": True, "device": str(azr.device), "models": len(models_),
+            "damaged": [m["name"] for m in models_ if "damaged" in m],
             "books": len(azr.store.list_books()), "job": azr.jobs.status()["state"],
             "max_upload_bytes": azr.max_upload_bytes}
 
@@ -247,7 +266,8 @@ def create_model_(req: CreateModelRequest, azr: Azr):
     return azr.store.info(req.name)
 
 
-@models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage")
+@models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage "
+                                "(a model whose files cannot be read: {name, damaged})")
 def list_models(azr: Azr):
     return azr.store.list_models()
 
@@ -325,7 +345,7 @@ books = APIRouter(tags=["books"])
 def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(None)):
     data = read_upload(file, azr.max_upload_bytes)
     name = check_name(name or book_name_from(file.filename), "book")
-    info = azr.store.add_book(name, data, file.filename or "book.txt")
+    info = azr.store.add_book(name, data, file.filename or "book.txt", max_bytes=azr.max_upload_bytes)
     return {**info, "preview": preview(azr.store.book_text(name))}
 
 
@@ -355,6 +375,7 @@ def train(req: TrainRequest, azr: Azr):
     store, books_ = azr.store, ([req.book] if req.book else []) + req.books
     tc = settings_from(req, TrainConfig)
     check_training_inputs(store, req.model, books_)
+    runs.check_fits(store, req.model, tc)
     job = {"kind": req.mode, "model": req.model, "adapter": None, "books": books_, "config": asdict(tc),
            "state": "queued", "step": 0, "total": tc.steps}
     if req.mode == "full":
@@ -376,13 +397,14 @@ def stop_training(azr: Azr):
     return azr.jobs.stop()
 
 
-@training.post("/resume_training", summary="Continue a stopped, interrupted or failed job from its checkpoint")
-def resume_training(azr: Azr):
-    store, job = azr.store, azr.jobs.status()
+@training.post("/resume_training", summary="Continue a stopped, interrupted or failed job from its checkpoint, "
+                                          "on the books it started with")
+def resume_training(azr: Azr, req: ResumeRequest | None = None):
+    store, job, changed = azr.store, azr.jobs.status(), req is not None and req.changed_data
     if job["state"] in RESUMABLE:
-        check_resumable(store, job["model"], job.get("adapter"))
+        check_resumable(store, job["model"], job.get("adapter"), changed)
     return azr.jobs.resume(lambda on_event, should_stop: runs.resume(
-        store, job["model"], on_event, should_stop, adapter=job.get("adapter")))
+        store, job["model"], on_event, should_stop, adapter=job.get("adapter"), changed_data=changed))
 
 
 def check_training_inputs(store, model, books_):
@@ -407,9 +429,9 @@ def lora_config(store, req):
     return settings_from(req, LoRAConfig, prefix="lora_")
 
 
-def check_resumable(store, model, adapter=None):
+def check_resumable(store, model, adapter=None, changed_data=False):
     try:
-        runs.load_run(store, model, adapter)
+        runs.load_run(store, model, adapter, changed_data)
     except NotFound:
         raise Busy(f"model {model!r} has no checkpointed run to resume (it failed before its first step); "
                    "start a new training run instead") from None
@@ -500,25 +522,30 @@ def sse_tokens(model, tok, prompt, sc, device):
 # ----------------------------------------------------------------------------- errors
 
 
-def add_error_handlers(app, max_upload_bytes):
-    """Every error leaves as {"error": message} with a status that says whose fault it was."""
+def add_error_handlers(app, azr):
+    """Every error leaves as {"error": message} with a status that says whose fault it was; the
+    message names files relative to the data folder and is cut at MAX_ERROR_CHARS."""
+    max_upload_bytes = azr.max_upload_bytes
+
+    def said(message):
+        return hide_paths(message, azr.store.home)[:MAX_ERROR_CHARS]
 
     @app.exception_handler(RequestValidationError)
     async def bad_request_shape(request, exc):
         first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
-        body = {"error": f"{field}: {first['msg']}" if field else first["msg"]}
+        field = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))[:100]
+        body = {"error": said(f"{field}: {first['msg']}" if field else first["msg"])}
         if field:
             body["field"] = field
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        detail = too_big(max_upload_bytes) if exc.status_code == 413 else str(exc.detail)
+        detail = too_big(max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
         return JSONResponse({"error": detail}, status_code=exc.status_code)
 
     async def known_error(request, exc):
-        body = {"error": str(exc)}
+        body = {"error": said(str(exc))}
         field = config_field(str(exc)) if isinstance(exc, ValueError) else None
         if field:
             body["field"] = field
@@ -526,7 +553,7 @@ def add_error_handlers(app, max_upload_bytes):
 
     async def unexpected_error(request, exc):
         log.exception("unexpected error on %s %s", request.method, request.url.path, exc_info=exc)
-        return JSONResponse({"error": f"internal error ({type(exc).__name__}): {exc}"}, status_code=500)
+        return JSONResponse({"error": said(f"internal error ({type(exc).__name__}): {exc}")}, status_code=500)
 
     # ValueError covers StoreError, BookError and every settings check
     for cls in (ValueError, Busy):
@@ -550,7 +577,7 @@ def error_status(exc):
     """Whose fault: 404/409/413/400 for the user's, 500 for a damaged file on our disk."""
     if isinstance(exc, NotFound):
         return 404
-    if isinstance(exc, (Exists, Busy)):
+    if isinstance(exc, (Exists, Busy, InUse)):
         return 409
     if isinstance(exc, TooLarge):
         return 413
@@ -701,6 +728,55 @@ def build_model_zip(store, name):
     return path
 
 
+# ----------------------------------------------------------------------------- the site guard
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+WILDCARD = ("0.0.0.0", "::")
+CHANGES_STATE = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def allowed_hosts(host, port, extra=()):
+    """{(name, port)} this server answers to: the address it is bound to (a loopback or wildcard
+    bind: this machine's loopback names), plus each `extra` "name" or "name:port". Port None: any."""
+    names = LOOPBACK if host in LOOPBACK or host in WILDCARD else (host,)
+    return {(n, port) for n in names} | {host_and_port(e) for e in extra}
+
+
+def host_and_port(netloc, default_port=None):
+    """"Name:port" (or "[v6]:port") -> (lower-case name, port); (None, None) if malformed."""
+    try:
+        u = urlsplit("//" + netloc)
+        return u.hostname, u.port or default_port
+    except ValueError:
+        return None, None
+
+
+def is_ours(netloc, hosts, default_port=80):
+    name, port = host_and_port(netloc, default_port)
+    return (name, port) in hosts or (name, None) in hosts
+
+
+def guard_site(app, hosts):
+    """Refuse what another web page can make the user's browser send: a request whose Host header
+    is not one of `hosts` (DNS rebinding: evil.example resolved to 127.0.0.1), and a
+    state-changing request whose Origin (or Referer) is another site (cross-site request
+    forgery): 403 both. A request without either header (curl, a script) comes from no site: allowed."""
+
+    @app.middleware("http")
+    async def same_site_only(request, call_next):
+        host = request.headers.get("host", "")
+        if not is_ours(host, hosts):
+            return JSONResponse({"error": f"this server does not answer to the name {host[:100]!r}; if that is "
+                                          f"how you reach it, start it with --allowed-host NAME"}, status_code=403)
+        sender = request.headers.get("origin") or request.headers.get("referer")
+        if request.method in CHANGES_STATE and sender is not None:
+            u = urlsplit(sender)
+            if not is_ours(u.netloc, hosts, {"https": 443}.get(u.scheme, 80)):
+                return JSONResponse({"error": f"refused a cross-site request: a page from {sender[:100]!r} may not "
+                                              f"change anything here; use this server's own page"}, status_code=403)
+        return await call_next(request)
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -708,11 +784,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="AZR Model Trainer web app")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    p.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
+                   help="another name the server is reached by, e.g. mybox.lan (repeatable); "
+                        "requests addressed to any other name are refused (DNS-rebinding guard)")
     p.add_argument("--home", help="data folder (default: $AZR_HOME or the project folder)")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"largest book upload, in MB (default: {MAX_UPLOAD_MB})")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.home, args.max_upload_mb)
+    app = create_app(args.home, args.max_upload_mb, allowed_hosts(args.host, args.port, args.allowed_host))
     print(f"AZR Model Trainer: http://{args.host}:{args.port}  (data in {app.state.azr.store.home})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

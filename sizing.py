@@ -5,12 +5,13 @@ The page shows these numbers live while a user types a config, and the store and
 check them before they allocate anything, so an absurd config is a message, not a crash.
 """
 
-import os
-
 from files import StoreError
+from hardware import available_memory
 
 MAX_PARAMS = 2_000_000_000  # a config beyond this is a typo, whatever the machine
 HEAD_CHUNK = 256  # rows of the output layer and loss computed at a time (speed.HeadLoss)
+TRAIN_MEMORY_SHARE = 0.8  # a training step may plan on this share of the memory available now
+CREATE_MEMORY_SHARE = 0.5  # a new model must train (one window per step) in this share of it
 
 
 def param_count(cfg):
@@ -64,16 +65,34 @@ def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=
 
 
 def check_fits_in_memory(cfg):
-    """Refuse a model too big to train: over MAX_PARAMS, or whose training state (weights, grads,
-    AdamW: 16 bytes a parameter) would take more than half of the memory free here."""
+    """The store's policy for a new model: it must be trainable on this machine. Refuse one over
+    MAX_PARAMS, or whose training step at batch size 1 and its full context (weights, gradients,
+    AdamW, activations: memory_estimate) needs more than CREATE_MEMORY_SHARE of the memory
+    available here, before its weights are allocated and written."""
     n = param_count(cfg)
     if n > MAX_PARAMS:
         raise StoreError(f"this config has {n:,} parameters; the limit is {MAX_PARAMS:,}")
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not Linux: no cheap reading, trust the limits
-        return
-    need = 16 * n
-    if need > free / 2:
-        raise StoreError(f"this config needs about {need / 2**30:.1f} GiB to train ({n:,} parameters), "
-                         f"more than half of the {free / 2**30:.1f} GiB free here; make it smaller")
+    need, free = memory_estimate(cfg, batch_size=1)["total"], available_memory()
+    if free is not None and need > CREATE_MEMORY_SHARE * free:
+        raise StoreError(
+            f"this config ({n:,} parameters) needs about {gib(need)} GiB to train even one window of "
+            f"{cfg.max_seq_len} tokens per step, more than {CREATE_MEMORY_SHARE:.0%} of the {gib(free)} GiB "
+            f"available here; the store only creates models this machine can train: make it smaller")
+
+
+def check_training_memory(cfg, batch_size, seq_len=None, precision="fp32", device=None):
+    """Refuse a training step that would not fit: its memory_estimate (at 2 bytes per activation
+    under bf16/fp16 autocast, 4 in fp32) against TRAIN_MEMORY_SHARE of what `device` has available
+    now. Run before the job starts, so the user gets the numbers instead of the OOM killer."""
+    T = seq_len or cfg.max_seq_len
+    need = memory_estimate(cfg, batch_size, T, bytes_per_act=2 if precision in ("bf16", "fp16") else 4)["total"]
+    free = available_memory(device)
+    if free is not None and need > TRAIN_MEMORY_SHARE * free:
+        raise StoreError(
+            f"a training step of batch_size {batch_size} x seq_len {T} on this model needs about {gib(need)} GiB "
+            f"({precision}, see /estimate), more than {TRAIN_MEMORY_SHARE:.0%} of the {gib(free)} GiB available "
+            f"here; lower batch_size or seq_len (grad_accum keeps the tokens per step)")
+
+
+def gib(n_bytes):
+    return f"{n_bytes / 2**30:,.1f}"

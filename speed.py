@@ -28,6 +28,7 @@ from sizing import HEAD_CHUNK
 # "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
 # eager training on 2 cores, enough to win back the compile time
 COMPILE_MIN_FLOPS = 5e12
+USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read before inductor sets it itself
 
 
 class HeadLoss(torch.autograd.Function):
@@ -130,6 +131,14 @@ def keep_freed_memory():
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1))
     except (OSError, AttributeError):  # musl or another libc: nothing to tune
         return False
+
+
+def cache_compiles_in(folder):
+    """Keep inductor's cache of compiled kernels in `folder` (the data folder's cache/), not in
+    /tmp/torchinductor_<user>, unless the user chose a place with TORCHINDUCTOR_CACHE_DIR.
+    Inductor reads the variable each time it compiles."""
+    if USER_COMPILE_CACHE is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 def compile_loss(loss, device, try_step):

@@ -9,10 +9,15 @@
                          adapters/<a>/      LoRA adapters trained on top of this model
     <home>/checkpoints/<name>/              training state for exact resume (see azr_trainer)
     <home>/books/<book>.txt + .json         cleaned UTF-8 text + how it was read
+    <home>/locks/                           one lock file per model and book (never deleted)
 
-Three rules keep it safe. Names are checked against one pattern (no '/', '..' or NUL can reach
+Four rules keep it safe. Names are checked against one pattern (no '/', '..' or NUL can reach
 the file system). Every write goes through files.py: a temp file moved into place with
 os.replace, which is atomic, so a crash leaves the old file or the new one, never half of one.
+Every change to a model or a book happens under its lock (files.held), across threads and
+processes: "does it exist? then create it" and "read the lineage, add a run, write it back"
+cannot interleave with another change, and a training run holds its model's *lease* for its
+whole length, so two runs never train one model and a rollback or delete waits for none.
 Weights are safetensors with a sha256 of their tensors, never pickle, so loading a file cannot
 run code and a corrupted file is caught.
 """
@@ -28,13 +33,14 @@ from pathlib import Path
 
 import torch
 
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, load_tensors, read_json, replacing,
-                   save_tensors, tensors_sha256_of_file, write_json)
+from config import check_seed, echo
+from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, read_json, replacing,
+                   save_tensors, shown, tensors_sha256_of_file, write_json)
 from azr_trainer import load_trained_weights
 from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
-from tokenizer import BookError, Tokenizer, read_book
+from tokenizer import MAX_UNZIPPED_BYTES, BookError, Tokenizer, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_DIR = Path(__file__).resolve().parent
@@ -57,8 +63,27 @@ def home_dir(home=None):
 class Store:
     def __init__(self, home=None):
         self.home = home_dir(home)
-        for d in ("models", "checkpoints", "books"):
+        for d in ("models", "checkpoints", "books", "locks"):
             (self.home / d).mkdir(parents=True, exist_ok=True)
+
+    # locks -------------------------------------------------------------------
+    def locked(self, name):
+        """Hold model `name` while changing it (a thread that holds it may take it again)."""
+        return held(self.home / "locks" / f"model-{check_name(name)}.lock",
+                    f"model {name!r} is busy: another process has been changing it for minutes; try again")
+
+    def training(self, name):
+        """Hold model `name`'s lease for a whole training run: taken at once or refused, never
+        waited for. A change that must not happen during a run (rollback, delete) takes it too,
+        briefly, inside `locked(name)`, so two such changes queue on the lock instead."""
+        self.model_dir(name)  # NotFound first: a lock file only for a model that exists
+        return held(self.home / "locks" / f"model-{check_name(name)}.run.lock",
+                    f"model {name!r} is being trained (by this server or another process, such as "
+                    f"`python cli.py train`); wait for the run to finish or stop it first", wait_s=0)
+
+    def book_locked(self, name):
+        return held(self.home / "locks" / f"book-{check_name(name, 'book')}.lock",
+                    f"book {name!r} is busy: another process has been changing it for minutes; try again")
 
     # paths -------------------------------------------------------------------
     def model_dir(self, name, must_exist=True):
@@ -81,27 +106,32 @@ class Store:
         return d
 
     # models ------------------------------------------------------------------
-    def create_model(self, name, cfg, seed=0, parent=None, model=None, tokenizer=None):
-        """A new model: fresh weights from `seed`, or given ones (`model`, `tokenizer`: a merge)."""
+    def create_model(self, name, cfg, seed=0, parent=None, model=None, tokenizer=None, books=(), steps=0):
+        """A new model: fresh weights from `seed`, or given ones (`model`, `tokenizer`, the `books`
+        and `steps` behind them: a merge). Of two creators of one name, one wins, the other gets Exists."""
         d = self.model_dir(name, must_exist=False)
-        if (d / "config.json").exists():
-            raise Exists(f"a model named {name!r} already exists; pick another name or delete it")
         cfg.validate()
+        check_seed(seed)
         check_fits_in_memory(cfg)
-        model = model if model is not None else GPT(cfg, torch.Generator().manual_seed(seed))
-        d.mkdir(parents=True, exist_ok=True)
-        self.save_weights(name, model)
-        if tokenizer is not None:
-            tokenizer.save(d / "tokenizer.json")
-        write_json(d / "lineage.json", {
-            "name": name, "created": _now(), "parent": parent, "books": [], "runs": [],
-            "steps": 0, "best_val_bpb": None, "versions": [],
-        })
-        write_json(d / "config.json", cfg.to_dict())  # written last: it marks the model as complete
+        with self.locked(name):
+            if (d / "config.json").exists():
+                raise Exists(f"a model named {name!r} already exists; pick another name or delete it")
+            for leftover in (d, self.checkpoint_dir(name)):  # of a create or delete cut off by a crash
+                shutil.rmtree(leftover, ignore_errors=True)
+            model = model if model is not None else GPT(cfg, torch.Generator().manual_seed(seed))
+            d.mkdir(parents=True)
+            self.save_weights(name, model)
+            if tokenizer is not None:
+                tokenizer.save(d / "tokenizer.json")
+            write_json(d / "lineage.json", {
+                "name": name, "created": _now(), "parent": parent, "books": list(books), "runs": [],
+                "steps": steps, "best_val_bpb": None, "versions": [],
+            })
+            write_json(d / "config.json", cfg.to_dict())  # written last: it marks the model as complete
         return model
 
     def config(self, name):
-        return ModelConfig.from_dict(read_json(self.model_dir(name) / "config.json"))
+        return self._read(name, "config.json", ModelConfig.from_dict)
 
     def load_model(self, name, device="cpu", version=None):
         cfg = self.config(name)
@@ -113,7 +143,8 @@ class Store:
         return model.to(device)
 
     def save_weights(self, name, model, extra_meta=None):
-        save_tensors(self.model_dir(name, must_exist=False) / "model.safetensors", weights_of(model), extra_meta)
+        with self.locked(name):
+            save_tensors(self.model_dir(name, must_exist=False) / "model.safetensors", weights_of(model), extra_meta)
 
     def weights_sha256(self, name):
         """The checksum in the header of the current weights: names the exact weights (adapters
@@ -126,40 +157,70 @@ class Store:
         return Tokenizer.load(p) if p.exists() else None
 
     def lineage(self, name):
-        return read_json(self.model_dir(name) / "lineage.json")
+        return self._read(name, "lineage.json")
 
     def update_lineage(self, name, **changes):
-        lin = self.lineage(name)
-        lin.update(changes)
-        write_json(self.model_dir(name) / "lineage.json", lin)
+        """Set fields of lineage.json. A caller that computes them from the lineage it read holds
+        `locked(name)` around both, so no concurrent update is lost in between."""
+        with self.locked(name):
+            lin = self.lineage(name)
+            lin.update(changes)
+            write_json(self.model_dir(name) / "lineage.json", lin)
         return lin
+
+    def _read(self, name, file, parse=lambda d: d):
+        """A model's JSON file, parsed; CorruptFile saying what to do if it cannot be read."""
+        path = self.model_dir(name) / file
+        try:
+            return parse(read_json(path))
+        except ValueError as e:  # torn JSON, or fields this version does not know
+            raise CorruptFile(f"{shown(path)} is damaged ({str(e)[:200]}); repair the file by hand, or delete the "
+                              f"model (`python cli.py delete {name}`, or Delete on the Models tab)") from e
 
     def info(self, name):
         d = self.model_dir(name)
-        cfg, lin = self.config(name), self.lineage(name)
-        size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-        return {
-            "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
-            "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
-            "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
-            "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
-        }
+        with self.locked(name):  # a consistent view: no half-finished change of this model
+            cfg, lin = self.config(name), self.lineage(name)
+            size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+            try:
+                return {
+                    "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
+                    "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
+                    "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
+                    "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
+                }
+            except KeyError as e:
+                raise CorruptFile(f"{name}/lineage.json is damaged (no field {e}); repair it by hand, or delete "
+                                  f"the model (`python cli.py delete {name}`, or Delete on the Models tab)") from None
 
     def list_models(self):
-        names = sorted(p.parent.name for p in (self.home / "models").glob("*/config.json"))
-        return [self.info(n) for n in names if NAME_RE.fullmatch(n)]
+        """Every model's info; a model whose files cannot be read is listed as {name, damaged:
+        what is wrong and what to do}, and the others are listed as usual."""
+        out = []
+        for n in sorted(p.parent.name for p in (self.home / "models").glob("*/config.json")):
+            if not NAME_RE.fullmatch(n):
+                continue
+            try:
+                out.append(self.info(n))
+            except NotFound:
+                continue  # deleted while we listed
+            except (StoreError, OSError) as e:
+                out.append({"name": n, "damaged": str(e)})
+        return out
 
     def delete_model(self, name):
-        d = self.model_dir(name)
-        shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
-        (d / "config.json").unlink()  # first: a half-deleted model no longer counts as a model
-        shutil.rmtree(d)
+        with self.locked(name), self.training(name):
+            d = self.model_dir(name)  # still there: a deleter that waited for the lock finds it gone
+            shutil.rmtree(self.checkpoint_dir(name), ignore_errors=True)
+            (d / "config.json").unlink()  # first: a half-deleted model no longer counts as a model
+            shutil.rmtree(d)
 
     def delete_adapter(self, name, adapter):
-        d = self.adapter_dir(name, adapter)
-        (d / "adapter_config.json").unlink()  # first: a half-deleted adapter no longer counts
-        shutil.rmtree(d)
-        shutil.rmtree(self.checkpoint_dir(name) / "adapters" / adapter, ignore_errors=True)
+        with self.locked(name), self.training(name):
+            d = self.adapter_dir(name, adapter)
+            (d / "adapter_config.json").unlink()  # first: a half-deleted adapter no longer counts
+            shutil.rmtree(d)
+            shutil.rmtree(self.checkpoint_dir(name) / "adapters" / adapter, ignore_errors=True)
 
     def list_adapters(self, name):
         d = self.model_dir(name) / "adapters"
@@ -169,12 +230,13 @@ class Store:
     def save_adapter(self, name, adapter, model, lc, base_sha256, run=None):
         """adapters/<adapter>/adapter.safetensors (A and B of every wrapped layer) + adapter_config.json,
         written last: its presence marks a complete adapter."""
-        d = self.adapter_dir(name, adapter, must_exist=False)
-        d.mkdir(parents=True, exist_ok=True)
-        save_tensors(d / "adapter.safetensors", lora_state(model), {"base_sha256": base_sha256})
         info = {"name": adapter, "base_model": name, "base_sha256": base_sha256, "lora": lc.to_dict(),
                 "params": count_params(model), "run": run, "saved": _now()}
-        write_json(d / "adapter_config.json", info)
+        with self.locked(name):
+            d = self.adapter_dir(name, adapter, must_exist=False)
+            d.mkdir(parents=True, exist_ok=True)
+            save_tensors(d / "adapter.safetensors", lora_state(model), {"base_sha256": base_sha256})
+            write_json(d / "adapter_config.json", info)
         return info
 
     def adapter_info(self, name, adapter):
@@ -213,34 +275,36 @@ class Store:
         quantization error of W (see quant.nf4_report), but it stays a full-precision model."""
         info = self.adapter_info(name, adapter)
         model = merge_lora(self.load_adapter(name, adapter, nf4=False))
-        self.create_model(out, model.config, parent={"model": name, "adapter": adapter},
-                          model=model, tokenizer=self.tokenizer(name))
         base, run = self.lineage(name), info.get("run") or {}
-        return self.update_lineage(out, books=merge_books(base["books"], run.get("books", [])),
-                                   steps=base["steps"] + run.get("steps", 0))
+        self.create_model(out, model.config, parent={"model": name, "adapter": adapter}, model=model,
+                          tokenizer=self.tokenizer(name), books=merge_books(base["books"], run.get("books", [])),
+                          steps=base["steps"] + run.get("steps", 0))
+        return self.lineage(out)
 
     # versions ----------------------------------------------------------------
     def save_version(self, name, note=""):
         """Snapshot the current weights as the next version vNNN; returns its name."""
-        d = self.model_dir(name)
-        lin = self.lineage(name)
-        version = f"v{len(lin.get('versions', [])) + 1:03d}"
-        vdir = d / "versions" / version
-        vdir.mkdir(parents=True, exist_ok=True)
-        copy_file(d / "model.safetensors", vdir / "model.safetensors")
-        entry = {"version": version, "date": _now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
-        self.update_lineage(name, versions=lin.get("versions", []) + [entry])
+        with self.locked(name):
+            d = self.model_dir(name)
+            lin = self.lineage(name)
+            version = f"v{len(lin.get('versions', [])) + 1:03d}"
+            vdir = d / "versions" / version
+            vdir.mkdir(parents=True, exist_ok=True)
+            copy_file(d / "model.safetensors", vdir / "model.safetensors")
+            entry = {"version": version, "date": _now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
+            self.update_lineage(name, versions=lin.get("versions", []) + [entry])
         return version
 
     def rollback(self, name, version):
-        d = self.model_dir(name)
-        lin = self.lineage(name)
-        entry = next((v for v in lin.get("versions", []) if v["version"] == version), None)
-        if entry is None:
-            raise NotFound(f"model {name!r} has no version {version!r}; versions: {[v['version'] for v in lin.get('versions', [])]}")
-        load_tensors(d / "versions" / version / "model.safetensors")  # verify before replacing
-        copy_file(d / "versions" / version / "model.safetensors", d / "model.safetensors")
-        return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)
+        with self.locked(name), self.training(name):
+            d = self.model_dir(name)
+            lin = self.lineage(name)
+            entry = next((v for v in lin.get("versions", []) if v["version"] == version), None)
+            if entry is None:
+                raise NotFound(f"model {name!r} has no version {echo(version)}; versions: {[v['version'] for v in lin.get('versions', [])]}")
+            load_tensors(d / "versions" / version / "model.safetensors")  # verify before replacing
+            copy_file(d / "versions" / version / "model.safetensors", d / "model.safetensors")
+            return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)
 
     # metrics -----------------------------------------------------------------
     def metrics(self, name, since_line=0, adapter=None):
@@ -253,31 +317,36 @@ class Store:
         return [row for row in map(_json_or_none, lines) if row is not None]
 
     # books -------------------------------------------------------------------
-    def add_book(self, name, data, filename="book.txt"):
-        """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info."""
+    def add_book(self, name, data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
+        """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info.
+        Of two uploads under one name, one is stored, the other gets Exists. `max_bytes` caps
+        what an .epub may inflate to (tokenizer.read_book)."""
         path = self.book_path(name)
-        if path.exists():
-            raise Exists(f"a book named {name!r} already exists; delete it first or pick another name")
-        return self._save_book(path, data, filename)
+        book = read_book(data, filename, max_bytes)  # the slow part, outside the lock
+        with self.book_locked(name):
+            if path.exists():
+                raise Exists(f"a book named {name!r} already exists; delete it first or pick another name")
+            return self._save_book(path, book, len(data), filename)
 
     def book_info(self, name):
         path = self.book_path(name)
-        if not path.exists():
-            raise NotFound(f"no book named {name!r}; upload it first (known: {[b['name'] for b in self.list_books()]})")
-        meta = path.with_suffix(".json")
-        if meta.exists():
-            return read_json(meta)
-        return self._describe_loose_book(path)
+        with self.book_locked(name):
+            if not path.exists():
+                raise NotFound(f"no book named {name!r}; upload it first (known: {[b['name'] for b in self.list_books()]})")
+            meta = path.with_suffix(".json")
+            if meta.exists():
+                return read_json(meta)
+            return self._describe_loose_book(path)
 
     def _describe_loose_book(self, path):
         """A .txt dropped into books/ by hand: read it like an upload, once."""
-        return self._save_book(path, path.read_bytes(), path.name)
+        data = path.read_bytes()
+        return self._save_book(path, read_book(data, path.name), len(data), path.name)
 
-    def _save_book(self, path, data, filename):
+    def _save_book(self, path, book, n_bytes, filename):
         """The book's clean UTF-8 text at `path` and its info next to it (written last)."""
-        book = read_book(data, filename)
         text = book.text.encode("utf-8")
-        info = {"name": path.stem, "filename": os.path.basename(filename), "bytes": len(data), "text_bytes": len(text),
+        info = {"name": path.stem, "filename": os.path.basename(filename), "bytes": n_bytes, "text_bytes": len(text),
                 "sha256": hashlib.sha256(text).hexdigest(), **book.report(), "added": _now()}
         if not path.exists() or path.read_bytes() != text:
             atomic_write(path, text)
@@ -285,8 +354,13 @@ class Store:
         return info
 
     def book_text(self, name):
-        self.book_info(name)
-        return self.book_path(name).read_text(encoding="utf-8")
+        return self.read_book(name)[1]
+
+    def read_book(self, name):
+        """(info, text) of a stored book, read together: the text is the one its sha256 names."""
+        with self.book_locked(name):
+            info = self.book_info(name)
+            return info, self.book_path(name).read_text(encoding="utf-8")
 
     def list_books(self):
         out = []
@@ -299,21 +373,33 @@ class Store:
         return out
 
     def delete_book(self, name):
-        self.book_info(name)
-        self.book_path(name).unlink()
-        self.book_path(name).with_suffix(".json").unlink(missing_ok=True)
+        with self.book_locked(name):
+            self.book_info(name)
+            self.book_path(name).unlink()
+            self.book_path(name).with_suffix(".json").unlink(missing_ok=True)
 
-    def resolve_book(self, ref):
-        """A book given as a store name or as a path to a file (CLI): -> (name, text, sha256)."""
-        if NAME_RE.fullmatch(ref) and self.book_path(ref).exists():
-            info = self.book_info(ref)
-            return ref, self.book_text(ref), info["sha256"]
+    def resolve_book(self, ref, allow_path=False):
+        """A book given as a store name -> (name, text, sha256). Only the CLI passes allow_path,
+        to name a file by its path; a name from the web API never becomes a path on the server."""
+        if not self._is_path(ref, allow_path):
+            info, text = self.read_book(check_name(ref, "book"))
+            return ref, text, info["sha256"]
         p = Path(ref)
         if not p.is_file():
             raise NotFound(f"no book {ref!r}: not an uploaded book name and not a file")
         text = read_book(p.read_bytes(), p.name).text
         stem = re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "book"
         return stem, text, hashlib.sha256(text.encode()).hexdigest()
+
+    def book_sha256(self, ref, allow_path=False):
+        """The sha256 of a book's text as it is now (a path is read again)."""
+        if not self._is_path(ref, allow_path):
+            return self.book_info(check_name(ref, "book"))["sha256"]
+        return self.resolve_book(ref, allow_path)[2]
+
+    def _is_path(self, ref, allow_path):
+        """Only where allowed (the CLI) is a book named by a path, and a stored book's name wins."""
+        return allow_path and not (NAME_RE.fullmatch(ref) and self.book_path(ref).exists())
 
 
 def merge_books(known, new):

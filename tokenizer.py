@@ -35,8 +35,9 @@ from files import replacing, write_json
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = [EOT]
-MAX_UNZIPPED_BYTES = 200 * 2**20  # an .epub may not inflate past this (zip-bomb guard)
-MAX_ZIP_RATIO = 100  # nor inflate any member more than 100x
+MAX_UNZIPPED_BYTES = 200 * 2**20  # the chapters of an .epub may not inflate past this (zip-bomb guard)
+MAX_ZIP_RATIO = 100  # nor any member more than 100x
+MAX_ZIP_MEMBERS = 5000  # a book has hundreds of files, not millions of empty ones
 
 
 class BookError(ValueError):
@@ -59,14 +60,17 @@ class BookText:
                 "characters": len(self.text), "notes": self.notes}
 
 
-def read_book(data, filename="book.txt"):
-    """bytes of a .txt/.fb2/.epub file -> BookText, or BookError with a clear message."""
+def read_book(data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
+    """bytes of a .txt/.fb2/.epub file -> BookText, or BookError with a clear message.
+
+    `max_bytes` caps what an .epub may inflate to (the server passes its upload limit: a zip
+    must not smuggle in more than a plain upload may hold). A .txt or .fb2 is its own bytes."""
     if not data:
         raise BookError("the file is empty")
     ext = Path(filename).suffix.lower()
     notes = []
     if ext == ".epub" or data[:4] == b"PK\x03\x04":
-        raw, fmt = _epub_text(data), "epub"
+        raw, fmt = _epub_text(data, max_bytes), "epub"
         text, encoding = raw, "utf-8"
         notes.append("extracted text from the EPUB's XHTML chapters")
     else:
@@ -165,17 +169,25 @@ def _markup_text(markup):
     return re.sub(r"\n{3,}", "\n\n", html.unescape(text)).strip() + "\n"
 
 
-def _epub_text(data):
-    """The chapters of an EPUB (a zip of XHTML files), in reading order, with bomb guards."""
+def _epub_text(data, max_bytes):
+    """The chapters of an EPUB (a zip of XHTML files), in reading order, with bomb guards: the
+    sizes in the zip's directory are checked before anything is inflated (zipfile stops a member
+    that lies about its size at the size it declared)."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         infos = z.infolist()
     except zipfile.BadZipFile:
         raise BookError("this .epub is not a valid zip archive")
-    total = sum(i.file_size for i in infos)
-    if total > MAX_UNZIPPED_BYTES or any(i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1) + 2**20 for i in infos):
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise BookError(f"this .epub holds {len(infos):,} files, more than the {MAX_ZIP_MEMBERS:,} a book may have")
+    if any(i.file_size > MAX_ZIP_RATIO * max(i.compress_size, 1) + 2**20 for i in infos):
         raise BookError("this .epub inflates to an implausible size (zip bomb?); refusing to open it")
-    names = [i.filename for i in infos if i.filename.lower().endswith((".xhtml", ".html", ".htm"))]
+    read = [i for i in infos if i.filename.lower().endswith((".xhtml", ".html", ".htm", ".opf"))]
+    total = sum(i.file_size for i in read)
+    if total > max_bytes:
+        raise BookError(f"this .epub's chapters inflate to {total / 2**20:.1f} MB, more than the "
+                        f"{max_bytes / 2**20:.0f} MB a book may hold (the upload limit)")
+    names = [i.filename for i in read if not i.filename.lower().endswith(".opf")]
     try:  # a member can still be encrypted, damaged or lie about its size: zipfile finds out on read
         names = _spine_order(z, names)
         if not names:

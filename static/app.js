@@ -87,10 +87,12 @@ $$("#tabs button").forEach(b => b.addEventListener("click", () => showTab(b.data
 
 // ----------------------------------------------------------------------------- shared lists
 
-let models = [];
+let models = [], damagedModels = [];  // damaged: {name, damaged: what is wrong and what to do}
 
 async function refreshModels() {
-  models = await api("GET", "/models");
+  const all = await api("GET", "/models");
+  models = all.filter(m => !m.damaged);
+  damagedModels = all.filter(m => m.damaged);
   for (const sel of $$("select.model-select")) {
     const keep = sel.value;
     sel.replaceChildren(...models.map(m => el("option", {value: m.name}, m.name)));
@@ -617,6 +619,9 @@ function renderModelsTable() {
     el("td", {className: "actions"},
       el("a", {href: "/download_model/" + encodeURIComponent(m.name), className: "button", download: m.name + ".zip"}, "Download"),
       el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete"))));
+  rows.push(...damagedModels.map(m => el("tr", {className: "damaged"},
+    el("td", {}, m.name), el("td", {colSpan: 7, className: "msg error"}, "damaged: " + m.damaged),
+    el("td", {className: "actions"}, el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete")))));
   $("#models-table tbody").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", {colSpan: 9, className: "muted"}, "no models yet: create one"))]));
 }
 

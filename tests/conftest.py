@@ -17,6 +17,7 @@ from model import ModelConfig  # noqa: E402
 from store import Store  # noqa: E402
 
 TINY = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
+LOCAL_URL = "http://127.0.0.1"  # TestClient's base_url: the server answers only to this machine's names
 
 
 def tiny_config(**changes):

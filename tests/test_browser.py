@@ -136,3 +136,22 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.once("dialog", lambda dialog: dialog.accept())
     page.click("#models-table button:has-text('Delete')")
     page.wait_for_selector("#models-table td:has-text('no models yet')")
+
+
+def test_a_damaged_model_is_listed_with_what_to_do_and_can_be_deleted(server, page, tmp_path):
+    from conftest import tiny_config
+    from store import Store
+
+    store = Store(tmp_path / "home")  # the server's data folder
+    for name in ("good", "bad"):
+        store.create_model(name, tiny_config())
+    (store.model_dir("bad") / "lineage.json").write_text('{"name": "bad", "runs": [')
+    page.goto(server)
+    page.click("#tabs button[data-tab=models]")
+    page.wait_for_selector("#models-table tr.damaged:has-text('bad/lineage.json is damaged')")
+    assert page.is_visible("#models-table a:has-text('good')")
+    assert page.locator("#arena-form [name=model_a] option").all_text_contents() == ["good"]
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#models-table tr.damaged button:has-text('Delete')")
+    page.wait_for_selector("#models-msg:has-text('deleted bad')")
+    assert page.locator("#models-table tr.damaged").count() == 0

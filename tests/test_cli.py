@@ -40,3 +40,8 @@ def test_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
     assert code == 2 and "no model named 'ghost'" in err
     code, _, err = run(capsys, tmp_path, "train", "ghost", "--book", "missing.txt")
     assert code == 2 and "ghost" in err
+
+
+def test_a_seed_past_2_63_is_the_same_error_as_in_the_web_api(tmp_path, capsys):
+    code, _, err = run(capsys, tmp_path, "create", "s", "--preset", "small", "--seed", str(2**63))
+    assert code == 2 and f"seed must be between 0 and {2**63 - 1}, got {2**63}" in err and "Traceback" not in err

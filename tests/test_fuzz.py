@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import cli
 from runs import train
-from conftest import ROOT, quick_train_config, tiny_config
+from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from store import NAME_RE, Store
 
 CASES = Counter()  # cases tried per group, printed for RELIABILITY.md
@@ -277,7 +277,7 @@ def api(tmp_path_factory):
     store.add_book("book", (ROOT / "books" / "example_book.txt").read_bytes()[:30_000], "book.txt")
     store.create_model("m", tiny_config(vocab_size=400))
     train(store, "m", ["book"], quick_train_config(steps=4, eval_every=4, checkpoint_every=4))
-    with TestClient(create_app(base / "home", max_upload_mb=1), follow_redirects=False) as client:
+    with TestClient(create_app(base / "home", max_upload_mb=1), base_url=LOCAL_URL, follow_redirects=False) as client:
         yield client
     tempfile.tempdir = old_tempdir
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from conftest import ROOT, TINY
+from conftest import LOCAL_URL, ROOT, TINY
 from server import create_app
 from store import read_json, write_json
 
@@ -40,7 +40,7 @@ def error_of(r, status):
 
 @pytest.fixture
 def client(tmp_path):
-    with TestClient(create_app(tmp_path / "home")) as c:
+    with TestClient(create_app(tmp_path / "home"), base_url=LOCAL_URL) as c:
         yield c
         c.app.state.azr.jobs.stop_requested.set()  # never leave a worker training into the next test
         c.app.state.azr.jobs.join(30)
@@ -62,7 +62,7 @@ def train(client, model, book, steps=20, **opts):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, book_text):
     """One app with a tiny model trained for 20 steps, shared by the read-only tests."""
-    with TestClient(create_app(tmp_path_factory.mktemp("trained"))) as c:
+    with TestClient(create_app(tmp_path_factory.mktemp("trained")), base_url=LOCAL_URL) as c:
         c.post("/upload_book", files={"file": ("book.txt", book_text.encode())})
         c.post("/create_model", json={"name": "tiny", **TINY})
         train(c, "tiny", "book")
@@ -183,7 +183,7 @@ def test_upload_duplicate_is_a_conflict(client, book):
 
 
 def test_upload_over_the_limit_is_413_with_or_without_content_length(tmp_path):
-    with TestClient(create_app(tmp_path, max_upload_mb=0.01)) as c:  # 10 KB
+    with TestClient(create_app(tmp_path, max_upload_mb=0.01), base_url=LOCAL_URL) as c:  # 10 KB
         r = c.post("/upload_book", files={"file": ("big.txt", b"word " * 4000)})
         assert "upload limit" in error_of(r, 413)
         from server import read_upload  # the streaming check, for clients that send no Content-Length
@@ -227,6 +227,10 @@ def test_train_runs_in_the_background_and_reports_progress(client, book):
     ({"model": "t", "book": "book", "steps": 0}, 400, "steps must be between"),
     ({"model": "t", "book": "book", "learning_rate": 5}, 400, "learning_rate"),
     ({"model": "t", "book": "book", "iteratons": 5}, 422, "iteratons"),
+    ({"model": "t", "book": "book", "seq_len": 64}, 400, "longer than the model's context (max_seq_len 32)"),
+    ({"model": "t", "book": "book", "seed": 2**63}, 400, "seed must be between 0 and 9223372036854775807"),
+    ({"model": "t", "book": "book", "steps": "5"}, 422, "steps"),
+    ({"model": "t", "book": "book", "steps": True}, 422, "steps"),
 ])
 def test_train_rejects(client, book, body, status, words):
     client.post("/create_model", json={"name": "t", **TINY})
@@ -262,6 +266,48 @@ def test_stop_and_resume(client, book):
     assert [r["step"] for r in rows] == list(range(1, 31))  # every step once, none lost or doubled
 
 
+def test_resume_after_the_book_changed_needs_changed_data_and_the_lineage_says_so(client, book, book_text):
+    client.post("/create_model", json={"name": "t", **TINY})
+    train(client, "t", book, steps=200)
+    wait_for(client, states=(), step=3)
+    client.post("/stop_training")
+    assert wait_for(client)["state"] == "stopped"
+    client.delete(f"/books/{book}")
+    client.post("/upload_book", data={"name": book}, files={"file": ("b.txt", book_text[::-1].encode())})
+    assert "changed since this run started" in error_of(client.post("/resume_training"), 409)
+    assert client.post("/resume_training", json={"changed_data": False}).status_code == 409
+    assert client.post("/resume_training", json={"changed_data": True}).status_code == 200
+    client.post("/stop_training")
+    wait_for(client)
+    run = client.get("/models/t").json()["runs"][-1]
+    assert run["data_changed"][0]["books"][0]["book"] == book
+
+
+def test_a_damaged_checkpoint_warning_names_no_server_path(client, book, monkeypatch):
+    import files
+
+    client.post("/create_model", json={"name": "t", **TINY})
+    train(client, "t", book, steps=200, checkpoint_every=2)
+    wait_for(client, states=(), step=5)
+    client.post("/stop_training")
+    wait_for(client)
+    home, load_file = client.app.state.azr.store.home, files.load_file
+    newest = max((home / "checkpoints" / "t").glob("step_*.safetensors"))
+
+    def unreadable(path):
+        if path == str(newest):
+            raise OSError(5, "Input/output error", path)
+        return load_file(path)
+    monkeypatch.setattr(files, "load_file", unreadable)
+    stopped_at = client.get("/training_status").json()["step"]
+    client.post("/resume_training")
+    job = wait_for(client, states=(), step=stopped_at + 3)
+    client.post("/stop_training")
+    wait_for(client)
+    warning = next(e["message"] for e in job["events"] if e["type"] == "warning")
+    assert f"checkpoints/t/{newest.name}" in warning and str(home) not in warning
+
+
 def test_stop_and_resume_without_a_job_are_conflicts(client):
     assert "no training job is running" in error_of(client.post("/stop_training"), 409)
     assert "no stopped or interrupted job" in error_of(client.post("/resume_training"), 409)
@@ -275,7 +321,7 @@ def test_restart_while_training_shows_interrupted_then_resumes(tmp_path, book_te
     """A server that dies mid-run leaves its job file saying "running" and no thread behind it.
     We train, stop at a checkpoint and put the files back the way a crash leaves them."""
     home = tmp_path / "home"
-    with TestClient(create_app(home)) as c1:
+    with TestClient(create_app(home), base_url=LOCAL_URL) as c1:
         c1.post("/upload_book", files={"file": ("book.txt", book_text.encode())})
         c1.post("/create_model", json={"name": "t", **TINY})
         train(c1, "t", "book", steps=30, checkpoint_every=5)
@@ -287,7 +333,7 @@ def test_restart_while_training_shows_interrupted_then_resumes(tmp_path, book_te
     write_json(job_file, {**read_json(job_file), "state": "running"})
     write_json(run_file, {**read_json(run_file), "status": "running"})
 
-    with TestClient(create_app(home)) as c2:  # the restarted server
+    with TestClient(create_app(home), base_url=LOCAL_URL) as c2:  # the restarted server
         job = c2.get("/training_status").json()
         assert job["state"] == "interrupted" and "Resume" in job["error"] and job["step"] == crashed["step"]
         assert read_json(job_file)["state"] == "interrupted"
@@ -305,9 +351,9 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(home, port):
+def start_server(home, port, *args):
     """`python server.py` in a subprocess; one torch thread, as the tiny model gains nothing from more."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--home", str(home)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "server.py"), "--port", str(port), "--home", str(home), *args],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     for _ in range(300):
@@ -457,6 +503,60 @@ def test_generate_rejects(trained, path, change, status, words):
     assert words in error_of(r, status) and r.headers["content-type"] == "application/json"
 
 
+@pytest.mark.parametrize("top_p", [1e-300, 0.0])
+def test_a_tiny_top_p_keeps_the_likeliest_token(trained, top_p):
+    body = {"model": "tiny", "prompt": "The", "max_new_tokens": 10, "top_p": top_p, "seed": 1}
+    greedy = trained.post("/generate", json={**body, "top_p": 1.0, "temperature": 0}).json()["text"]
+    assert trained.post("/generate", json=body).json()["text"] == greedy  # only the top token survives
+    text = trained.post("/generate_stream", json=body).text
+    assert "event: done" in text and "event: error" not in text
+
+
+def test_a_seed_past_2_63_is_refused_the_same_way_everywhere(trained):
+    seed = 2**63
+    answers = [trained.post("/generate", json={"model": "tiny", "seed": seed}),
+               trained.post("/arena", json={"model_a": "tiny", "model_b": "tiny", "seed": seed}),
+               trained.post("/create_model", json={"name": "s", **TINY, "seed": seed}),
+               trained.post("/train", json={"model": "tiny", "book": "book", "seed": seed})]
+    assert {error_of(r, 400) for r in answers} == {f"seed must be between 0 and {seed - 1}, got {seed}"}
+
+
+@pytest.mark.parametrize("path, field", [("/create_model", "d_model"), ("/generate", "max_new_tokens"),
+                                         ("/train", "steps"), ("/arena", "windows"), ("/attention", "layer")])
+@pytest.mark.parametrize("value", ["5", True, 5.0])
+def test_a_whole_number_field_takes_only_a_whole_number(trained, path, field, value):
+    body = {"name": "n", "model": "tiny", "model_a": "tiny", "model_b": "tiny", "prompt": "The", "book": "book"}
+    body = {k: v for k, v in body.items() if k in {"/create_model": {"name"}, "/arena": {"model_a", "model_b"},
+                                                   "/train": {"model", "book"}}.get(path, {"model", "prompt"})}
+    assert field in error_of(trained.post(path, json={**body, field: value}), 422)
+
+
+def test_arena_with_a_book_leaves_the_cached_model_in_eval_mode(trained):
+    body = {"model_a": "tiny", "model_b": "tiny", "prompt": "The", "max_new_tokens": 5, "book": "book", "windows": 4}
+    assert trained.post("/arena", json=body).status_code == 200
+    model, _ = trained.app.state.azr.models.get("tiny")
+    assert not model.training  # dropout stays off for the next request
+
+
+def test_errors_name_no_server_path_and_echo_no_huge_value(tmp_path, monkeypatch):
+    app = create_app(tmp_path / "home")
+    store = app.state.azr.store
+    with TestClient(app, base_url=LOCAL_URL, raise_server_exceptions=False) as client:
+        client.post("/create_model", json={"name": "t", **TINY})
+
+        def unreadable(name):
+            raise PermissionError(13, "Permission denied", str(store.home / "models" / name / "lineage.json"))
+        monkeypatch.setattr(store, "info", unreadable)
+        r = client.get("/models/t")
+        assert r.status_code == 500 and "models/t/lineage.json" in r.text and str(store.home) not in r.text
+        huge = "v" * 20 * 2**20
+        for r in (client.post("/models/t/rollback", json={"version": huge}),
+                  client.post("/create_model", json={"name": huge}),
+                  client.post("/generate", json={"model": "t", huge: 1}),
+                  client.post("/upload_book", data={"name": huge}, files={"file": ("b.txt", b"some text " * 10)})):
+            assert 400 <= r.status_code < 500 and len(r.content) < 3000, r.content[:200]
+
+
 def test_generate_from_an_untrained_model_says_train_first(client):
     client.post("/create_model", json={"name": "t", **TINY})
     assert "train it on a book first" in error_of(client.post("/generate", json={"model": "t"}), 409)
@@ -559,7 +659,7 @@ def test_delete_model(client):
 
 def test_unexpected_errors_are_json_500_and_the_server_goes_on(tmp_path):
     app = create_app(tmp_path)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with TestClient(app, base_url=LOCAL_URL, raise_server_exceptions=False) as c:
         app.state.azr.store.list_models = lambda: 1 / 0
         r = c.get("/models")
         assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]
