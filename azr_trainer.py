@@ -45,6 +45,9 @@ from hardware import autocast, pick_precision
 from sizing import flops_per_token
 
 
+SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, not a chapter
+
+
 @dataclass
 class TrainConfig:
     steps: int = setting(1000, "optimizer steps", 1, 10_000_000)
@@ -72,9 +75,13 @@ class TrainConfig:
     patience: int = setting(3, "stop once val bits/byte has not improved for this many evaluations (0 = never)", 0, 10_000)
     keep_best: bool = setting(True, "finish with the weights of the best evaluation")
     val_fraction: float = setting(0.1, "share of the book held out for validation", 0.01, 0.5)
+    sample_tokens: int = setting(32, "at each evaluation, continue the sample prompt by this many tokens (0 = off)", 0, 256)
+    sample_prompt: str | None = setting(None, "the prompt of those samples (empty = the book's first line)")
 
     def validate(self):
         config.validate(self)
+        if self.sample_prompt and len(self.sample_prompt) > SAMPLE_PROMPT_MAX_CHARS:
+            raise ValueError(f"sample_prompt must be at most {SAMPLE_PROMPT_MAX_CHARS} characters, got {len(self.sample_prompt)}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
@@ -91,10 +98,15 @@ class TrainConfig:
 
 class Trainer:
     """Trains `model` (already on its device) on data {"train", "val"} (token arrays), with
-    checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step."""
+    checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step.
 
-    def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info):
+    `sample`, if given, turns the model into a short text at each evaluation ({prompt, text}:
+    runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
+    evaluation's metrics row, so a run's samples show what the model learned step by step."""
+
+    def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None):
         self.model, self.data, self.byte_len, self.tc = model, data, byte_len, tc.validate()
+        self.sample = sample
         self.ckpt_dir, self.metrics_path, self.run_info = ckpt_dir, metrics_path, run_info
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -210,6 +222,8 @@ class Trainer:
             row["selfplay"] = self.selfplay.step()
         if self._evaluated(self.step) and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
             row.update(self.evaluate())
+            if self.sample:
+                row["sample"] = self.sample(self.model)
             self._track_best(row["val_bpb"])
         return row
 

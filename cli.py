@@ -179,6 +179,9 @@ class ProgressBar:
             if "val_bpb" in e:
                 post["val_bpb"] = f"{e['val_bpb']:.3f}"
                 tqdm.write(f"step {e['step']}: val loss {e['val_loss']:.4f}, bits/byte {e['val_bpb']:.4f}")
+            if "sample" in e:
+                one_line = (e["sample"]["prompt"] + " | " + e["sample"]["text"]).replace("\n", "\\n")
+                tqdm.write(f"step {e['step']} sample: {one_line}")
             if "selfplay" in e:
                 post["repeats"] = f"{e['selfplay']['repeat_rate']:.3f}"
             self.bar.set_postfix(post)

@@ -148,10 +148,12 @@ def sample_next(logits, sc, seen=None, generator=None):
 
 
 @torch.no_grad()
-def generate_ids(model, idx, sc, eos_id=None, dtype=None):
+def generate_ids(model, idx, sc, eos_id=None, dtype=None, n_tokens=None):
     """Yield (token_id, probs) for each new token after the prompt idx (1, T), with a KV cache.
 
-    `probs` is the model's distribution (V,) before filtering, for token views. The prompt goes
+    Only ids below `n_tokens` are drawn: a tokenizer can have fewer tokens than the model's
+    vocab_size (BPE stops merging when no pair repeats), and the ids past it mean nothing.
+    `probs` is the model's distribution over those ids before filtering, for token views. The prompt goes
     through the model in one forward ("prefill"); each new token then takes one more step with
     the cache. When the context fills up, the cache is rebuilt from the last half of it (a
     sliding window), so generation can run past max_seq_len."""
@@ -166,7 +168,7 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None):
     ids = idx[:, -cfg.max_seq_len:]
     with autocast_to(device, dtype):
         cache = KVCache(cfg, 1, device, dtype)
-        logits = fast(ids, cache=cache)[0][:, -1]  # (1, V)
+        logits = fast(ids, cache=cache)[0][:, -1, :n_tokens]  # (1, V)
         for _ in range(sc.max_new_tokens):
             nxt = sample_next(logits, sc, ids, gen)  # (1, 1)
             yield nxt.item(), logits[0].float().softmax(-1)
@@ -176,9 +178,9 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None):
             if cache.pos >= cfg.max_seq_len:  # full: restart the cache from the recent half
                 ids = ids[:, -(cfg.max_seq_len // 2):]
                 cache = KVCache(cfg, 1, device, dtype)
-                logits = fast(ids, cache=cache)[0][:, -1]
+                logits = fast(ids, cache=cache)[0][:, -1, :n_tokens]
             else:
-                logits = fast(nxt, cache=cache)[0][:, -1]
+                logits = fast(nxt, cache=cache)[0][:, -1, :n_tokens]
 
 
 @torch.no_grad()
@@ -223,7 +225,7 @@ def stream(model, tokenizer, prompt, sc, device="cpu"):
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     text = ""
-    for tok, probs in generate_ids(model, idx, sc, eos_id=tokenizer.eot_id):
+    for tok, probs in generate_ids(model, idx, sc, eos_id=tokenizer.eot_id, n_tokens=tokenizer.vocab_size):
         if tok == tokenizer.eot_id:
             break
         piece = decoder.decode(tokenizer.token_bytes(tok))

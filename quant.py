@@ -63,9 +63,7 @@ def quantize_nf4(w, double_quant=True):
     absmax  the per-64-block scales: fp32 (n_blocks,), or with double quantization
             int8 (n_blocks,) + fp32 scale per 256 blocks + one fp32 mean
     """
-    blocks = _blocks(w.detach().float().reshape(-1), NF4_BLOCK)  # (n_blocks, 64)
-    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
-    normed = blocks / torch.where(absmax > 0, absmax, 1.0)[:, None]  # every value in [-1, 1]
+    normed, absmax = absmax_blocks(w)
     # nearest level = how many midpoints between neighbouring levels lie below the value
     midpoints = (NF4[1:] + NF4[:-1]).to(w.device) / 2  # (15,)
     codes = torch.bucketize(normed, midpoints)  # (n_blocks, 64) in 0..15
@@ -75,6 +73,14 @@ def quantize_nf4(w, double_quant=True):
     else:
         q["absmax"] = absmax
     return q
+
+
+def absmax_blocks(w):
+    """Any float tensor -> its blocks of 64 scaled into [-1, 1] (n_blocks, 64), and the scales:
+    each block's largest |w| (n_blocks,). The last block is zero-padded."""
+    blocks = _blocks(w.detach().float().reshape(-1), NF4_BLOCK)  # (n_blocks, 64)
+    absmax = blocks.abs().amax(dim=1)  # (n_blocks,)
+    return blocks / torch.where(absmax > 0, absmax, 1.0)[:, None], absmax
 
 
 def dequantize_nf4(q, shape, dtype=torch.float32):
@@ -160,10 +166,14 @@ def quantize_model(model, compute_dtype=torch.float32):
     Embeddings and LayerNorms stay in full precision (they are small, and a token's embedding
     is read directly, not averaged over a matmul). lm_head stays too: it *is* wte (weight
     tying), so quantizing it would quantize the embedding table behind its back."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "lm_head":
-            model.set_submodule(name, NF4Linear(module, compute_dtype))
+    for name in quantizable(model):
+        model.set_submodule(name, NF4Linear(model.get_submodule(name), compute_dtype))
     return model
+
+
+def quantizable(model):
+    """The names of the layers quantize_model replaces: every nn.Linear but lm_head."""
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "lm_head"]
 
 
 # ----------------------------------------------------------------------------- reports

@@ -6,7 +6,9 @@ where models, books and adapters live. A run connects them in three explicit ste
 1. **Data.** Resolve the books, train the model's tokenizer on them if it has none yet (the
    embeddings are tied to its ids, so later runs reuse it), encode them to token arrays.
 2. **Train.** Build the Trainer on the model from the store (with a LoRA adapter attached for a
-   fine-tune) and run it; `run.json` and checkpoints go to `checkpoints/<name>/`.
+   fine-tune) and run it; `run.json` and checkpoints go to `checkpoints/<name>/`. At each
+   evaluation the model continues one fixed prompt with one fixed seed (`sampler`), so the
+   metrics show its writing improve.
 3. **Record.** At the end — also when stopped — the weights (or the adapter) go back into the
    store, and the lineage gets the run: books with their sha256, steps, best evaluation.
 
@@ -30,6 +32,7 @@ import torch
 import distributed
 from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, unigram_bpb, window_len
 from files import CorruptFile, Exists, NotFound, StoreError, shown
+from generate import SamplingConfig, generate
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from sizing import check_training_memory
@@ -170,7 +173,7 @@ def make_trainer(store, name, run):
         attach_lora(model, lc, dtype, torch.Generator().manual_seed(tc.seed))  # the same seed, the same initial A
     out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
     with distributed.main_first():  # DDP: rank 0 writes the tokenizer and the token arrays, the others read them
-        tok, data, book_refs = prepare_data(store, name, run["books"], tc.val_fraction, run.get("book_paths", False))
+        tok, data, book_refs, texts = prepare_data(store, name, run["books"], tc.val_fraction, run.get("book_paths", False))
         if distributed.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
     if run.setdefault("book_refs", book_refs) != book_refs:  # a book changed after check_same_books looked
@@ -178,7 +181,33 @@ def make_trainer(store, name, run):
     run["params"] = count_params(model)
     cache_compiles_in(store.home / "cache" / "inductor")
     byte_len = torch.from_numpy(tok.byte_lengths())
-    return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run)
+    sample = None
+    if tc.sample_tokens:
+        sample = sampler(tok, tc.sample_prompt or first_line(texts[0]), tc, device)
+    return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run, sample)
+
+
+def sampler(tok, prompt, tc, device):
+    """What the trainer calls at each evaluation: the model's continuation of `prompt`, always
+    with the run's seed, so one run's samples differ only by what the model has learned."""
+    sc = SamplingConfig(max_new_tokens=tc.sample_tokens, seed=tc.seed)
+
+    def sample(model):
+        # one CPU thread: decoding is a chain of small matrix-vector products, where threads
+        # mostly wait for each other (as in server.py); training gets its threads back after
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return {"prompt": prompt, "text": generate(model, tok, prompt, sc, device)}
+        finally:
+            torch.set_num_threads(threads)
+    return sample
+
+
+def first_line(text, max_chars=80):
+    """The first non-empty line of a book, cut at a word before max_chars: a prompt in its style."""
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    return line if len(line) <= max_chars else line[:max_chars].rsplit(" ", 1)[0]
 
 
 def run_and_record(store, name, trainer, on_event, should_stop):
@@ -190,15 +219,15 @@ def run_and_record(store, name, trainer, on_event, should_stop):
 
 
 def prepare_data(store, name, books, val_fraction=0.1, allow_paths=False):
-    """Books -> (tokenizer, {train, val} token arrays, [{name, sha256}]). The first run of a model
-    trains its tokenizer on its books; later runs reuse it."""
+    """Books -> (tokenizer, {train, val} token arrays, [{name, sha256}], [text of each book]). The
+    first run of a model trains its tokenizer on its books; later runs reuse it."""
     if not books:
         raise StoreError("give at least one book to train on")
     resolved = [store.resolve_book(b, allow_paths) for b in books]
     texts = {f"{n}-{sha[:8]}": text for n, text, sha in resolved}
     tok = store.tokenizer(name) or train_tokenizer(store, name, texts.values())
     data = prepare_tokens(tok, texts, store.home / "cache" / "tokens", val_fraction)
-    return tok, data, [{"name": n, "sha256": sha} for n, _, sha in resolved]
+    return tok, data, [{"name": n, "sha256": sha} for n, _, sha in resolved], [text for _, text, _ in resolved]
 
 
 def train_tokenizer(store, name, texts):
@@ -225,7 +254,7 @@ def record(store, name, trainer, status):
         store.save_weights(name, trainer.model)
         lin = store.lineage(name)
         runs = [r for r in lin["runs"] if r["run_id"] != run["run_id"]]
-        runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every})
+        runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every, "config": run["config"]})
         olds = [b for b in (lin["best_val_bpb"], best) if b is not None]
         store.update_lineage(name, runs=runs, books=merge_books(lin["books"], run["book_refs"]),
                              best_val_bpb=min(olds) if olds else None, steps=run["base_steps"] + trainer.step)

@@ -55,12 +55,12 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 import config
+import inside
 import runs
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, hide_paths
 from generate import SamplingConfig, generate, stream
 from hardware import pick_device
-from inside import attention_map, selfplay_rollout, top_alternatives
 from jobs import RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
@@ -204,7 +204,7 @@ def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
                   description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\", \"field\": \"...\"}.")
     app.state.azr = azr = App(home, max_upload_mb)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
-    for router in (page, models, training, generation):
+    for router in (page, models, training, generation, look_inside):
         app.include_router(router)
     # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
     # at the limit instead of being spooled to a temp file in full before read_upload sees it
@@ -297,7 +297,7 @@ def selfplay_example(name: str, azr: Azr, adapter: str | None = None):
     tok = azr.store.tokenizer(name)
     if not rows or tok is None:
         raise NotFound(f"model {name!r} has no self-play steps yet: train it with self-play on")
-    return {"step": rows[-1]["step"], "run": rows[-1]["run"], **selfplay_rollout(rows[-1]["selfplay"]["example"], tok)}
+    return {"step": rows[-1]["step"], "run": rows[-1]["run"], **inside.selfplay_rollout(rows[-1]["selfplay"]["example"], tok)}
 
 
 @models.delete("/models/{name}", summary="Delete a model, its versions and checkpoints")
@@ -477,7 +477,7 @@ def generate_stream(req: GenerateRequest, azr: Azr):
 def attention(req: AttentionRequest, azr: Azr):
     model, tok = azr.models.get(req.model, req.adapter)
     torch.set_num_threads(GENERATION_THREADS)
-    return attention_map(model, tok, req.prompt, req.layer, req.head)
+    return inside.attention_map(model, tok, req.prompt, req.layer, req.head)
 
 
 @generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)")
@@ -509,7 +509,7 @@ def sse_tokens(model, tok, prompt, sc, device):
             first = first or time.perf_counter() - t0
             n += 1
             piece = {"text": text, "token": token, "prob": None if probs is None else probs[token].item(),
-                     "top": [] if probs is None else top_alternatives(tok, probs)}
+                     "top": [] if probs is None else inside.top_alternatives(tok, probs)}
             yield f"data: {json.dumps(piece)}\n\n"
             torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
         done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
@@ -517,6 +517,64 @@ def sse_tokens(model, tok, prompt, sc, device):
     except Exception as e:  # the 200 header is gone: report the error in the stream itself
         log.exception("generation failed")
         yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
+
+
+# ----------------------------------------------------------------------------- look inside
+
+look_inside = APIRouter(prefix="/inside", tags=["look inside"])
+MAX_TOKENIZE_CHARS = 20_000  # a page of coloured chunks; a whole book is counted through `book`
+RUNS_MAX_MODELS = 4
+
+
+class TokensRequest(Body):
+    """`text` cut into tokens by `model`'s tokenizer; with `book`, also the book's numbers."""
+    model: str
+    text: str = Field("", max_length=MAX_TOKENIZE_CHARS)
+    book: str | None = None
+
+
+NextTokenRequest = create_model(
+    "NextTokenRequest", __base__=Body, __doc__="The next-token distribution after `prompt`, before and after sampling.",
+    model=(str, ...), adapter=(str | None, None), prompt=(str, Field("", max_length=MAX_PROMPT_CHARS)),
+    bars=(int, Field(20, ge=1, le=100)), **settings_fields(SamplingConfig, skip={"max_new_tokens", "seed", "stop"}))
+
+
+@look_inside.post("/tokens", summary="A text (or a book) cut into tokens: ids, bytes per token, common tokens, longest merges")
+def inside_tokens(req: TokensRequest, azr: Azr):
+    _, tok = azr.models.get(req.model)
+    return inside.tokenizer_view(azr.store, tok, req.text, req.book)
+
+
+@look_inside.post("/next_token", summary="The model's next-token probabilities and what temperature/top-k/top-p make of them")
+def inside_next_token(req: NextTokenRequest, azr: Azr):
+    model, tok = azr.models.get(req.model, req.adapter)
+    torch.set_num_threads(GENERATION_THREADS)
+    return inside.next_token_view(model, tok, req.prompt, settings_from(req, SamplingConfig), req.bars)
+
+
+@look_inside.get("/embeddings", summary="A 2-D PCA map of the embeddings of a book's commonest tokens, for any version")
+def inside_embeddings(azr: Azr, model: str, version: str | None = None, book: str | None = None,
+                      n: int = Query(200, ge=3, le=1000)):
+    current, tok = azr.models.get(model)
+    weights = azr.store.load_model(model, version=version) if version else current
+    book = book or inside.default_book(azr.store, model)
+    if book is None:
+        raise ValueError(f"model {model!r} was trained on no book that is still uploaded: pick a book")
+    counts = inside.token_counts(azr.store, tok, book)
+    return {**inside.embedding_map(weights, tok, counts, n), "model": model, "version": version, "book": book}
+
+
+@look_inside.get("/nf4", summary="One layer in NF4: the 16 levels on its weights' histogram, error, bits, bytes")
+def inside_nf4(azr: Azr, model: str, layer: str | None = None):
+    torch.set_num_threads(GENERATION_THREADS)
+    return {**inside.nf4_view(azr.store.load_model(model), layer), "model": model}
+
+
+@look_inside.get("/runs", summary="Loss and val bits/byte curves of every run of one or more models, with settings")
+def inside_runs(azr: Azr, model: Annotated[list[str], Query()]):
+    if len(model) > RUNS_MAX_MODELS:
+        raise ValueError(f"compare at most {RUNS_MAX_MODELS} models at once")
+    return inside.run_curves(azr.store, model)
 
 
 # ----------------------------------------------------------------------------- errors

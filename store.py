@@ -134,8 +134,11 @@ class Store:
         return self._read(name, "config.json", ModelConfig.from_dict)
 
     def load_model(self, name, device="cpu", version=None):
+        """The current weights of `name`, or those of one of its saved versions (vNNN)."""
         cfg = self.config(name)
         d = self.model_dir(name)
+        if version:
+            self.version_entry(name, version)
         path = d / "versions" / version / "model.safetensors" if version else d / "model.safetensors"
         tensors, _ = load_tensors(path)
         model = GPT(cfg)
@@ -295,13 +298,18 @@ class Store:
             self.update_lineage(name, versions=lin.get("versions", []) + [entry])
         return version
 
+    def version_entry(self, name, version):
+        """The lineage's record of a saved version; NotFound for any other name (also a path)."""
+        versions = self.lineage(name).get("versions", [])
+        entry = next((v for v in versions if v["version"] == version), None)
+        if entry is None:
+            raise NotFound(f"model {name!r} has no version {echo(version)}; versions: {[v['version'] for v in versions]}")
+        return entry
+
     def rollback(self, name, version):
         with self.locked(name), self.training(name):
             d = self.model_dir(name)
-            lin = self.lineage(name)
-            entry = next((v for v in lin.get("versions", []) if v["version"] == version), None)
-            if entry is None:
-                raise NotFound(f"model {name!r} has no version {echo(version)}; versions: {[v['version'] for v in lin.get('versions', [])]}")
+            entry = self.version_entry(name, version)
             load_tensors(d / "versions" / version / "model.safetensors")  # verify before replacing
             copy_file(d / "versions" / version / "model.safetensors", d / "model.safetensors")
             return self.update_lineage(name, steps=entry["steps"], rolled_back_to=version)

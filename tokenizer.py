@@ -16,6 +16,7 @@
 import hashlib
 import html
 import io
+import json
 import os
 import re
 import shutil
@@ -327,6 +328,12 @@ class Tokenizer:
 
     def token_bytes_of(self, ids):
         return b"".join(map(self.token_bytes, ids))
+
+    def merges(self):
+        """The learned BPE merges in the order they were learned: [(left bytes, right bytes), ...].
+        Merge i joins the pair that was the most frequent after merges 0..i-1."""
+        pairs = json.loads(self.hf.to_str())["model"]["merges"]
+        return [tuple(bytes(_UNICODE_TO_BYTE[c] for c in part) for part in pair) for pair in pairs]
 
     def byte_lengths(self):
         """(V,) int array: bytes of text each token stands for (bits-per-byte needs it)."""

@@ -1,4 +1,4 @@
-// The page: five tabs over the JSON API in server.py. Plain JS, no framework, no build step.
+// The page: six tabs over the JSON API in server.py. Plain JS, no framework, no build step.
 //
 // State that matters lives on the server (the training job, metrics, models, books); the page
 // polls it, so closing or reloading the tab loses nothing. Every API error arrives as
@@ -81,6 +81,7 @@ function showTab(name) {
   $$("#tabs button").forEach(b => b.classList.toggle("active", b.dataset.tab === name));
   history.replaceState(null, "", "#" + name);
   if (name === "training") charts.forEach(c => c.draw());
+  if (name === "inside") lookInside();
 }
 
 $$("#tabs button").forEach(b => b.addEventListener("click", () => showTab(b.dataset.tab)));
@@ -95,11 +96,14 @@ async function refreshModels() {
   damagedModels = all.filter(m => m.damaged);
   for (const sel of $$("select.model-select")) {
     const keep = sel.value;
-    sel.replaceChildren(...models.map(m => el("option", {value: m.name}, m.name)));
+    const none = sel.classList.contains("optional") ? [el("option", {value: ""}, "(none)")] : [];
+    sel.replaceChildren(...none, ...models.map(m => el("option", {value: m.name}, m.name)));
     if (models.some(m => m.name === keep)) sel.value = keep;
   }
   renderModelsTable();
   fillAttentionSelects();
+  fillVersionSelect();
+  if ($("#tab-inside").classList.contains("active")) lookInside();
   $$("select.adapter-select").forEach(fillAdapterSelect);
 }
 
@@ -124,7 +128,7 @@ async function refreshBooks() {
     : [el("span", {className: "hint"}, "upload a book first")]));
   for (const sel of $$("select.book-select")) {
     const keep = sel.value;
-    sel.replaceChildren(el("option", {value: ""}, "(none)"), ...books.map(b => el("option", {value: b.name}, b.name)));
+    sel.replaceChildren(el("option", {value: ""}, sel.dataset.none || "(none)"), ...books.map(b => el("option", {value: b.name}, b.name)));
     sel.value = books.some(b => b.name === keep) ? keep : "";
   }
 }
@@ -291,6 +295,19 @@ function resetWatch(job) {
   Object.assign(watch, {jobId: job.id, logSeq: 0, metricsNext: 0, runId: null, metricsState: null});
   $("#train-log").textContent = "";
   charts.forEach(c => { c.clear(); c.draw(); });
+  clearSamples();
+}
+
+// the timeline of samples: at each evaluation the same prompt, continued with the same seed
+function clearSamples() {
+  $("#samples").replaceChildren(el("li", {className: "muted"}, "none yet: they appear at each evaluation"));
+}
+
+function addSample(step, sample) {
+  const list = $("#samples");
+  if (!$(".sample", list)) list.replaceChildren();
+  list.append(el("li", {className: "sample"}, el("strong", {}, `step ${fmt.int(step)}: `),
+                 el("span", {className: "prompt"}, sample.prompt), sample.text));
 }
 
 let pollTimer = null, polling = false;
@@ -330,11 +347,15 @@ async function pollMetrics(job) {
     watch.runId = job.run_id;
     watch.metricsNext = 0;
     charts.forEach(c => c.clear());
+    clearSamples();
   }
   const q = new URLSearchParams({since: watch.metricsNext, run: job.run_id});
   if (job.adapter) q.set("adapter", job.adapter);
   const m = await api("GET", `/models/${encodeURIComponent(job.model)}/metrics?${q}`);
-  if (m.reset) charts.forEach(c => c.clear());
+  if (m.reset) {
+    charts.forEach(c => c.clear());
+    clearSamples();
+  }
   watch.metricsNext = m.next;
   for (const r of m.rows) {
     charts[0].push(0, r.step, r.loss);
@@ -344,6 +365,7 @@ async function pollMetrics(job) {
       charts[2].push(0, r.step, r.selfplay.repeat_rate);
       charts[2].push(1, r.step, r.selfplay.looping);
     }
+    if (r.sample) addSample(r.step, r.sample);
   }
   if (m.rows.length || m.reset) charts.forEach(c => c.draw());
   if (m.rows.some(r => r.selfplay)) showSelfplayExample(job);
@@ -719,9 +741,228 @@ $("#arena-form").addEventListener("submit", async ev => {
   } catch (err) { say(msg, err.message, "error"); }
 });
 
+// ----------------------------------------------------------------------------- look inside
+//
+// Five views of the model chosen at the top of the tab, each one request to /inside/... whose
+// numbers come from inside.py; the page only draws them.
+
+const insideForm = $("#inside-form");
+const insideModel = () => insideForm.elements.model.value;
+const pct = (x, d = 1) => `${(100 * x).toFixed(d)}%`;
+let insideShown = null;  // the model whose views are on the page
+
+// a token's text with its invisible characters made visible: · a space, ↵ a new line, ⇥ a tab
+const visible = t => t.replace(/ /g, "·").replace(/\n/g, "↵").replace(/\t/g, "⇥");
+
+function lookInside(force = false) {
+  const name = insideModel();
+  if (!name || (!force && name === insideShown)) return;
+  insideShown = name;
+  fillVersionSelect();
+  const m = models.find(x => x.name === name);
+  const needsTraining = m && !m.has_tokenizer;
+  for (const [view, show] of [["tokens", showTokens], ["next", showNextToken], ["embed", showEmbeddings]]) {
+    if (needsTraining) say($(`#${view}-msg`), `${name} is not trained yet: this view needs its tokenizer, which the first training run learns`, "muted");
+    else show();
+  }
+  showNF4();
+  showRuns();
+}
+
+insideForm.elements.model.addEventListener("change", () => lookInside());
+$$("#inside-form .jump a").forEach(a => a.addEventListener("click", ev => {
+  ev.preventDefault();  // scroll only: the address keeps naming the tab
+  $(a.getAttribute("href")).scrollIntoView({behavior: "smooth"});
+}));
+insideForm.addEventListener("submit", ev => { ev.preventDefault(); lookInside(true); });
+
+// --- tokenizer: coloured chunks with their ids, bytes per token, the book's numbers, the longest merges
+
+const CHUNK_COLOURS = ["#dbe8ff", "#ffe3c7", "#d7f2dd", "#f6d9f1", "#fff3b0", "#d6f0f5"];
+
+async function showTokens() {
+  const form = $("#tokens-form"), book = form.elements.book.value || null;
+  const body = book ? {text: "", book} : {text: form.elements.text.value};
+  const names = [insideModel(), form.elements.compare.value].filter((n, i, all) => n && all.indexOf(n) === i);
+  try {
+    const views = await Promise.all(names.map(model => api("POST", "/inside/tokens", {model, ...body})));
+    say($("#tokens-msg"), "");
+    $("#tokens-out").replaceChildren(...views.map((v, i) => tokensPanel(names[i], v)));
+  } catch (err) { say($("#tokens-msg"), err.message, "error"); }
+}
+
+function tokensPanel(name, v) {
+  const b = v.book;
+  return el("div", {className: "side"},
+    el("h4", {}, `${name}'s tokenizer (${fmt.int(v.vocab_size)} tokens)`),
+    el("div", {className: "chunks"}, ...v.tokens.map((t, i) => el("span", {className: "chunk", style: `background:${CHUNK_COLOURS[i % CHUNK_COLOURS.length]}`},
+      el("span", {}, visible(t.text)), el("small", {}, String(t.id))))),
+    el("p", {}, `${fmt.int(v.n_tokens)} tokens for ${fmt.int(v.n_bytes)} bytes of text: `,
+      el("strong", {}, `${v.bytes_per_token.toFixed(2)} bytes per token`), v.shown < v.n_tokens ? ` (the first ${v.shown} are shown)` : ""),
+    b ? el("p", {}, `The whole book "${b.name}": ${fmt.int(b.n_tokens)} tokens, ${b.bytes_per_token.toFixed(2)} bytes per token. Its ${b.common_tokens} most common tokens make up `,
+      el("strong", {}, pct(b.common_share)), " of it. The most common: ",
+      ...b.commonest.flatMap(([t, share]) => [el("code", {className: "pill"}, `${visible(t)} ${pct(share)}`), " "])) : null,
+    el("p", {className: "muted"}, "Longest merges learned (merge number = when BPE learned it; the first merges are the commonest pairs):"),
+    el("ol", {className: "merges"}, ...v.longest_merges.map(m => el("li", {},
+      el("code", {}, visible(m.left)), " + ", el("code", {}, visible(m.right)), " → ", el("code", {}, visible(m.result)),
+      el("small", {className: "muted"}, ` merge #${fmt.int(m.rank)}`)))));
+}
+
+$("#tokens-form").addEventListener("submit", ev => { ev.preventDefault(); showTokens(); });
+
+// --- next token: the model's probabilities (grey) and sampling's (blue), live as the settings change
+
+const nextForm = $("#next-form");
+let nextSeq = 0, nextTimer = null;
+
+async function showNextToken() {
+  const seq = ++nextSeq;  // answers can overtake each other while a setting is being changed
+  const body = {model: insideModel(), prompt: nextForm.elements.prompt.value, ...formValues(nextForm, settingNames(nextForm))};
+  try {
+    const v = await api("POST", "/inside/next_token", body);
+    if (seq !== nextSeq) return;
+    say($("#next-msg"), "");
+    drawNextToken(v);
+  } catch (err) { if (seq === nextSeq) say($("#next-msg"), err.message, "error"); }
+}
+
+function drawNextToken(v) {
+  const top = Math.max(...v.tokens.map(t => Math.max(t.p, t.p_sample)), 1e-9);
+  const bar = t => el("div", {className: "bar-row" + (t.cut ? " cut" : "")},
+    el("code", {className: "bar-label", title: `token id ${t.id}, the model's #${t.rank + 1}` + (t.seen ? ", already in the prompt" : "")}, visible(t.text)),
+    el("div", {className: "bar"}, el("span", {className: "p-model", style: `width:${100 * t.p / top}%`}),
+                                  el("span", {className: "p-sample", style: `width:${100 * t.p_sample / top}%`})),
+    el("span", {className: "bar-num"}, `${pct(t.p)} → ` + (t.cut ? `never (${t.cut === "greedy" ? "greedy takes the likeliest" : "cut by " + t.cut})` : pct(t.p_sample))));
+  const s = v.sampling;
+  $("#next-out").replaceChildren(
+    el("p", {}, "After ", el("code", {}, v.prompt_tokens.map(visible).join("|")), ` (${v.prompt_tokens.length} tokens), at temperature ${s.temperature}, ` +
+      `top-k ${s.top_k || "off"}, top-p ${s.top_p < 1 ? s.top_p : "off"}: sampling can pick `, el("strong", {}, `${fmt.int(v.kept)} of ${fmt.int(v.vocab_size)}`), " tokens."),
+    el("div", {className: "legend"}, el("span", {className: "key p-model"}), " the model's probability ", el("span", {className: "key p-sample"}), " the probability of being sampled"),
+    ...v.tokens.map(bar),
+    el("p", {className: "muted"}, `all other tokens together: ${pct(v.other.p)} → ${pct(v.other.p_sample)}`));
+}
+
+nextForm.addEventListener("input", () => { clearTimeout(nextTimer); nextTimer = setTimeout(showNextToken, 120); });
+nextForm.addEventListener("submit", ev => { ev.preventDefault(); showNextToken(); });
+
+// --- embeddings: a PCA map of the commonest tokens, for the current weights or a saved version
+
+const TOKEN_KINDS = [
+  ["starts a word (a space, then letters)", "#2a6fdb", t => /^ \p{L}/u.test(t)],
+  ["letters inside a word", "#1f9d55", t => /^\p{L}+$/u.test(t)],
+  ["space or new line", "#9aa1ad", t => /^\s+$/.test(t)],
+  ["punctuation, digits, other", "#e0742b", () => true],
+];
+const embedPlot = new ScatterPlot($("#embed-canvas"), {legend: TOKEN_KINDS.map(([label, color]) => ({label, color}))});
+
+function fillVersionSelect() {
+  const sel = $("#embed-form").elements.version, m = models.find(x => x.name === insideModel());
+  const keep = sel.value;
+  sel.replaceChildren(el("option", {value: ""}, "current weights"),
+    ...(m ? m.versions : []).map(v => el("option", {value: v.version}, `${v.version} (${fmt.int(v.steps)} steps)`)));
+  sel.value = m && m.versions.some(v => v.version === keep) ? keep : "";
+}
+
+async function showEmbeddings() {
+  const f = $("#embed-form"), q = new URLSearchParams({model: insideModel(), n: f.elements.n.value || 150});
+  if (f.elements.version.value) q.set("version", f.elements.version.value);
+  if (f.elements.book.value) q.set("book", f.elements.book.value);
+  try {
+    const v = await api("GET", "/inside/embeddings?" + q);
+    say($("#embed-msg"), "");
+    embedPlot.title = `${v.model}, ${v.version || "current weights"}: the ${v.points.length} most common tokens of "${v.book}"`;
+    embedPlot.points = v.points.map(p => ({x: p.x, y: p.y, label: visible(p.text), color: TOKEN_KINDS.find(k => k[2](p.text))[1],
+                                           tip: `${visible(p.text)} · id ${p.id} · ${fmt.int(p.count)} times in the book`}));
+    embedPlot.draw();
+    $("#embed-info").textContent = `Each dot is one token's ${v.d_model}-number embedding; the horizontal axis holds ${pct(v.explained[0])} of their ` +
+      `variance, the vertical ${pct(v.explained[1])}. The 40 most common are labelled; hover a dot for any other.`;
+  } catch (err) { say($("#embed-msg"), err.message, "error"); }
+}
+
+$("#embed-form").addEventListener("submit", ev => { ev.preventDefault(); showEmbeddings(); });
+$("#embed-form").elements.version.addEventListener("change", showEmbeddings);
+
+// --- NF4: one layer's block-normalised weights with the 16 levels on top, and what 4 bits cost
+
+let nf4View = null;
+
+async function showNF4() {
+  const sel = $("#nf4-form").elements.layer, q = new URLSearchParams({model: insideModel()});
+  if (sel.value) q.set("layer", sel.value);
+  try {
+    nf4View = await api("GET", "/inside/nf4?" + q);
+    say($("#nf4-msg"), "");
+    sel.replaceChildren(...nf4View.layers.map(l => el("option", {value: l}, l)));
+    sel.value = nf4View.layer;
+    drawNF4();
+  } catch (err) { say($("#nf4-msg"), err.message, "error"); }
+}
+
+function drawNF4() {
+  const v = nf4View;
+  if (!v) return;
+  histogram($("#nf4-canvas"), {
+    title: `${v.layer} (${v.shape.join(" × ")}): its ${fmt.int(v.params)} weights, each divided by the largest |w| of its block of ${v.block}`,
+    counts: v.histogram, lo: -1, hi: 1, marks: v.levels.map((x, i) => ({x, label: pct(v.level_share[i], 0)}))});
+  const m = v.whole_model, row = (...cells) => el("tr", {}, ...cells.map((c, i) => el(i % 2 ? "td" : "th", {}, c)));
+  $("#nf4-numbers").replaceChildren(
+    row("reconstruction error (this layer)", `RMSE ${v.rmse.toExponential(2)} · ${pct(v.rel_frobenius)} of the weights' norm`,
+        "bits per weight", `${v.bits_per_weight.toFixed(3)} (4 for the level + the block's scale)`),
+    row("this layer's memory", `${fmt.bytes(v.bytes_before)} → ${fmt.bytes(v.bytes_after)}`,
+        `whole model, its ${m.quantized_layers} linear layers in NF4`, `${fmt.bytes(m.bytes_before)} → ${fmt.bytes(m.bytes_after)} · error ${pct(m.rel_frobenius)}`));
+}
+
+$("#nf4-form").addEventListener("submit", ev => { ev.preventDefault(); showNF4(); });
+$("#nf4-form").elements.layer.addEventListener("change", showNF4);
+
+// --- runs: every run of one or two models on one chart, with the settings that set them apart
+
+const RUN_COLOURS = ["#2a6fdb", "#e0742b", "#1f9d55", "#7b3fb5", "#c0392b", "#0e9aa7", "#b5651d", "#6b7280"];
+const runCharts = [new LineChart($("#runs-loss"), {title: "Train loss (nats per token)"}),
+                   new LineChart($("#runs-bpb"), {title: "Validation bits per byte"})];
+
+async function showRuns() {
+  const names = [insideModel(), $("#runs-form").elements.compare.value].filter((n, i, all) => n && all.indexOf(n) === i);
+  const q = new URLSearchParams();
+  names.forEach(n => q.append("model", n));
+  try {
+    const {runs} = await api("GET", "/inside/runs?" + q);
+    say($("#runs-msg"), runs.length ? "" : `${names.join(" and ")}: no training runs yet`, "muted");
+    const series = runs.map((r, i) => ({label: `${r.model} ${r.run}`, color: RUN_COLOURS[i % RUN_COLOURS.length]}));
+    runCharts.forEach(c => c.setSeries(series));
+    runs.forEach((r, i) => {
+      r.loss.forEach(([x, y]) => runCharts[0].push(i, x, y));
+      r.val_bpb.forEach(([x, y]) => runCharts[1].push(i, x, y));
+    });
+    runCharts.forEach(c => c.draw());
+    renderRunsTable(runs, series);
+  } catch (err) { say($("#runs-msg"), err.message, "error"); }
+}
+
+// settings a run changed from the defaults; in bold those that differ between the runs shown
+function renderRunsTable(runs, series) {
+  const value = (r, k) => JSON.stringify(r.config ? r.config[k] : undefined);
+  const keys = [...new Set(runs.flatMap(r => Object.keys(r.config || {})))];
+  const differs = new Set(keys.filter(k => new Set(runs.map(r => value(r, k))).size > 1));
+  const settings = r => !r.config ? ["(not recorded)"] : keys.filter(k => differs.has(k) || (k in PAGE.train && value(r, k) !== JSON.stringify(PAGE.train[k].default)))
+    .map(k => el(differs.has(k) ? "strong" : "span", {}, `${k}=${r.config[k] ?? "none"} `));
+  $("#runs-table").replaceChildren(
+    el("tr", {}, ...["", "model", "run", "date", "status", "steps", "books", "best val bits/byte", "settings changed from the defaults (bold: differs between these runs)"].map(h => el("th", {}, h))),
+    ...runs.map((r, i) => el("tr", {},
+      el("td", {}, el("span", {className: "swatch", style: `background:${series[i].color}`})), el("td", {}, r.model), el("td", {}, el("code", {}, r.run || "–")),
+      el("td", {}, r.date ? r.date.replace("T", " ").slice(0, 16) : "–"), el("td", {}, r.status), el("td", {}, fmt.int(r.steps ?? 0)), el("td", {}, r.books.join(", ") || "–"),
+      el("td", {}, r.best ? `${fmt.num(r.best[0])} (step ${r.best[1]})` : "–"), el("td", {}, ...settings(r)))));
+}
+
+$("#runs-form").addEventListener("submit", ev => { ev.preventDefault(); showRuns(); });
+$("#runs-form").elements.compare.addEventListener("change", showRuns);
+
 // ----------------------------------------------------------------------------- start
 
-window.addEventListener("resize", () => charts.forEach(c => c.draw()));
+window.addEventListener("resize", () => {
+  [...charts, ...runCharts, embedPlot].forEach(c => c.draw());
+  drawNF4();
+});
 showTab(location.hash.slice(1) || "create");
 usePreset("small");
 refreshModels().catch(err => say($("#models-msg"), err.message, "error"));

@@ -22,6 +22,7 @@ def test_create_train_generate_eval_list(tmp_path, capsys):
     code, out, _ = run(capsys, home, "train", "tiny", "--book", str(book), "--steps", "30", "--batch-size", "8",
                        "--eval-every", "15", "--precision", "fp32")
     assert code == 0 and json.loads(out.strip().splitlines()[-1])["status"] == "done"
+    assert "step 15 sample: The Lighthouse Keeper's Almanac | " in out  # the book's first line, continued
     code, out, _ = run(capsys, home, "generate", "tiny", "--prompt", "The keeper", "--max-new-tokens", "20", "--seed", "1")
     assert code == 0 and out.startswith("The keeper") and len(out) > len("The keeper\n")
     code, out, _ = run(capsys, home, "eval", "tiny", "--book", str(book))

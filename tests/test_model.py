@@ -212,9 +212,17 @@ def test_generation_stops_at_eos(gpt):
     assert [t for t, _ in toks] == [first]
 
 
+def test_generation_draws_only_ids_the_tokenizer_has(gpt):
+    # a BPE that stopped merging early: 300 tokens for a model whose vocab_size is 512
+    sc = SamplingConfig(200, temperature=5.0, top_k=0, top_p=1.0, seed=0)
+    drawn = list(G.generate_ids(gpt, torch.zeros(1, 3, dtype=torch.long), sc, n_tokens=300))
+    assert max(t for t, _ in drawn) < 300 and drawn[0][1].shape == (300,)
+
+
 class ByteTokenizer:
     """One token per byte, so every multi-byte character is split across tokens."""
     eot_id = 256
+    vocab_size = 257
 
     def encode(self, text):
         return list(text.encode())

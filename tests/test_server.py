@@ -73,9 +73,9 @@ def trained(tmp_path_factory, book_text):
 # ----------------------------------------------------------------------------- page and docs
 
 
-def test_page_has_five_tabs_and_only_local_assets(client):
+def test_page_has_six_tabs_and_only_local_assets(client):
     html = client.get("/").text
-    for tab in ("Create model", "Books", "Training", "Generation", "Models"):
+    for tab in ("Create model", "Books", "Training", "Generation", "Models", "Look inside"):
         assert f">{tab}</button>" in html
     assert "http://" not in html and "https://" not in html  # works offline: no CDN
     for asset in ("app.js", "chart.js", "style.css"):
@@ -87,7 +87,8 @@ def test_docs_describe_every_endpoint(client):
     expected = ["/create_model", "/upload_book", "/books", "/books/{name}", "/train", "/training_status",
                 "/stop_training", "/resume_training", "/generate", "/generate_stream", "/attention", "/arena",
                 "/models", "/models/{name}", "/models/{name}/metrics", "/models/{name}/rollback",
-                "/download_model/{name}", "/merge", "/estimate", "/health"]
+                "/download_model/{name}", "/merge", "/estimate", "/health", "/inside/tokens", "/inside/next_token",
+                "/inside/embeddings", "/inside/nf4", "/inside/runs"]
     assert sorted(set(expected) - set(paths)) == []
     assert "requestBody" in paths["/train"]["post"]
     assert client.get("/docs").status_code == 200
