@@ -78,9 +78,14 @@ def main(argv=None):
     if argv[:1] == ["selfplay"]:  # the self-play A/B has its own options
         from benchmarks import selfplay_ab
         return selfplay_ab.main(argv[1:])
+    if argv[:1] == ["llamacpp"]:  # llama.cpp on our GGUF export, with its own options
+        from benchmarks import llamacpp
+        return llamacpp.main(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("mode", nargs="?", default="speed", choices=["speed", "quality", "profile", "lora", "ddp", "views", "selfplay"],
-                   help="selfplay: the self-play A/B, see `python bench.py selfplay --help`")
+    p.add_argument("mode", nargs="?", default="speed",
+                   choices=["speed", "quality", "profile", "lora", "ddp", "views", "selfplay", "llamacpp"],
+                   help="selfplay: the self-play A/B, see `python bench.py selfplay --help`; llamacpp: "
+                        "llama.cpp on our GGUF export, see `python bench.py llamacpp --help`")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
     p.add_argument("--presets", default="small,medium")

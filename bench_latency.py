@@ -44,7 +44,7 @@ def measure(url, runs, label):
     cold = None
     firsts, totals = [], []
     for i in range(runs):
-        f, t = first_token(url, {"model": "small", "prompt": "Once upon a time", "max_tokens": 50, "seed": i})
+        f, t = first_token(url, {"model": "small", "prompt": "Once upon a time", "max_new_tokens": 50, "seed": i})
         firsts.append(f)
         totals.append(t)
     q = statistics.quantiles(firsts, n=10)
@@ -79,14 +79,14 @@ def main():
         httpx.post(f"{url}/create_model", json={"name": "small", "preset": "small"}).raise_for_status()
         with open(args.book, "rb") as f:
             httpx.post(f"{url}/upload_book", files={"file": ("book.txt", f.read())}, timeout=120).raise_for_status()
-        httpx.post(f"{url}/train", json={"model": "small", "book": "book", "iterations": 20, "batch_size": 8,
+        httpx.post(f"{url}/train", json={"model": "small", "book": "book", "steps": 20, "batch_size": 8,
                                          "warmup_steps": 5}).raise_for_status()
         job = wait(url)
         print(f"trained: {job['state']}, {job['step']} steps, val bpb {job.get('val_bpb')}, device {httpx.get(url + '/health').json()['device']}")
-        f, t = first_token(url, {"model": "small", "prompt": "Once upon a time", "max_tokens": 50, "seed": 0})
+        f, t = first_token(url, {"model": "small", "prompt": "Once upon a time", "max_new_tokens": 50, "seed": 0})
         print(f"cold (model loaded from disk on this request): first token {1000 * f:.1f} ms")
         measure(url, args.runs, "warm, idle server")
-        httpx.post(f"{url}/train", json={"model": "small", "book": "book", "iterations": 100000, "batch_size": 8}).raise_for_status()
+        httpx.post(f"{url}/train", json={"model": "small", "book": "book", "steps": 100000, "batch_size": 8}).raise_for_status()
         while httpx.get(f"{url}/training_status").json()["state"] != "running":
             time.sleep(0.2)
         measure(url, args.runs, "warm, while a training job runs")

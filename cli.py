@@ -7,6 +7,7 @@
     python cli.py finetune tiny --book books/another.txt --lora-nf4 --steps 500 --adapter tiny-ru
     python cli.py generate tiny --adapter tiny-ru --prompt "Once upon"
     python cli.py merge tiny --adapter tiny-ru --out tiny-ru-merged
+    python cli.py export tiny --format hf --out exports/tiny-hf       # also gguf, or peft with --adapter
     python cli.py list
     torchrun --standalone --nproc_per_node 2 cli.py train tiny --book books/example_book.txt --steps 1000
 
@@ -26,6 +27,7 @@ from tqdm import tqdm
 
 import config
 import distributed
+import export
 import runs
 from azr_trainer import TrainConfig
 from generate import SamplingConfig, stream
@@ -81,6 +83,11 @@ def cmd_finetune(store, args):
 def cmd_merge(store, args):
     store.merge_adapter(args.name, args.adapter, args.out)
     print(f"created {args.out}: {args.name} with adapter {args.adapter} merged into its weights")
+
+
+def cmd_export(store, args):
+    out = export.export(store, args.name, args.format, args.out, args.adapter, args.dtype, args.force)
+    print(f"wrote {out}")
 
 
 def cmd_resume(store, args):
@@ -223,6 +230,7 @@ def given(args, cls, prefix=""):
 
 def build_parser():
     p = argparse.ArgumentParser(description="AZR Model Trainer: create, train and sample small GPTs on books.")
+    p.add_argument("--version", action="version", version=f"AZR Model Trainer {config.VERSION}")
     home = argparse.ArgumentParser(add_help=False)  # --home before or after the command
     home.add_argument("--home", default=argparse.SUPPRESS, help="data folder (default: $AZR_HOME or the project folder)")
     p.add_argument("--home", default=None, help="data folder (default: $AZR_HOME or the project folder)")
@@ -234,66 +242,80 @@ def build_parser():
         return c
 
     c = command("create", cmd_create, "create a model")
-    c.add_argument("name")
-    c.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset; the flags below change it")
+    c.add_argument("name", help=NAME_HELP)
+    c.add_argument("--preset", choices=sorted(PRESETS), help="start from a preset; the flags below change it (default: the defaults below)")
     add_settings(c, ModelConfig)
     c.add_argument("--seed", type=int, default=0, help="seed of the initial weights (default 0)")
 
     t = command("train", cmd_train, "train a model on one or more books")
-    t.add_argument("name")
-    t.add_argument("--book", action="append", required=True, help="book name or path (repeatable)")
+    t.add_argument("name", help=NAME_HELP)
+    t.add_argument("--book", action="append", required=True, help="book name or path (repeatable; required)")
     add_settings(t, TrainConfig)
 
     f = command("finetune", cmd_finetune, "LoRA/QLoRA fine-tuning on a new book: trains an adapter, not the model")
-    f.add_argument("name")
-    f.add_argument("--book", action="append", required=True, help="book name or path (repeatable)")
-    f.add_argument("--adapter", required=True, help="name of the adapter to create")
+    f.add_argument("name", help=NAME_HELP)
+    f.add_argument("--book", action="append", required=True, help="book name or path (repeatable; required)")
+    f.add_argument("--adapter", required=True, help="name of the adapter to create (required)")
     add_settings(f, LoRAConfig, prefix="lora_")
     add_settings(f, TrainConfig, skip={"selfplay_every"})
 
     m = command("merge", cmd_merge, "a new model: the base with an adapter merged into its weights")
-    m.add_argument("name")
-    m.add_argument("--adapter", required=True)
-    m.add_argument("--out", required=True, help="name of the new model")
+    m.add_argument("name", help=NAME_HELP)
+    m.add_argument("--adapter", required=True, help="the adapter to merge (required)")
+    m.add_argument("--out", required=True, help="name of the new model (required)")
 
     r = command("resume", cmd_resume, "continue an interrupted or stopped run")
-    r.add_argument("name")
-    r.add_argument("--adapter", help="resume this adapter's fine-tune instead")
+    r.add_argument("name", help=NAME_HELP)
+    r.add_argument("--adapter", help="resume this adapter's fine-tune instead (default: the model's own run)")
     r.add_argument("--changed-data", action="store_true",
-                   help="resume although a book's text changed since the run started (the lineage records it)")
+                   help="resume although a book's text changed since the run started (the lineage records it; default off)")
 
     g = command("generate", cmd_generate, "continue a prompt")
-    g.add_argument("name")
+    g.add_argument("name", help=NAME_HELP)
     g.add_argument("--prompt", default="", help="text to continue (default: empty)")
     add_settings(g, SamplingConfig)
-    g.add_argument("--device", default="auto", help="default auto")
-    g.add_argument("--adapter", help="attach this LoRA adapter of the model")
+    g.add_argument("--device", default="auto", help=DEVICE_HELP)
+    g.add_argument("--adapter", help=ADAPTER_HELP)
 
     e = command("eval", cmd_eval, "bits/byte on a book's validation split (JSON)")
-    e.add_argument("name")
-    e.add_argument("--book", required=True, help="book name or path")
+    e.add_argument("name", help=NAME_HELP)
+    e.add_argument("--book", required=True, help="book name or path (required)")
     e.add_argument("--windows", type=int, default=256, help="max windows of max_seq_len tokens to score (default 256)")
-    e.add_argument("--device", default="auto", help="default auto")
-    e.add_argument("--adapter", help="attach this LoRA adapter of the model")
+    e.add_argument("--device", default="auto", help=DEVICE_HELP)
+    e.add_argument("--adapter", help=ADAPTER_HELP)
 
     ls = command("list", cmd_list, "models with params, steps, best val bpb")
-    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.add_argument("--json", action="store_true", help="print JSON (default: a table)")
 
     v = command("versions", cmd_versions, "a model's saved versions")
-    v.add_argument("name")
+    v.add_argument("name", help=NAME_HELP)
 
     rb = command("rollback", cmd_rollback, "make a saved version current again")
-    rb.add_argument("name")
-    rb.add_argument("version")
+    rb.add_argument("name", help=NAME_HELP)
+    rb.add_argument("version", help="a saved version, e.g. v001 (see `versions`)")
 
     d = command("delete", cmd_delete, "delete a model and its checkpoints (or only one of its adapters)")
-    d.add_argument("name")
-    d.add_argument("--adapter", help="delete only this LoRA adapter")
+    d.add_argument("name", help=NAME_HELP)
+    d.add_argument("--adapter", help="delete only this LoRA adapter (default: the whole model)")
 
     b = command("add-book", cmd_add_book, "import a book file (any encoding, .txt/.fb2/.epub)")
-    b.add_argument("name")
-    b.add_argument("file")
+    b.add_argument("name", help="name of the book in the data folder")
+    b.add_argument("file", help="the book file to read")
+
+    x = command("export", cmd_export, "write a model for transformers (hf), llama.cpp (gguf), or an adapter for PEFT")
+    x.add_argument("name", help=NAME_HELP)
+    x.add_argument("--format", required=True, choices=export.FORMATS, help="hf: a save_pretrained folder; gguf: one "
+                   "file for llama.cpp; peft: the --adapter as a PEFT folder (required)")
+    x.add_argument("--out", required=True, help="the folder (hf, peft) or .gguf file to write (required)")
+    x.add_argument("--adapter", help="the LoRA adapter to export, with --format peft (default: none)")
+    x.add_argument("--dtype", default="f32", choices=list(export.DTYPES), help="f32, f16, or q8_0 for gguf (default f32)")
+    x.add_argument("--force", action="store_true", help="replace an earlier export at --out (default: refuse)")
     return p
+
+
+NAME_HELP = "the model's name"
+DEVICE_HELP = "auto, cpu, cuda or mps (default auto: the fastest there is)"
+ADAPTER_HELP = "attach this LoRA adapter of the model (default: none)"
 
 
 if __name__ == "__main__":

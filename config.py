@@ -13,6 +13,7 @@ import types
 import typing
 from dataclasses import MISSING, field, fields
 
+VERSION = "1.1.0"  # the app's: the web API, `cli.py --version`, exported model cards
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to a signed 64-bit integer
 
 

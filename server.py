@@ -6,10 +6,10 @@
 
 A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
 page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
-endpoint at /docs. The API is a few routers, one per tab of the page; each handler reads its
-request, calls the library and returns what it got. Request bodies are derived from the
-settings dataclasses (ModelConfig, TrainConfig, SamplingConfig, LoRAConfig), so a field, its
-default and its range are defined once. Three pieces hold the state that outlives a request:
+endpoint at /docs (Swagger UI's files come from the fastapi-offline package: no CDN). The API is
+a few routers, one per tab of the page; each handler reads its request, calls the library and
+returns what it got. Request bodies are derived from the settings dataclasses (ModelConfig,
+TrainConfig, SamplingConfig, LoRAConfig), so a field, its default and its range are defined once. Three pieces hold the state that outlives a request:
 
 - JobRunner (jobs.py): the one training job, in a background thread, persisted under jobs/.
 - ModelCache: each model (or model + LoRA adapter) is loaded once for generation and reloaded
@@ -17,8 +17,10 @@ default and its range are defined once. Three pieces hold the state that outlive
   shows stale weights.
 - The store: everything else is files, read on every request.
 
-Errors a user can cause become 4xx JSON {"error": "..."}; anything else becomes a 500 with the
-same shape, and the server keeps running. No error shows where the data folder is.
+Errors a user can cause become 4xx JSON {"error": "...", "field": "..."} (the schema's ErrorBody);
+anything else becomes a 500 with the same shape, and the server keeps running. No error shows
+where the data folder is. Downloads export the model on the fly through export.py: the same
+files `cli.py export` writes.
 
 Binding 127.0.0.1 keeps other machines out, but not a web page in the user's own browser: any
 site can send requests to http://127.0.0.1:8000, and a DNS-rebinding site can even read the
@@ -28,11 +30,11 @@ by name (the Host header) and refuses state-changing requests sent by another si
 """
 
 import argparse
-import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import tempfile
 import threading
 import time
@@ -40,14 +42,17 @@ import zipfile
 from collections import OrderedDict
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import fastapi_offline
 import torch
 import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict, Field, create_model
@@ -55,6 +60,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 import config
+import export
 import inside
 import runs
 from azr_trainer import TrainConfig
@@ -70,6 +76,8 @@ from store import Store, check_name
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "lineage.json", "metrics.jsonl")
+ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "metrics.jsonl")
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5, for OpenAPI 3.1
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
 MAX_ERROR_CHARS = 2000  # an error message is cut here: it never sends a huge request back
 ARENA_MAX_WINDOWS = 256
@@ -170,6 +178,85 @@ class MergeRequest(Body):
     out: str
 
 
+# ----------------------------------------------------------------------------- responses
+# The main answers, as the schema shows them; extra="allow" so that documenting a field never drops one.
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+
+class ErrorBody(Answer):
+    """Every error: what went wrong and what to do; `field` names the form field to blame, if one is."""
+    error: str
+    field: str | None = None
+
+
+ERRORS = {400: "a value we cannot use", 404: "unknown model, book, version or adapter",
+          409: "name taken, a job already running, or nothing to stop or resume",
+          413: "upload over the limit (--max-upload-mb)", 422: "a malformed request: wrong type, unknown field",
+          500: "a bug or a damaged file on disk; the server keeps running"}
+
+
+def errors(*codes):
+    return {c: {"model": ErrorBody, "description": ERRORS[c]} for c in codes}
+
+
+class Health(Answer):
+    ok: bool
+    device: str
+    models: int
+    books: int
+    job: str
+    max_upload_bytes: int
+
+
+class DamagedModel(Answer):
+    """A model whose files cannot be read: its name and what to do."""
+    name: str
+    damaged: str
+
+
+class ModelInfo(Answer):
+    name: str
+    config: dict[str, Any]
+    params: int
+    size_bytes: int
+    steps: int
+    best_val_bpb: float | None
+    parent: str | dict[str, str] | None
+    books: list[dict[str, str]]
+    versions: list[dict[str, Any]]
+    created: str
+    has_tokenizer: bool
+    adapters: list[Any]
+
+
+class ModelDetail(ModelInfo):
+    runs: list[dict[str, Any]]
+    training: bool
+
+
+class BookInfo(Answer):
+    name: str
+    sha256: str
+    characters: int
+    encoding: str
+    language: str
+
+
+class Job(Answer):
+    """The training job; state is idle, queued, running, done, stopped, failed or interrupted."""
+    state: str
+    seq: int
+    events: list[dict[str, Any]]
+
+
+class Generated(Answer):
+    text: str
+    seconds: float
+
+
 def settings_from(req, cls, prefix=""):
     """The dataclass `cls` from the matching fields of a request body, validated."""
     return config.build(cls, {f.name: getattr(req, prefix + f.name) for f in fields(cls) if hasattr(req, prefix + f.name)},
@@ -200,15 +287,18 @@ Azr = Annotated[App, Depends(app_of)]
 def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
     """A new app over the store at `home`, answering to `hosts` (see allowed_hosts; default: this
     machine's loopback names on any port). Tests build several on one home to mimic restarts."""
-    app = FastAPI(title="AZR Model Trainer", version="1.0",
+    app = FastAPI(title="AZR Model Trainer", version=config.VERSION, docs_url=None, redoc_url=None,
+                  responses=errors(400, 404, 409, 422, 500),
                   description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\", \"field\": \"...\"}.")
     app.state.azr = azr = App(home, max_upload_mb)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
     for router in (page, models, training, generation, look_inside):
         app.include_router(router)
     # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
     # at the limit instead of being spooled to a temp file in full before read_upload sees it
-    app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16)  # + room for the multipart headers
+    app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16,  # + room for the multipart headers
+                       responses=errors(413))
     add_error_handlers(app, azr)
     guard_site(app, hosts or allowed_hosts("127.0.0.1", None))  # added last: it runs first
     return app
@@ -236,7 +326,17 @@ def page_data(azr):
             "lora_targets": TARGETS, "max_upload_bytes": azr.max_upload_bytes}
 
 
-@page.get("/health", summary="Server is up: device, counts, job state, models whose files are damaged")
+@page.get("/docs", include_in_schema=False)
+def docs():
+    """Swagger UI from the pip package's files, so the docs work offline."""
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="AZR Model Trainer API",
+                               swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                               swagger_css_url="/docs-assets/swagger-ui.css",
+                               swagger_favicon_url="/docs-assets/favicon.png")
+
+
+@page.get("/health", summary="Server is up: device, counts, job state, models whose files are damaged",
+          response_model=Health)
 def health(azr: Azr):
     models_ = azr.store.list_models()
     return {"ok": True, "device": str(azr.device), "models": len(models_),
@@ -258,7 +358,8 @@ def estimate(vocab_size: int = 5000, d_model: int = 128, num_layers: int = 4, nu
             "flops_per_token": flops_per_token(cfg), "batch_size": batch_size}
 
 
-@models.post("/create_model", status_code=201, summary="Create a model from a preset or the config numbers")
+@models.post("/create_model", status_code=201, summary="Create a model from a preset or the config numbers",
+             response_model=ModelInfo)
 def create_model_(req: CreateModelRequest, azr: Azr):
     base = PRESETS[req.preset].to_dict() if req.preset else ModelConfig().to_dict()
     given = req.model_dump(exclude={"name", "preset", "seed"}, exclude_none=True)
@@ -267,12 +368,12 @@ def create_model_(req: CreateModelRequest, azr: Azr):
 
 
 @models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage "
-                                "(a model whose files cannot be read: {name, damaged})")
+                                "(a model whose files cannot be read: {name, damaged})", response_model=list[ModelInfo | DamagedModel])
 def list_models(azr: Azr):
     return azr.store.list_models()
 
 
-@models.get("/models/{name}", summary="One model: info, runs, versions, adapters")
+@models.get("/models/{name}", summary="One model: info, runs, versions, adapters", response_model=ModelDetail)
 def model_info(name: str, azr: Azr):
     info = azr.store.info(name)
     adapters = [azr.store.adapter_info(name, a) for a in info["adapters"]]
@@ -316,24 +417,39 @@ def delete_adapter(name: str, adapter: str, azr: Azr):
     return {"deleted": adapter, "model": name}
 
 
-@models.post("/models/{name}/rollback", summary="Make a saved version the current weights")
+@models.post("/models/{name}/rollback", summary="Make a saved version the current weights", response_model=ModelInfo)
 def rollback(name: str, req: RollbackRequest, azr: Azr):
     refuse_while_training(azr.jobs, name, "roll back")
     azr.store.rollback(name, req.version)
     return azr.store.info(name)
 
 
-@models.post("/merge", status_code=201, summary="Merge a LoRA adapter into a new model")
+@models.post("/merge", status_code=201, summary="Merge a LoRA adapter into a new model", response_model=ModelInfo)
 def merge(req: MergeRequest, azr: Azr):
     azr.store.merge_adapter(req.model, req.adapter, req.out)
     return azr.store.info(req.out)
 
 
-@models.get("/download_model/{name}", summary="A zip of the model: weights, config, tokenizer, lineage, metrics, README")
-def download_model(name: str, azr: Azr):
-    path = build_model_zip(azr.store, name)
-    return FileResponse(path, media_type="application/zip", filename=f"{name}.zip",
-                        background=BackgroundTask(os.unlink, path))
+DOWNLOADED = {200: {"content": {"application/zip": {}, "application/octet-stream": {}}, "description": "the file"}}
+
+
+@models.get("/download_model/{name}", response_class=FileResponse, responses=DOWNLOADED,
+            summary="The model as this app's zip, a Hugging Face folder (zip) or a GGUF file for llama.cpp")
+def download_model(name: str, azr: Azr, format: Literal["native", "hf", "gguf"] = "native",
+                   dtype: Literal[tuple(export.DTYPES)] = Query("f32", description="hf and gguf: f32, f16, q8_0 (gguf)")):
+    if format == "native":
+        return send_file(build_model_zip(azr.store, name), f"{name}.zip")
+    return send_export(azr.store, name, format, dtype)
+
+
+@models.get("/download_adapter/{name}/{adapter}", response_class=FileResponse, responses=DOWNLOADED,
+            summary="A LoRA adapter as this app's zip or a PEFT folder (zip)")
+def download_adapter(name: str, adapter: str, azr: Azr, format: Literal["native", "peft"] = "native",
+                     dtype: Literal["f32", "f16"] = "f32"):
+    if format == "native":
+        d = azr.store.adapter_dir(name, adapter)
+        return send_file(zip_folder(d, [f for f in ADAPTER_FILES if (d / f).exists()], adapter), f"{adapter}.zip")
+    return send_export(azr.store, name, format, dtype, adapter)
 
 
 # ----------------------------------------------------------------------------- books
@@ -349,7 +465,7 @@ def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(
     return {**info, "preview": preview(azr.store.book_text(name))}
 
 
-@books.get("/books", summary="Uploaded books with size, encoding and language")
+@books.get("/books", summary="Uploaded books with size, encoding and language", response_model=list[BookInfo])
 def list_books(azr: Azr):
     return azr.store.list_books()
 
@@ -370,7 +486,8 @@ def delete_book(name: str, azr: Azr):
 training = APIRouter(tags=["training"])
 
 
-@training.post("/train", status_code=202, summary="Start a training job, or a LoRA fine-tune (409 if one is running)")
+@training.post("/train", status_code=202, summary="Start a training job, or a LoRA fine-tune (409 if one is running)",
+               response_model=Job)
 def train(req: TrainRequest, azr: Azr):
     store, books_ = azr.store, ([req.book] if req.book else []) + req.books
     tc = settings_from(req, TrainConfig)
@@ -387,7 +504,8 @@ def train(req: TrainRequest, azr: Azr):
         store, req.model, books_, tc, req.adapter, lc, on_event, should_stop))
 
 
-@training.get("/training_status", summary="The current job: state, step/total, losses, bits/byte, reward, tokens/s, ETA, log")
+@training.get("/training_status", summary="The current job: state, step/total, losses, bits/byte, reward, tokens/s, ETA, log",
+              response_model=Job)
 def training_status(azr: Azr, since: int = Query(0, ge=0, description="only log events with seq > since")):
     return azr.jobs.status(since)
 
@@ -451,7 +569,7 @@ def refuse_while_training(jobs, name, what):
 generation = APIRouter(tags=["generation"])
 
 
-@generation.post("/generate", summary="Continue a prompt; the whole text at once")
+@generation.post("/generate", summary="Continue a prompt; the whole text at once", response_model=Generated)
 def generate_text(req: GenerateRequest, azr: Azr):
     model, tok = azr.models.get(req.model, req.adapter)
     sc = settings_from(req, SamplingConfig)
@@ -461,16 +579,21 @@ def generate_text(req: GenerateRequest, azr: Azr):
     return {"text": text, "seconds": round(time.perf_counter() - t0, 3)}
 
 
+def stream_request(req: GenerateRequest, azr: Azr):
+    """What a stream needs, loaded and checked before its 200 header: errors are still plain 4xx JSON."""
+    model, tok = azr.models.get(req.model, req.adapter)
+    return model, tok, req.prompt, settings_from(req, SamplingConfig), azr.device
+
+
 @generation.post("/generate_stream", summary="Continue a prompt as Server-Sent Events, one per token",
-                 response_class=StreamingResponse,
-                 responses={200: {"content": {"text/event-stream": {}},
-                                  "description": "data: {text, token, prob, top: [[text, prob] x5]} per token, "
-                                                 "then event: done with {tokens, seconds, first_token_s}"}})
-def generate_stream(req: GenerateRequest, azr: Azr):
-    model, tok = azr.models.get(req.model, req.adapter)  # errors here are still plain 4xx JSON
-    sc = settings_from(req, SamplingConfig)
-    return StreamingResponse(sse_tokens(model, tok, req.prompt, sc, azr.device), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                 response_class=EventSourceResponse,
+                 responses={200: {"description": "data: {text, token, prob, top: [[text, prob] x5]} per token, then "
+                                                 "event: done with {tokens, seconds, first_token_s}; `: ping` "
+                                                 "comments keep an idle connection open"}})
+def generate_stream(args: Annotated[tuple, Depends(stream_request)]):
+    """FastAPI frames each yielded event (fastapi.sse) and sends a keep-alive ping when none
+    comes for 15 s, e.g. while a long prompt is read."""
+    yield from sse_tokens(*args)
 
 
 @generation.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
@@ -501,7 +624,7 @@ def arena(req: ArenaRequest, azr: Azr):
 
 
 def sse_tokens(model, tok, prompt, sc, device):
-    """Server-Sent Events: one `data:` line of JSON per token, then `event: done` (or `error`)."""
+    """Server-Sent Events: one `data:` event of JSON per token, then `event: done` (or `error`)."""
     t0, first, n = time.perf_counter(), None, 0
     try:
         torch.set_num_threads(GENERATION_THREADS)
@@ -510,13 +633,13 @@ def sse_tokens(model, tok, prompt, sc, device):
             n += 1
             piece = {"text": text, "token": token, "prob": None if probs is None else probs[token].item(),
                      "top": [] if probs is None else inside.top_alternatives(tok, probs)}
-            yield f"data: {json.dumps(piece)}\n\n"
+            yield ServerSentEvent(data=piece)
             torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
         done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
-        yield f"event: done\ndata: {json.dumps(done)}\n\n"
+        yield ServerSentEvent(event="done", data=done)
     except Exception as e:  # the 200 header is gone: report the error in the stream itself
         log.exception("generation failed")
-        yield f"event: error\ndata: {json.dumps({'error': str(e)})}\n\n"
+        yield ServerSentEvent(event="error", data={"error": str(e)})
 
 
 # ----------------------------------------------------------------------------- look inside
@@ -773,17 +896,48 @@ def build_model_zip(store, name):
     """Zip the named model's files (only those) into a temp file; the caller deletes it."""
     d = store.model_dir(name)
     info = store.info(name)
-    fd, path = tempfile.mkstemp(prefix=f"azr-{name}-", suffix=".zip")
+    readme = README_TXT.format(name=name, params=info["params"], steps=info["steps"])
+    return zip_folder(d, [f for f in MODEL_FILES if (d / f).exists()], name, {"README.txt": readme})
+
+
+def zip_folder(folder, names, prefix, extra=None):
+    """A temp zip of the files `names` of `folder` (only those) under `prefix`/, plus `extra`
+    {name: text}; the caller deletes it."""
+    fd, path = tempfile.mkstemp(prefix=f"azr-{prefix}-", suffix=".zip")
     try:
         with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-            for fname in MODEL_FILES:
-                if (d / fname).exists():
-                    z.write(d / fname, f"{name}/{fname}")
-            z.writestr(f"{name}/README.txt", README_TXT.format(name=name, params=info["params"], steps=info["steps"]))
+            for fname in names:
+                z.write(folder / fname, f"{prefix}/{fname}")
+            for fname, text in (extra or {}).items():
+                z.writestr(f"{prefix}/{fname}", text)
     except BaseException:
         os.unlink(path)
         raise
     return path
+
+
+def send_export(store, name, fmt, dtype, adapter=None):
+    """Export through export.py into a temp folder — the files `cli.py export` writes — and send
+    them: a GGUF file as it is, a folder as a zip."""
+    tmp = Path(tempfile.mkdtemp(prefix="azr-export-"))
+    stem = f"{adapter or name}-{fmt}"
+    try:
+        out = export.export(store, name, fmt, tmp / (f"{name}-{dtype}.gguf" if fmt == "gguf" else stem), adapter, dtype)
+        if fmt == "gguf":
+            return send_file(str(out), out.name, cleanup=lambda: shutil.rmtree(tmp))
+        path = zip_folder(out, sorted(p.name for p in out.iterdir()), stem)
+    except BaseException:
+        shutil.rmtree(tmp)
+        raise
+    shutil.rmtree(tmp)
+    return send_file(path, f"{stem}.zip")
+
+
+def send_file(path, filename, cleanup=None):
+    """The file as a download, deleted once it is sent."""
+    media = "application/zip" if filename.endswith(".zip") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=filename,
+                        background=BackgroundTask(cleanup or (lambda: os.unlink(path))))
 
 
 # ----------------------------------------------------------------------------- the site guard

@@ -508,7 +508,7 @@ async function readEvents(response, onEvent) {
       buf = buf.slice(cut + 2);
       const type = (block.match(/^event: (.*)$/m) || [, "message"])[1];
       const data = block.split("\n").filter(l => l.startsWith("data: ")).map(l => l.slice(6)).join("\n");
-      onEvent(type, JSON.parse(data));
+      if (data) onEvent(type, JSON.parse(data));  // a block of only ": ping" comments keeps the connection alive
     }
   }
 }
@@ -639,12 +639,21 @@ function renderModelsTable() {
     el("td", {}, fmt.num(m.best_val_bpb)), el("td", {}, parentName(m.parent)),
     el("td", {}, m.books.map(b => b.name).join(", ") || "–"), el("td", {}, String(m.versions.length)),
     el("td", {className: "actions"},
-      el("a", {href: "/download_model/" + encodeURIComponent(m.name), className: "button", download: m.name + ".zip"}, "Download"),
+      downloadLinks("/download_model/" + encodeURIComponent(m.name), MODEL_FORMATS),
       el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete"))));
   rows.push(...damagedModels.map(m => el("tr", {className: "damaged"},
     el("td", {}, m.name), el("td", {colSpan: 7, className: "msg error"}, "damaged: " + m.damaged),
     el("td", {className: "actions"}, el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete")))));
   $("#models-table tbody").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", {colSpan: 9, className: "muted"}, "no models yet: create one"))]));
+}
+
+// the formats a model or an adapter downloads as: this app's zip, or an export (export.py) for other tools
+const MODEL_FORMATS = [["native", "this app's zip"], ["hf", "Hugging Face folder (zip)"], ["gguf", "GGUF"]];
+const ADAPTER_FORMATS = [["native", "this app's zip"], ["peft", "PEFT folder (zip)"]];
+
+function downloadLinks(url, formats) {
+  const links = formats.map(([f, label]) => el("a", {href: `${url}?format=${f}`, download: "", className: "download"}, label));
+  return el("span", {className: "downloads"}, "Download as: ", ...links.flatMap((a, i) => i ? [" · ", a] : [a]));
 }
 
 // a model's parent: another model, or a model + adapter it was merged from
@@ -677,7 +686,8 @@ async function showModel(name) {
         ...m.adapters.map(a => el("tr", {}, el("td", {}, a.name), el("td", {}, `${a.lora.r} / ${a.lora.alpha}${a.lora.nf4 ? " · NF4" : ""}`),
           el("td", {}, a.lora.targets.join(", ")), el("td", {}, a.params ? fmt.params(a.params.trainable) : "–"),
           el("td", {}, fmt.int((a.run || {}).steps ?? 0)), el("td", {}, fmt.num((a.run || {}).best_val_bpb)),
-          el("td", {}, el("button", {type: "button", onclick: () => mergeAdapter(m.name, a.name)}, "Merge into a new model"), " ",
+          el("td", {}, downloadLinks(`/download_adapter/${encodeURIComponent(m.name)}/${encodeURIComponent(a.name)}`, ADAPTER_FORMATS), " ",
+                       el("button", {type: "button", onclick: () => mergeAdapter(m.name, a.name)}, "Merge into a new model"), " ",
                        el("button", {type: "button", className: "danger", onclick: () => deleteAdapter(m.name, a.name)}, "Delete"))))) :
         el("p", {className: "muted"}, "none yet: Training → Fine-tune with LoRA"));
     box.hidden = false;

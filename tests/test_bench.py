@@ -17,13 +17,6 @@ from speed import compile_decision
 from conftest import ROOT, quick_train_config, tiny_config
 
 
-try:
-    import transformers  # noqa: F401  the peer, from requirements-bench.txt (CI runs without it)
-    PEER = True
-except ImportError:
-    PEER = False
-
-
 @pytest.fixture(scope="module")
 def quick():
     out = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT,
@@ -35,11 +28,9 @@ def quick():
 def test_train_rows_compare_us_with_the_identical_peer(quick):
     assert [(r["preset"], r["precision"]) for r in quick["train"]][0] == ("tiny", "fp32")
     for row in quick["train"]:
-        keys = ["ours_tok_s", "ours_mfu", "ours_peak_mb", "matmul_only_tok_s"]
-        if PEER:
-            assert row["peer_params"] == row["params"]  # same config, same parameter count
-            keys += ["peer_tok_s", "ours_ratio", "peer_mfu", "peer_peak_mb", "matmul_only_ratio"]
-        for key in keys:
+        assert row["peer_params"] == row["params"]  # same config, same parameter count
+        for key in ["ours_tok_s", "ours_mfu", "ours_peak_mb", "matmul_only_tok_s", "peer_tok_s", "ours_ratio",
+                    "peer_mfu", "peer_peak_mb", "matmul_only_ratio"]:
             assert row[key] > 0, key
         assert row["ours_peak_mb"] > row["params"] * 4 / 2**20  # at least the weights
 
@@ -48,7 +39,7 @@ def test_generation_rows_have_cached_uncached_and_peer_speeds(quick):
     for row in quick["generate"]:
         assert row["new_tokens"] == 8
         assert min(row["ours_cache_tok_s"], row["ours_no_cache_tok_s"]) > 0
-        assert (row["peer_tok_s"] > 0 and row["ratio"] > 0) if PEER else row["peer_tok_s"] is None
+        assert row["peer_tok_s"] > 0 and row["ratio"] > 0  # the peer: transformers, in requirements.txt
 
 
 def test_peaks_nf4_and_machine_are_reported(quick):

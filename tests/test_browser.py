@@ -126,11 +126,17 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.click("#arena-form button[type=submit]")
     page.wait_for_selector("#arena-out:has-text('bits/byte on example')")
     page.screenshot(path=str(shots / "5-models.png"), full_page=True)
-    with page.expect_download() as d:
-        page.click("#models-table a:has-text('Download')")
-    path = tmp_path / "web.zip"
-    d.value.save_as(path)
-    assert "web/model.safetensors" in zipfile.ZipFile(path).namelist()
+    for where, label, filename, inside in [
+            ("#models-table", "this app's zip", "web.zip", "web/model.safetensors"),
+            ("#models-table", "Hugging Face folder (zip)", "web-hf.zip", "web-hf/config.json"),
+            ("#models-table", "GGUF", "web-f32.gguf", None),
+            ("#model-detail", "PEFT folder (zip)", "poems-peft.zip", "poems-peft/adapter_config.json")]:
+        with page.expect_download() as d:
+            page.click(f"{where} a:has-text(\"{label}\")")
+        path = tmp_path / d.value.suggested_filename
+        d.value.save_as(path)
+        assert path.name == filename
+        assert inside in zipfile.ZipFile(path).namelist() if inside else path.read_bytes()[:4] == b"GGUF"
 
     # delete, confirming the dialog
     page.once("dialog", lambda dialog: dialog.accept())
@@ -155,3 +161,21 @@ def test_a_damaged_model_is_listed_with_what_to_do_and_can_be_deleted(server, pa
     page.click("#models-table tr.damaged button:has-text('Delete')")
     page.wait_for_selector("#models-msg:has-text('deleted bad')")
     assert page.locator("#models-table tr.damaged").count() == 0
+
+
+def test_docs_work_without_the_internet(server, page):
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server) else route.abort())
+    page.goto(server + "/docs")
+    page.wait_for_selector(".swagger-ui .info .title:has-text('AZR Model Trainer')")
+    assert page.locator(".opblock-summary-path:has-text('/generate_stream')").count() == 1
+
+
+def test_the_stream_reader_skips_keep_alive_pings(server, page):
+    page.goto(server)
+    seen = page.evaluate("""async () => {
+        const seen = [];
+        const body = ': ping\\n\\ndata: {"text": "a"}\\n\\n: ping\\n\\nevent: done\\ndata: {"tokens": 1}\\n\\n';
+        await readEvents(new Response(body), (type, data) => seen.push([type, data]));
+        return seen;
+    }""")
+    assert seen == [["message", {"text": "a"}], ["done", {"tokens": 1}]]

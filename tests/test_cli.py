@@ -1,8 +1,12 @@
 """The command line, end to end on a tiny model, in-process."""
 
+import argparse
 import json
 
+import pytest
+
 import cli
+import config
 from conftest import ROOT
 
 
@@ -46,3 +50,37 @@ def test_errors_are_one_line_messages_with_exit_code_2(tmp_path, capsys):
 def test_a_seed_past_2_63_is_the_same_error_as_in_the_web_api(tmp_path, capsys):
     code, _, err = run(capsys, tmp_path, "create", "s", "--preset", "small", "--seed", str(2**63))
     assert code == 2 and f"seed must be between 0 and {2**63 - 1}, got {2**63}" in err and "Traceback" not in err
+
+
+def test_export_writes_a_folder_transformers_reads_and_refuses_to_overwrite(trained, tmp_path, capsys):
+    store, name = trained
+    out = tmp_path / "exports" / "tiny-hf"
+    code, printed, _ = run(capsys, store.home, "export", name, "--format", "hf", "--out", str(out))
+    assert code == 0 and str(out) in printed and (out / "config.json").exists()
+    code, _, err = run(capsys, store.home, "export", name, "--format", "hf", "--out", str(out))
+    assert code == 2 and "--force" in err
+    assert run(capsys, store.home, "export", name, "--format", "hf", "--out", str(out), "--force")[0] == 0
+    code, _, err = run(capsys, store.home, "export", name, "--format", "peft", "--out", str(tmp_path / "p"))
+    assert code == 2 and "--adapter" in err
+
+
+def test_home_is_accepted_after_the_command_too(tmp_path, capsys):
+    assert cli.main(["create", "t", "--d-model", "32", "--num-heads", "2", "--home", str(tmp_path)]) == 0
+    assert cli.main(["list", "--home", str(tmp_path)]) == 0
+    assert (tmp_path / "models" / "t").is_dir() and "t " in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["--version"])
+    assert stop.value.code == 0 and config.VERSION in capsys.readouterr().out
+
+
+def test_every_flag_says_what_it_does_and_its_default():
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    vague = [f"{name} {a.dest}" for name, c in commands.items() for a in c._actions
+             if not isinstance(a, argparse._HelpAction) and a.option_strings
+             and not (a.help and ("default" in a.help or "required" in a.help))]
+    unnamed = [f"{name} {a.dest}" for name, c in commands.items() for a in c._actions if not a.option_strings and not a.help]
+    assert vague == [] and unnamed == []

@@ -319,7 +319,8 @@ def encoded(name):
 
 NAME_ROUTES = [("GET", "/models/{}"), ("DELETE", "/models/{}"), ("GET", "/models/{}/metrics"),
                ("POST", "/models/{}/rollback"), ("GET", "/books/{}"), ("DELETE", "/books/{}"),
-               ("GET", "/download_model/{}")]
+               ("GET", "/download_model/{}"), ("GET", "/download_model/{}?format=gguf"),
+               ("GET", "/download_adapter/m/{}?format=peft")]
 
 
 @FUZZ
@@ -467,12 +468,21 @@ def test_api_upload_any_bytes_any_file_name(guarded, data, stem, ext):
     assert guarded.delete(f"/books/{name}").status_code == 200
 
 
+@pytest.mark.parametrize("query", ["format=native", "format=hf", "format=gguf&dtype=q8_0"])
+def test_downloads_leave_no_temp_files(guarded, query):
+    CASES["api downloads"] += 1
+    assert guarded.get(f"/download_model/m?{query}").status_code == 200  # `guarded` checks the temp folder
+
+
 @pytest.mark.parametrize("method, path, body, status, words", [
     ("GET", "/models/ghost", None, 404, ["ghost"]),
     ("DELETE", "/models/ghost", None, 404, ["ghost"]),
     ("GET", "/books/ghost", None, 404, ["ghost"]),
     ("DELETE", "/books/ghost", None, 404, ["ghost"]),
     ("GET", "/download_model/ghost", None, 404, ["ghost"]),
+    ("GET", "/download_model/m?format=hf&dtype=q8_0", None, 400, ["GGUF type"]),
+    ("GET", "/download_model/m?format=onnx", None, 422, ["format"]),
+    ("GET", "/download_adapter/m/nope?format=peft", None, 404, ["nope"]),
     ("GET", "/models/m/metrics?adapter=..%2Fx", None, 400, ["invalid adapter name"]),
     ("GET", "/models/m/metrics?since=-1", None, 422, ["since"]),
     ("GET", "/training_status?since=-5", None, 422, ["since"]),

@@ -15,7 +15,7 @@ LAYERS = [
     {"selfplay"},  # the self-play stage
     {"azr_trainer"},  # the loop
     {"store"},  # models, books, adapters on disk
-    {"runs", "inside"},  # a run of a stored model; looking inside a model
+    {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
     {"jobs"},  # the web app's background job
     {"server", "cli", "bench", "bench_latency"},  # the edges: nothing imports them
 ]

@@ -13,6 +13,7 @@ import zipfile
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from conftest import LOCAL_URL, ROOT, TINY
@@ -91,7 +92,28 @@ def test_docs_describe_every_endpoint(client):
                 "/inside/embeddings", "/inside/nf4", "/inside/runs"]
     assert sorted(set(expected) - set(paths)) == []
     assert "requestBody" in paths["/train"]["post"]
-    assert client.get("/docs").status_code == 200
+
+
+def test_docs_work_offline(client):
+    html = client.get("/docs").text
+    assert "swagger-ui" in html and "http://" not in html and "https://" not in html  # no CDN
+    for asset in ("swagger-ui-bundle.js", "swagger-ui.css"):
+        assert client.get(f"/docs-assets/{asset}").status_code == 200
+
+
+def test_the_schema_documents_our_error_shape_ranges_and_answers(client):
+    spec = client.get("/openapi.json").json()
+    schemas, paths = spec["components"]["schemas"], spec["paths"]
+    assert "HTTPValidationError" not in schemas and set(schemas["ErrorBody"]["properties"]) == {"error", "field"}
+    for code in ("400", "404", "409", "422"):
+        assert paths["/train"]["post"]["responses"][code]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/ErrorBody"}
+    assert "413" in paths["/upload_book"]["post"]["responses"] and "413" not in paths["/train"]["post"]["responses"]
+    temperature = schemas["GenerateRequest"]["properties"]["temperature"]
+    assert (temperature["minimum"], temperature["maximum"]) == (0.0, 5.0)
+    assert schemas["TrainRequest"]["properties"]["lora_r"]["minimum"] == 1
+    ok = paths["/models/{name}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/ModelDetail"}
 
 
 def test_health(client):
@@ -484,6 +506,21 @@ def test_generate_stream_sends_one_event_per_token(trained):
     assert 0 < t["prob"] <= 1 and len(t["top"]) == 5 and t["top"][0][1] >= t["top"][-1][1]
 
 
+def test_generate_stream_pings_while_no_token_is_ready(trained, monkeypatch):
+    import fastapi.routing
+    import server
+
+    def slow_stream(*args):
+        time.sleep(0.3)  # a long prompt being read
+        yield "a", 1, torch.full((512,), 1 / 512)
+    monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.05)
+    monkeypatch.setattr(server, "stream", slow_stream)
+    with trained.stream("POST", "/generate_stream", json={"model": "tiny", "prompt": "The"}) as r:
+        blocks = r.read().decode().strip().split("\n\n")
+    assert blocks[0] == ": ping" and json.loads(blocks[-2][len("data: "):])["text"] == "a"
+    assert blocks[-1].startswith("event: done")
+
+
 @pytest.mark.parametrize("change, status, words", [
     ({"temperature": 100}, 400, "temperature"),
     ({"top_p": 1.5}, 400, "top_p"),
@@ -625,6 +662,8 @@ def test_download_zip_holds_the_model_and_a_readme_that_works(trained, tmp_path)
 
 def test_download_refuses_anything_but_a_model(trained):
     assert "no model named" in error_of(trained.get("/download_model/ghost"), 404)
+    assert "format" in error_of(trained.get("/download_model/tiny", params={"format": "onnx"}), 422)
+    assert "no adapter 'x'" in error_of(trained.get("/download_adapter/tiny/x", params={"format": "peft"}), 404)
     assert trained.get("/download_model/..%2F..%2Fetc").status_code in (400, 404)
 
 
