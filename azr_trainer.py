@@ -270,7 +270,7 @@ class Trainer:
             return None
         self.warmed = True
         run_flops = tc.steps * tc.grad_accum * tc.batch_size * self.T * flops_per_token(self.cfg, self.T)
-        on, self.compile_reason = speed.compile_decision(tc.compile, self.device, run_flops, self.precision)
+        on, self.compile_reason = speed.compile_decision(tc.compile, self.device, run_flops, self.precision, tc.minutes)
         if not on:
             return None
         x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
@@ -497,6 +497,31 @@ def lr_at(step, tc):
         return peak * (step + 1) / tc.warmup_steps
     progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def seconds_per_step(model, tc, precision, steps=3):
+    """A probe: the wall time of one eager training step (forward, backward, AdamW) of `model` at
+    tc's batch and window, the median of `steps` steps after a warm-up step. The work of a step
+    does not depend on the tokens, so they are random, and the steps change `model`: give it a
+    throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
+    model.train()
+    device = next(model.parameters()).device
+    T = window_len(tc, model.config)
+    loss_fn, optimizer = speed.TrainLoss(model), make_optimizer(model, tc)
+    x = torch.randint(model.config.vocab_size, (tc.batch_size, T + 1), device=device)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        for _ in range(tc.grad_accum):
+            with autocast(device, precision):
+                loss = loss_fn(x[:, :-1], x[:, 1:])
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[steps // 2]
 
 
 def make_optimizer(model, tc):

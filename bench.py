@@ -22,6 +22,8 @@ What is measured (`python bench.py`, `--json` for machine-readable output):
 
 `python bench.py quality --minutes 5` trains the small preset on tinyshakespeare for a time
 budget and reports validation bits/byte: quality per minute, the number the defaults are tuned on.
+`python bench.py quality --vs-nanogpt --minutes 3,5,15` does it on nanoGPT's split, beside
+nanoGPT's CPU recipe as the peer (benchmarks/vs_nanogpt.py).
 
 `python bench.py ddp` runs the same training — one global batch, the same steps — as one process
 (`python cli.py train`) and as N ranks (`torchrun --standalone --nproc_per_node N cli.py train`),
@@ -78,6 +80,9 @@ def main(argv=None):
     if argv[:1] == ["selfplay"]:  # the self-play A/B has its own options
         from benchmarks import selfplay_ab
         return selfplay_ab.main(argv[1:])
+    if argv[:1] == ["quality"] and "--vs-nanogpt" in argv:  # nanoGPT's split and CPU recipe as the peer
+        from benchmarks import vs_nanogpt
+        return vs_nanogpt.main([a for a in argv[1:] if a != "--vs-nanogpt"])
     if argv[:1] == ["llamacpp"]:  # llama.cpp on our GGUF export, with its own options
         from benchmarks import llamacpp
         return llamacpp.main(argv[1:])

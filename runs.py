@@ -25,18 +25,20 @@ whose text changed since is refused unless the user says to go on with the new t
 import contextlib
 import json
 import shutil
+import threading
 import time
 
 import torch
 
 import distributed
-from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, unigram_bpb, window_len
+from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, seconds_per_step, unigram_bpb, window_len
 from files import CorruptFile, Exists, NotFound, StoreError, shown
 from generate import SamplingConfig, generate
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
-from sizing import check_training_memory
-from speed import cache_compiles_in
+from model import GPT
+from sizing import check_training_memory, flops_per_token
+from speed import cache_compiles_in, compile_decision
 from store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 
@@ -104,6 +106,29 @@ def check_fits(store, name, tc):
     cfg = store.config(name)
     device = distributed.device_for_rank(tc.device)
     check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
+
+
+def step_time(store, name, tc):
+    """-> {seconds_per_step, precision, device, compile, compile_reason}: a probe of one eager
+    training step of a fresh model with `name`'s config, on this machine, at tc's batch, window and
+    precision, and whether the run would compile. Cached per config and machine setting: the page
+    asks again at every keystroke."""
+    check_fits(store, name, tc)
+    cfg, device = store.config(name), distributed.device_for_rank(tc.device)
+    precision = pick_precision(device, tc.precision)
+    key = (tuple(cfg.to_dict().items()), tc.batch_size, window_len(tc, cfg), tc.grad_accum, str(device), precision,
+           torch.get_num_threads())
+    with _PROBING:  # one probe at a time: two at once would time each other
+        if key not in _STEP_TIMES:
+            _STEP_TIMES[key] = seconds_per_step(GPT(cfg).to(device), tc, precision)
+    T = window_len(tc, cfg)
+    run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
+    on, reason = compile_decision(tc.compile, device, run_flops, precision, tc.minutes)
+    return {"seconds_per_step": _STEP_TIMES[key], "precision": precision, "device": str(device),
+            "compile": on, "compile_reason": reason}
+
+
+_STEP_TIMES, _PROBING = {}, threading.Lock()
 
 
 def load_run(store, name, adapter=None, changed_data=False):

@@ -392,6 +392,18 @@ def model_metrics(name: str, azr: Azr, since: int = Query(0, ge=0), run: str | N
             "next": (0 if reset else since) + len(rows), "reset": reset}
 
 
+@models.get("/models/{name}/step_time", summary="Time per training step on this machine: a probe of a few steps")
+def step_time(name: str, azr: Azr, batch_size: int = TrainConfig.batch_size, seq_len: int = TrainConfig.seq_len,
+              grad_accum: int = TrainConfig.grad_accum, steps: int = TrainConfig.steps,
+              minutes: float = TrainConfig.minutes, precision: str = TrainConfig.precision,
+              compile: str = TrainConfig.compile):
+    if azr.jobs.is_active():  # the probe would slow the run down, and the run would slow the probe
+        raise Busy("a training job is running: the time estimate waits for it to end")
+    tc = TrainConfig(steps=steps, minutes=minutes, batch_size=batch_size, seq_len=seq_len, grad_accum=grad_accum,
+                     precision=precision, compile=compile, device=str(azr.device))
+    return runs.step_time(azr.store, name, tc.validate())
+
+
 @models.get("/models/{name}/selfplay_example", summary="The latest self-play rollout: the tokens it wrote and the repeats it pushed down")
 def selfplay_example(name: str, azr: Azr, adapter: str | None = None):
     rows = [r for r in azr.store.metrics(name, 0, adapter) if "example" in r.get("selfplay", {})]

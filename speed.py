@@ -28,6 +28,9 @@ from sizing import HEAD_CHUNK
 # "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
 # eager training on 2 cores, enough to win back the compile time
 COMPILE_MIN_FLOPS = 5e12
+# ... and a run with a wall-clock budget (--minutes) at least this long: compiling the small preset
+# takes 10-60 s of it on 2 cores
+COMPILE_MIN_MINUTES = 2.0
 USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read before inductor sets it itself
 
 
@@ -94,14 +97,15 @@ class TrainLoss(nn.Module):
         return HeadLoss.apply(x.flatten(0, 1), self.model.lm_head.weight, targets.flatten())
 
 
-def compile_decision(setting, device, run_flops, precision):
+def compile_decision(setting, device, run_flops, precision, minutes=0.0):
     """-> (compile?, reason): whether to torch.compile the training loss, and why, in words the
     trainer shows. "auto" compiles only where it was measured to pay (BENCHMARKS.md):
     - on a CPU in bf16 (which pick_precision only chooses where the CPU has native bf16), where
       inductor fuses the elementwise work around the bf16 matmuls;
     - never on a CPU in fp32: there compiled training was measured no faster than eager, on an
       AVX-512 and on an AVX2 CPU, after tens of seconds of compiling;
-    - and only for a run long enough to win back the compile time, with a C++ compiler present.
+    - and only for a run long enough to win back the compile time (`run_flops`, or `minutes` when
+      the run has a wall-clock budget), with a C++ compiler present.
     On CUDA, ask for it with "on"."""
     if setting != "auto":
         return setting == "on", f"compile={setting} was asked for"
@@ -111,7 +115,10 @@ def compile_decision(setting, device, run_flops, precision):
         return False, f"{precision} on CPU: torch.compile measured no faster than eager training here"
     if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         return False, "no C++ compiler for inductor's kernels"
-    if run_flops < COMPILE_MIN_FLOPS:
+    if minutes:
+        if minutes < COMPILE_MIN_MINUTES:
+            return False, f"a {minutes:g}-minute budget: compiling would take too much of it"
+    elif run_flops < COMPILE_MIN_FLOPS:
         return False, f"a short run ({run_flops:.1e} FLOPs): compiling would not pay back"
     return True, "bf16 on a CPU with native bf16: compiled training measured faster than eager"
 

@@ -50,6 +50,7 @@ from selfplay import SelfPlay, SelfPlayConfig, distinct_n, has_loop, seq_rep_n, 
 from store import Store
 from tokenizer import Tokenizer
 
+BOOK = "book"  # the --book file's name in each seed's own store
 SCHEDULE_STEPS = 1000  # the lr schedule runs over the budget in 1000 virtual steps (warm-up: 50)
 
 
@@ -109,7 +110,8 @@ def one_seed(ab, sp_cfg, seed):
     home = tempfile.mkdtemp(prefix=f"sp-ab{seed}-")
     try:
         store = Store(home)
-        _, text, _ = store.resolve_book(ab.book)
+        store.add_book(BOOK, Path(ab.book).read_bytes(), Path(ab.book).name)
+        _, text, _ = store.resolve_book(BOOK)
         tok_path = store.home / "tokenizer.json"
         Tokenizer.train([text], PRESETS["small"].vocab_size).save(tok_path)
         arms = {a: make_arm(store, f"arm{i}", tok_path, seed, ab) for i, a in enumerate(ab.arms.split(","))}
@@ -136,7 +138,7 @@ def make_arm(store, name, tok_path, seed, ab):
     store.create_model(name, PRESETS["small"], seed=seed)  # same seed: every arm starts from the same weights
     (store.model_dir(name) / "tokenizer.json").write_bytes(tok_path.read_bytes())
     tc = TrainConfig(steps=SCHEDULE_STEPS, seed=seed, device="cpu", precision=ab.precision, compile="off")
-    return runs.make_trainer(store, name, new_run([ab.book], tc, name=name))
+    return runs.make_trainer(store, name, new_run([BOOK], tc, name=name))
 
 
 def arm_options(arm, ab, sp_cfg):

@@ -80,7 +80,7 @@ function showTab(name) {
   $$(".tab").forEach(t => t.classList.toggle("active", t.id === "tab-" + name));
   $$("#tabs button").forEach(b => b.classList.toggle("active", b.dataset.tab === name));
   history.replaceState(null, "", "#" + name);
-  if (name === "training") charts.forEach(c => c.draw());
+  if (name === "training") { charts.forEach(c => c.draw()); updateTrainEstimate(); }
   if (name === "inside") lookInside();
 }
 
@@ -461,6 +461,39 @@ trainForm.addEventListener("submit", async ev => {
     pollSoon();
   } catch (err) { say(msg, err.message, "error"); }
 });
+
+// What a run will cost, before Start: a probe of a few steps on this machine (runs.step_time)
+let trainEstimateSeq = 0, trainEstimateTimer = null;
+
+async function updateTrainEstimate() {
+  const seq = ++trainEstimateSeq, out = $("#train-estimate"), model = trainForm.elements.model.value;
+  if (!model) { out.textContent = ""; return; }
+  const v = formValues(trainForm, ["steps", "minutes", "batch_size"]);
+  out.className = "estimate muted";
+  out.textContent = "timing a few training steps on this machine…";
+  try {
+    const e = await api("GET", `/models/${encodeURIComponent(model)}/step_time?` + new URLSearchParams(v));
+    if (seq !== trainEstimateSeq) return;
+    const minutes = Number(v.minutes || 0), per1000 = 1000 * e.seconds_per_step;
+    const cost = minutes > 0 ? `a ${minutes}-minute budget fits ≈ ${fmt.int(Math.floor(minutes * 60 / e.seconds_per_step))} steps`
+                             : v.steps ? `${fmt.int(v.steps)} steps take ≈ ${fmt.secs(v.steps * e.seconds_per_step)}` : "";
+    out.className = "estimate";
+    out.replaceChildren(el("strong", {}, `≈ ${fmt.secs(per1000)} per 1000 steps`),
+      ` on this machine (${e.seconds_per_step.toFixed(3)} s per step, ${e.precision}, measured without torch.compile)${cost && ": " + cost}` +
+      ` · torch.compile ${e.compile ? "on" : "off"}: ${e.compile_reason}` +
+      " · evaluations and checkpoints add a little");
+  } catch (err) {
+    if (seq !== trainEstimateSeq) return;
+    out.className = "estimate muted";
+    out.textContent = err.message;
+  }
+}
+
+trainForm.elements.model.addEventListener("change", updateTrainEstimate);
+["steps", "minutes", "batch_size"].forEach(f => trainForm.elements[f].addEventListener("input", () => {
+  clearTimeout(trainEstimateTimer);
+  trainEstimateTimer = setTimeout(updateTrainEstimate, 300);
+}));
 
 $$("#train-form [name=mode]").forEach(r => r.addEventListener("change", () => {
   $("#lora-options").hidden = trainForm.elements.mode.value !== "lora";

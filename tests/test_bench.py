@@ -101,6 +101,10 @@ def test_auto_compiles_only_long_cpu_runs_and_on_off_are_obeyed():
     on, reason = compile_decision("auto", cpu, 1e15, "fp32")
     assert not on and "fp32" in reason  # fp32 on CPU: measured no faster than eager
     assert not compile_decision("auto", cpu, 1e9, "bf16")[0]  # a few seconds of work: not worth it
+    on, reason = compile_decision("auto", cpu, 1e9, "bf16", minutes=0.5)  # a budget: its length decides
+    assert not on and "budget" in reason
+    if shutil.which("g++"):
+        assert compile_decision("auto", cpu, 1e9, "bf16", minutes=10)[0]
     assert not compile_decision("auto", torch.device("cuda"), 1e15, "bf16")[0]  # not measured there
     assert compile_decision("on", cpu, 1, "fp32")[0] and not compile_decision("off", cpu, 1e15, "bf16")[0]
     with pytest.raises(ValueError, match="compile"):
@@ -120,3 +124,16 @@ def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, b
     assert events[0]["type"] == "start" and events[0]["compiled"] is False
     assert events[0]["compile_reason"] == "torch.compile failed"
     assert "no C++ compiler found" in events[1]["message"]
+
+
+def test_selfplay_ab_runs_both_arms_on_a_book_file(tmp_path):
+    """bench.py selfplay end to end on the example book, in seconds: both arms train and are scored."""
+    out = tmp_path / "ab.json"
+    r = subprocess.run([sys.executable, "bench.py", "selfplay", "--book", "books/example_book.txt", "--minutes", "0.04",
+                        "--start", "0.4", "--prompts", "2", "--gen_tokens", "12", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    arms = json.loads(out.read_text())["seeds"][0]["arms"]
+    assert set(arms) == {"supervised", "selfplay"}
+    assert arms["selfplay"]["selfplay_steps"] > 0 and arms["supervised"]["selfplay_steps"] == 0
+    assert arms["supervised"]["val_bpb"] > 0 and 0 <= arms["selfplay"]["greedy_loop_rate"] <= 1

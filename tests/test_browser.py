@@ -80,6 +80,10 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.fill("#train-form [name=eval_every]", "10")
     page.fill("#train-form [name=warmup_steps]", "5")
     assert page.is_checked("#train-books input[value=example]")
+    # before Start, the page says what the run will cost on this machine (a short timed probe)
+    page.wait_for_function("document.querySelector('#train-estimate').textContent.includes('60 steps take')",
+                           timeout=60_000)
+    assert "per 1000 steps on this machine" in page.text_content("#train-estimate")
     page.click("#train-start")
     page.wait_for_selector("#job-state.queued, #job-state.running, #job-state.done", timeout=60_000)
     page.reload()  # the job lives in the server, not in the tab: the reloaded page finds it

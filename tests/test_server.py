@@ -89,7 +89,7 @@ def test_docs_describe_every_endpoint(client):
                 "/stop_training", "/resume_training", "/generate", "/generate_stream", "/attention", "/arena",
                 "/models", "/models/{name}", "/models/{name}/metrics", "/models/{name}/rollback",
                 "/download_model/{name}", "/merge", "/estimate", "/health", "/inside/tokens", "/inside/next_token",
-                "/inside/embeddings", "/inside/nf4", "/inside/runs"]
+                "/inside/embeddings", "/inside/nf4", "/inside/runs", "/models/{name}/step_time"]
     assert sorted(set(expected) - set(paths)) == []
     assert "requestBody" in paths["/train"]["post"]
 
@@ -148,6 +148,17 @@ def test_create_model_from_preset_or_numbers(client):
     r = client.post("/create_model", json={"name": "s2", "preset": "small", "num_layers": 2})
     assert r.json()["config"]["num_layers"] == 2 and r.json()["config"]["d_model"] == 128
     assert [m["name"] for m in client.get("/models").json()] == ["s", "s2", "t"]
+
+
+def test_step_time_probes_this_machine_before_a_run(client):
+    client.post("/create_model", json={"name": "t", **TINY})
+    e = client.get("/models/t/step_time", params={"batch_size": 4}).json()
+    assert 0 < e["seconds_per_step"] < 10 and e["precision"] in ("fp32", "bf16") and e["compile_reason"]
+    e = client.get("/models/t/step_time", params={"minutes": 0.5, "compile": "auto"}).json()
+    assert not e["compile"]  # a half-minute budget never pays for compiling
+    r = client.get("/models/t/step_time", params={"batch_size": 0})
+    assert r.json()["field"] == "batch_size" and "between 1 and" in error_of(r, 400)
+    assert "no model named" in error_of(client.get("/models/nope/step_time"), 404)
 
 
 @pytest.mark.parametrize("body, status, words", [

@@ -1,0 +1,201 @@
+"""Quality per minute against nanoGPT's CPU recipe, on nanoGPT's own split of tinyshakespeare.
+
+nanoGPT's README trains a character-level GPT on a CPU with `shakespeare_char` and
+`--device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 --batch_size=12
+--n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0`
+(0.8 M parameters). Its data script splits the text by characters: train = the first 90 %,
+val = the last 10 % — a different play from most of the training text, so this is harder than
+our own interleaved split.
+
+Both sides here are whole processes timed from outside, on the same machine in the same run:
+- the peer: that recipe (the numbers of nanoGPT's config and README: AdamW betas (0.9, 0.99),
+  weight decay 0.1 on matrices, lr 1e-3 with 100 warm-up iterations and a cosine to 1e-4 at
+  2000, gradient clip 1, evaluation every 250 iterations on 20 batches of each split, fp32, no
+  compile), iterations 0..2000 as nanoGPT's loop runs them, on transformers' `GPT2LMHeadModel`
+  (nanoGPT's model is GPT-2 without biases; transformers' has them);
+- ours: `cli.py create` + `cli.py train --minutes M` on a file holding the first 90 %, with every
+  default a user gets (our own train/val split of that file for evaluations and keep_best).
+Both are then scored the same way on the last 10 %: every character (byte: the text is ASCII)
+of it, in non-overlapping windows of the model's full context, bits per character.
+
+    python bench.py quality --vs-nanogpt --minutes 3,5,15
+    python bench.py quality --vs-nanogpt --minutes 3 --no-nanogpt --model vocab_size=1024 --set batch_size=8
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from azr_trainer import evaluate_bpb  # noqa: E402
+from store import Store  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
+
+# nanoGPT's shakespeare_char config with its README's CPU overrides
+RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr_decay_iters=2000,
+              learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta1=0.9, beta2=0.99, weight_decay=0.1,
+              grad_clip=1.0, eval_interval=250, eval_iters=20, seed=1337)
+
+
+def split(text):
+    """nanoGPT's prepare.py: train = the first 90 % of the characters, val = the rest."""
+    n = int(0.9 * len(text))
+    return text[:n], text[n:]
+
+
+# ----------------------------------------------------------------------------- the peer
+
+
+def peer_main(book, out):
+    """Run in its own process: nanoGPT's recipe, then bits/char on the whole val text."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    r = RECIPE
+    torch.manual_seed(r["seed"])
+    train_text, val_text = split(Path(book).read_text())
+    chars = sorted(set(train_text + val_text))  # nanoGPT's vocabulary: every character of the file
+    stoi = {c: i for i, c in enumerate(chars)}
+    train = torch.tensor([stoi[c] for c in train_text])
+    val = torch.tensor([stoi[c] for c in val_text])
+    model = GPT2LMHeadModel(GPT2Config(
+        vocab_size=len(chars), n_positions=r["block_size"], n_embd=r["n_embd"], n_layer=r["n_layer"],
+        n_head=r["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        bos_token_id=None, eos_token_id=None, pad_token_id=0))
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": r["weight_decay"]},
+                             {"params": others, "weight_decay": 0.0}],
+                            lr=r["learning_rate"], betas=(r["beta1"], r["beta2"]))
+
+    def batch(data):
+        ix = torch.randint(len(data) - r["block_size"], (r["batch_size"],))
+        x = torch.stack([data[i:i + r["block_size"]] for i in ix])
+        y = torch.stack([data[i + 1:i + 1 + r["block_size"]] for i in ix])
+        return x, y
+
+    def loss_of(x, y):
+        logits = model(x).logits
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    def lr_at(it):
+        if it < r["warmup_iters"]:
+            return r["learning_rate"] * (it + 1) / (r["warmup_iters"] + 1)
+        ratio = min(1.0, (it - r["warmup_iters"]) / (r["lr_decay_iters"] - r["warmup_iters"]))
+        return r["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (r["learning_rate"] - r["min_lr"])
+
+    for it in range(r["max_iters"] + 1):
+        if it % r["eval_interval"] == 0:  # nanoGPT's estimate_loss: it costs time, so it is part of the recipe
+            model.eval()
+            with torch.no_grad():
+                for data in (train, val):
+                    [loss_of(*batch(data)) for _ in range(r["eval_iters"])]
+            model.train()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it)
+        loss = loss_of(*batch(train))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    T = r["block_size"]
+    n = (len(val) - 1) // T
+    with torch.no_grad():
+        nats = sum(torch.nn.functional.cross_entropy(
+            model(val[i * T:(i + 1) * T][None]).logits[0], val[i * T + 1:(i + 1) * T + 1], reduction="sum").item()
+            for i in range(n))
+    Path(out).write_text(json.dumps({"iters": r["max_iters"] + 1, "bits_per_char": nats / math.log(2) / (n * T),
+                                     "params": sum(p.numel() for p in model.parameters())}))
+
+
+def run_peer(book):
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "peer.json"
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--peer", str(book), str(out)], check=True)
+        wall = time.perf_counter() - t0
+        return {"who": "nanoGPT recipe (transformers GPT2)", "wall_s": round(wall, 1), **json.loads(out.read_text())}
+
+
+# ----------------------------------------------------------------------------- ours
+
+
+def run_ours(book, minutes, model_changes, train_changes):
+    """`cli.py create` + `cli.py train --minutes`, timed as processes, then scored on the val text."""
+    train_text, val_text = split(Path(book).read_text())
+    with tempfile.TemporaryDirectory() as home:
+        train_file = Path(home) / "shakespeare_train.txt"
+        train_file.write_text(train_text)
+        env = {**os.environ, "AZR_HOME": home}
+        cli = [sys.executable, str(ROOT / "cli.py")]
+        create = cli + ["create", "q", "--preset", "small"] + flags(model_changes)
+        train = cli + ["train", "q", "--book", str(train_file), "--minutes", str(minutes)] + flags(train_changes)
+        t0 = time.perf_counter()
+        subprocess.run(create, check=True, env=env, stdout=subprocess.DEVNULL)
+        log = subprocess.run(train, check=True, env=env, capture_output=True, text=True).stdout
+        wall = time.perf_counter() - t0
+        store = Store(home)
+        model, tok = store.load_model("q"), store.tokenizer("q")
+        ids = np.array(tok.encode(val_text), dtype=np.int64)
+        byte_len = torch.from_numpy(tok.byte_lengths())
+        T = model.config.max_seq_len
+        score = evaluate_bpb(model, ids, byte_len, T, 10**9, torch.device("cpu"))
+        last = log.strip().splitlines()[-1]
+        summary = json.loads(last) if last.startswith("{") else {}
+        steps = store.lineage("q")["steps"]
+    return {"who": "ours", "minutes": minutes, "model": model_changes, "train": train_changes, "wall_s": round(wall, 1),
+            "steps": steps, "bits_per_char": score["val_bpb"], "log": log.strip().splitlines()[:1],
+            **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
+
+
+def flags(changes):
+    return [a for k, v in changes.items() for a in ("--" + k.replace("_", "-"), str(v))]
+
+
+def parse_kv(items):
+    out = {}
+    for kv in items:
+        key, _, value = kv.partition("=")
+        out[key] = value
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--book", default=str(SHAKESPEARE))
+    p.add_argument("--minutes", default="3,5,15", help="comma list of our training budgets")
+    p.add_argument("--no-nanogpt", action="store_true", help="skip the peer (rows of ours only)")
+    p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="a `cli.py create` flag")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a `cli.py train` flag")
+    p.add_argument("--out", help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    rows = []
+    if not args.no_nanogpt:
+        rows.append(run_peer(args.book))
+        print(json.dumps(rows[-1]), flush=True)
+    for m in args.minutes.split(","):
+        rows.append(run_ours(args.book, float(m), parse_kv(args.model), parse_kv(args.set)))
+        if not args.no_nanogpt:
+            rows[-1]["vs_peer"] = round(rows[-1]["bits_per_char"] / rows[0]["bits_per_char"], 4)
+        print(json.dumps(rows[-1]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--peer"]:
+        peer_main(*sys.argv[2:4])
+    else:
+        main()
