@@ -351,9 +351,12 @@ models = APIRouter(tags=["models"])
 
 
 @models.get("/estimate", summary="Parameter count and training memory of a config (live form check)")
-def estimate(vocab_size: int = 5000, d_model: int = 128, num_layers: int = 4, num_heads: int = 4,
-             d_ff: int = 512, max_seq_len: int = 128, batch_size: int = Query(16, ge=1, le=4096)):
+def estimate(vocab_size: int = ModelConfig.vocab_size, d_model: int = ModelConfig.d_model,
+             num_layers: int = ModelConfig.num_layers, num_heads: int = ModelConfig.num_heads,
+             d_ff: int = ModelConfig.d_ff, max_seq_len: int = ModelConfig.max_seq_len,
+             batch_size: int = TrainConfig.batch_size):
     cfg = ModelConfig(vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_len).validate()
+    TrainConfig(batch_size=batch_size).validate()
     return {"params": param_count(cfg), "memory": memory_estimate(cfg, batch_size),
             "flops_per_token": flops_per_token(cfg), "batch_size": batch_size}
 
