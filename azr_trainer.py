@@ -270,8 +270,7 @@ class Trainer:
         if self.warmed:
             return None
         self.warmed = True
-        run_flops = tc.steps * tc.grad_accum * tc.batch_size * self.T * flops_per_token(self.cfg, self.T)
-        on, self.compile_reason = speed.compile_decision(tc.compile, self.device, run_flops, self.precision, tc.minutes)
+        on, self.compile_reason = compile_choice(self.cfg, tc, self.T, self.device, self.precision)
         if not on:
             return None
         x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
@@ -498,6 +497,12 @@ def lr_at(step, tc):
         return peak * (step + 1) / tc.warmup_steps
     progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def compile_choice(cfg, tc, T, device, precision):
+    """-> (compile?, reason) for the run `tc` describes: speed.compile_decision given its work."""
+    run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
+    return speed.compile_decision(tc.compile, device, run_flops, precision, tc.minutes)
 
 
 def seconds_per_step(model, tc, precision, steps=3):

@@ -31,14 +31,15 @@ import time
 import torch
 
 import distributed
-from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, seconds_per_step, unigram_bpb, window_len
+from azr_trainer import (TrainConfig, Trainer, compile_choice, evaluate_bpb, new_run, seconds_per_step, unigram_bpb,
+                         window_len)
 from files import CorruptFile, Exists, NotFound, StoreError, shown
 from generate import SamplingConfig, generate
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
-from sizing import check_training_memory, flops_per_token
-from speed import cache_compiles_in, compile_decision
+from sizing import check_training_memory
+from speed import cache_compiles_in
 from store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 
@@ -116,14 +117,12 @@ def step_time(store, name, tc):
     check_fits(store, name, tc)
     cfg, device = store.config(name), distributed.device_for_rank(tc.device)
     precision = pick_precision(device, tc.precision)
-    key = (tuple(cfg.to_dict().items()), tc.batch_size, window_len(tc, cfg), tc.grad_accum, str(device), precision,
-           torch.get_num_threads())
+    T = window_len(tc, cfg)
+    key = (tuple(cfg.to_dict().items()), tc.batch_size, T, tc.grad_accum, str(device), precision, torch.get_num_threads())
     with _PROBING:  # one probe at a time: two at once would time each other
         if key not in _STEP_TIMES:
             _STEP_TIMES[key] = seconds_per_step(GPT(cfg).to(device), tc, precision)
-    T = window_len(tc, cfg)
-    run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
-    on, reason = compile_decision(tc.compile, device, run_flops, precision, tc.minutes)
+    on, reason = compile_choice(cfg, tc, T, device, precision)
     return {"seconds_per_step": _STEP_TIMES[key], "precision": precision, "device": str(device),
             "compile": on, "compile_reason": reason}
 
