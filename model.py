@@ -57,6 +57,11 @@ class ModelConfig:
 
 
 PRESETS = {
+    # tiny is small with half the blocks and a smaller vocabulary: in a budget of a few minutes on a
+    # CPU it takes twice the steps, and on a book of a few hundred kB or more a model that short of
+    # training gains more from steps than from depth (BENCHMARKS.md, "Quality per minute against
+    # nanoGPT's CPU recipe"); a smaller book is memorised before depth stops paying: use small
+    "tiny": ModelConfig(1024, 128, 2, 4, 512, 128),
     "small": ModelConfig(5000, 128, 4, 4, 512, 128),
     "medium": ModelConfig(8000, 256, 6, 8, 1024, 256),
     "large": ModelConfig(15000, 512, 12, 16, 2048, 512),

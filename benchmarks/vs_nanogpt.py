@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from azr_trainer import evaluate_bpb  # noqa: E402
+from model import PRESETS  # noqa: E402
 from store import Store  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
@@ -131,7 +132,7 @@ def run_peer(book):
 # ----------------------------------------------------------------------------- ours
 
 
-def run_ours(book, minutes, model_changes, train_changes):
+def run_ours(book, minutes, preset, model_changes, train_changes):
     """`cli.py create` + `cli.py train --minutes`, timed as processes, then scored on the val text."""
     train_text, val_text = split(Path(book).read_text())
     with tempfile.TemporaryDirectory() as home:
@@ -139,7 +140,7 @@ def run_ours(book, minutes, model_changes, train_changes):
         train_file.write_text(train_text)
         env = {**os.environ, "AZR_HOME": home}
         cli = [sys.executable, str(ROOT / "cli.py")]
-        create = cli + ["create", "q", "--preset", "small"] + flags(model_changes)
+        create = cli + ["create", "q", "--preset", preset] + flags(model_changes)
         train = cli + ["train", "q", "--book", str(train_file), "--minutes", str(minutes)] + flags(train_changes)
         t0 = time.perf_counter()
         subprocess.run(create, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -154,9 +155,10 @@ def run_ours(book, minutes, model_changes, train_changes):
         last = log.strip().splitlines()[-1]
         summary = json.loads(last) if last.startswith("{") else {}
         steps = store.lineage("q")["steps"]
-    return {"who": "ours", "minutes": minutes, "model": model_changes, "train": train_changes, "wall_s": round(wall, 1),
-            "steps": steps, "bits_per_char": score["val_bpb"], "log": log.strip().splitlines()[:1],
-            **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
+        evals = [[r["step"], r["val_bpb"]] for r in store.metrics("q") if "val_bpb" in r]  # on our own val split
+    return {"who": "ours", "minutes": minutes, "preset": preset, "model": model_changes, "train": train_changes,
+            "wall_s": round(wall, 1), "steps": steps, "bits_per_char": score["val_bpb"], "log": log.strip().splitlines()[:1],
+            "evals": evals, **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
 
 
 def flags(changes):
@@ -176,6 +178,7 @@ def main(argv=None):
     p.add_argument("--book", default=str(SHAKESPEARE))
     p.add_argument("--minutes", default="3,5,15", help="comma list of our training budgets")
     p.add_argument("--no-nanogpt", action="store_true", help="skip the peer (rows of ours only)")
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS), help="our model's preset")
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="a `cli.py create` flag")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a `cli.py train` flag")
     p.add_argument("--out", help="write the rows as JSON here")
@@ -185,7 +188,7 @@ def main(argv=None):
         rows.append(run_peer(args.book))
         print(json.dumps(rows[-1]), flush=True)
     for m in args.minutes.split(","):
-        rows.append(run_ours(args.book, float(m), parse_kv(args.model), parse_kv(args.set)))
+        rows.append(run_ours(args.book, float(m), args.preset, parse_kv(args.model), parse_kv(args.set)))
         if not args.no_nanogpt:
             rows[-1]["vs_peer"] = round(rows[-1]["bits_per_char"] / rows[0]["bits_per_char"], 4)
         print(json.dumps(rows[-1]), flush=True)

@@ -26,7 +26,7 @@ def quick():
 
 
 def test_train_rows_compare_us_with_the_identical_peer(quick):
-    assert [(r["preset"], r["precision"]) for r in quick["train"]][0] == ("tiny", "fp32")
+    assert [(r["preset"], r["precision"]) for r in quick["train"]][0] == ("quick", "fp32")
     for row in quick["train"]:
         assert row["peer_params"] == row["params"]  # same config, same parameter count
         for key in ["ours_tok_s", "ours_mfu", "ours_peak_mb", "matmul_only_tok_s", "peer_tok_s", "ours_ratio",
@@ -55,13 +55,13 @@ def test_markdown_report_has_a_row_per_measurement():
     fake = {"meta": {"date": "d", "cpu": "c", "cpu_capability": "x", "threads": 2, "device": "cpu", "torch": "t",
                      "transformers": None, "loadavg_start": None, "command": "python bench.py"},
             "peak_gflops": {"fp32": 100.0}, "nf4": None,
-            "train": [{"preset": "tiny", "precision": "fp32", "batch": 4, "seq_len": 32, "ours_tok_s": 1000.0,
+            "train": [{"preset": "quick", "precision": "fp32", "batch": 4, "seq_len": 32, "ours_tok_s": 1000.0,
                        "ours_mfu": 0.5, "matmul_only_tok_s": 3000.0, "ours_peak_mb": 2.0, "estimate_mb": 2.0,
                        "ours_setup_s": 1.0}],
-            "generate": [{"preset": "tiny", "precision": "fp32", "new_tokens": 8, "ours_cache_tok_s": 50.0,
+            "generate": [{"preset": "quick", "precision": "fp32", "new_tokens": 8, "ours_cache_tok_s": 50.0,
                           "ours_no_cache_tok_s": 10.0, "peer_tok_s": None, "ratio": None}]}
     text = bench.format_report(fake)
-    assert "| tiny | fp32 | 4 x 32 | 1,000 | - |" in text and "| tiny | fp32 | 8 | 50 | 10 | - | - |" in text
+    assert "| quick | fp32 | 4 x 32 | 1,000 | - |" in text and "| quick | fp32 | 8 | 50 | 10 | - | - |" in text
 
 
 def test_matmul_only_ceiling_counts_every_matmul_of_a_step():

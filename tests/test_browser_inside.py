@@ -46,7 +46,7 @@ def test_samples_and_every_look_inside_view(server, page, tmp_path, book_text): 
     page.screenshot(path=str(shots / "6-training-samples.png"), full_page=True)
 
     # a second run of web (another learning rate: a second version) and one of the other model
-    train_and_wait(server, "web", steps=20, learning_rate=2e-3)
+    train_and_wait(server, "web", steps=20, learning_rate=1e-3)
     train_and_wait(server, "wide", steps=20)
     page.reload()  # the page learns of the new runs and versions
     page.click("#tabs button[data-tab=inside]")
@@ -86,5 +86,5 @@ def test_samples_and_every_look_inside_view(server, page, tmp_path, book_text): 
     page.select_option("#runs-form [name=compare]", "wide")
     page.wait_for_function("document.querySelectorAll('#runs-table tr').length === 4")
     assert page.evaluate("runCharts[1].series.length") == 3
-    assert "learning_rate=0.002" in page.text_content("#runs-table")
+    assert "learning_rate=0.001" in page.text_content("#runs-table")
     page.locator("#look-runs").screenshot(path=str(shots / "11-inside-runs.png"))

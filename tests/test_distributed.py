@@ -115,7 +115,7 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(two_ranks):
     vs one over 8, matmuls of 4 rows vs 8): fp32 rounding, about 1e-7 of each value. So the
     metrics (rounded to 5 digits in metrics.jsonl) agree to their last digit, and the weights
     after 12 steps to 1e-5 (measured: 6e-7), where one AdamW step moves each weight by about
-    the learning rate, 5e-4: windows or gradients that differ at all would show."""
+    the learning rate, 2e-3: windows or gradients that differ at all would show."""
     store, _, _ = two_ranks
     store.create_model("one", tiny_config())  # the same seed: the same initial weights as "m"
     train(store, "one", ["book"], TrainConfig(**{**OPTS, "batch_size": 2 * OPTS["batch_size"]}))

@@ -168,6 +168,16 @@ def test_early_stopping_ends_a_run_that_stopped_improving(store, book, monkeypat
     assert store.lineage("m")["runs"][-1]["steps"] == 50
 
 
+def test_early_stopping_waits_out_a_plateau(store, book, monkeypatch):
+    # within 1 % of the best (2.0) for six evaluations, then a new best: what a high learning rate
+    # looks like before the cosine comes down; one clear rise (2.1) in between is not three in a row
+    scores = iter([3.0, 2.0, 2.01, 2.015, 2.1, 2.005, 2.0, 2.01, 1.9, 1.95])
+    monkeypatch.setattr(azr_trainer.Trainer, "evaluate", lambda self: {"val_loss": 1.0, "val_ppl": 2.7, "val_bpb": next(scores)})
+    store.create_model("m", tiny_config())
+    summary = train(store, "m", [book], quick_train_config(steps=100, patience=3))
+    assert summary["step"] == 100 and summary["best"] == [1.9, 90]
+
+
 def test_a_time_budget_fits_the_schedule_and_ends_on_time(store, book):
     store.create_model("m", tiny_config())
     t0 = time.time()
