@@ -72,8 +72,9 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), or a device such as cpu or cuda:1")
     precision: str = setting("auto", "auto picks bf16 only where the hardware has it", choices=("auto", "fp32", "bf16", "fp16"))
     compile: str = setting("auto", "torch.compile the training step (auto: long CPU runs)", choices=("auto", "on", "off"))
-    selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off); with 3, greedy text "
-                                        "repeated 4-grams 0.3x and val bits/byte -0.4 to +1.6 percent on three books (BENCHMARKS.md)", 0, 100_000)
+    selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off); with 3, greedy "
+                                        "text repeated 4-grams 0.3x and val bits/byte -0.4 to +1.6 percent on three "
+                                        "books (BENCHMARKS.md)", 0, 100_000)
     selfplay_start: float = setting(0.4, "self-play begins once this share of the steps is done", 0.0, 1.0)
     minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the schedule is fitted "
                                   "to the steps that fit (0 = off)", 0.0, 1e6)

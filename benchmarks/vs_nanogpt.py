@@ -157,8 +157,8 @@ def run_ours(book, minutes, preset, model_changes, train_changes):
         steps = store.lineage("q")["steps"]
         evals = [[r["step"], r["val_bpb"]] for r in store.metrics("q") if "val_bpb" in r]  # on our own val split
     return {"who": "ours", "minutes": minutes, "preset": preset, "model": model_changes, "train": train_changes,
-            "wall_s": round(wall, 1), "steps": steps, "bits_per_char": score["val_bpb"], "log": log.strip().splitlines()[:1],
-            "evals": evals, **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
+            "wall_s": round(wall, 1), "steps": steps, "bits_per_char": score["val_bpb"],
+            "log": log.strip().splitlines()[:1], "evals": evals, **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
 
 
 def flags(changes):
