@@ -122,8 +122,10 @@ def test_two_ranks_with_batch_b_train_like_one_process_with_batch_2b(two_ranks):
     two, one = store.metrics("m"), store.metrics("one")
     assert [r["step"] for r in two] == [r["step"] for r in one] == list(range(1, 13))
     for a, b in zip(two, one):
-        assert {k: a.get(k) for k in ("loss", "grad_norm", "val_bpb", "lr")} == \
-               pytest.approx({k: b.get(k) for k in ("loss", "grad_norm", "val_bpb", "lr")}, rel=2e-5, abs=2e-5)
+        # a row without a validation score has none in both runs; the values present agree
+        assert a.keys() == b.keys()
+        keys = [k for k in ("loss", "grad_norm", "val_bpb", "lr") if k in b]
+        assert [a[k] for k in keys] == pytest.approx([b[k] for k in keys], rel=2e-5, abs=2e-5)
     wa, wb = store.load_model("m").state_dict(), store.load_model("one").state_dict()
     assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wa)
     assert store.lineage("m")["runs"][-1]["world_size"] == 2
