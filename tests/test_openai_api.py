@@ -1,6 +1,7 @@
 """The /v1 endpoints, driven by the real `openai` client against a live server (uvicorn on a free
 port of 127.0.0.1, in a thread): what an OpenAI tool sees when it talks to a book model."""
 
+import re
 import socket
 import threading
 import time
@@ -11,7 +12,7 @@ import pytest
 import uvicorn
 
 import server
-from conftest import quick_train_config, tiny_config
+from conftest import ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate
 from lora import LoRAConfig
 from openai_api import Message, TextPart, chat_prompt, first_stop, stop_prefix_len, stops_of
@@ -146,6 +147,13 @@ def test_the_server_takes_its_key_from_the_flag_or_the_environment(monkeypatch, 
     monkeypatch.delenv("AZR_API_KEY")
     server.main(["--home", str(tmp_path)])
     assert seen["key"] is None
+
+
+def test_the_readme_snippet_runs(client, capsys):
+    section = (ROOT / "README.md").read_text(encoding="utf-8").split("### OpenAI-compatible API")[1].split("\n## ")[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    exec(code.replace("http://127.0.0.1:8000/v1", str(client.base_url)).replace("max_tokens=50", "max_tokens=5"), {})
+    assert capsys.readouterr().out.startswith("['tiny', 'tiny:ad']\n")
 
 
 # ----------------------------------------------------------------------------- the pieces
