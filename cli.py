@@ -88,6 +88,8 @@ def cmd_merge(store, args):
 def cmd_export(store, args):
     out = export.export(store, args.name, args.format, args.out, args.adapter, args.dtype, args.force)
     print(f"wrote {out}")
+    if args.format == "gguf":
+        print(f"wrote {export.modelfile_of(out)} (for Ollama: ollama create {args.name} -f {export.modelfile_of(out)})")
 
 
 def cmd_resume(store, args):
@@ -305,7 +307,7 @@ def build_parser():
     x = command("export", cmd_export, "write a model for transformers (hf), llama.cpp (gguf), or an adapter for PEFT")
     x.add_argument("name", help=NAME_HELP)
     x.add_argument("--format", required=True, choices=export.FORMATS, help="hf: a save_pretrained folder; gguf: one "
-                   "file for llama.cpp; peft: the --adapter as a PEFT folder (required)")
+                   "file for llama.cpp, and a .Modelfile beside it for Ollama; peft: the --adapter as a PEFT folder (required)")
     x.add_argument("--out", required=True, help="the folder (hf, peft) or .gguf file to write (required)")
     x.add_argument("--adapter", help="the LoRA adapter to export, with --format peft (default: none)")
     x.add_argument("--dtype", default="f32", choices=list(export.DTYPES), help="f32, f16, or q8_0 for gguf (default f32)")

@@ -111,9 +111,11 @@ def check_access(request: Request):
 
 def from_this_machine(request):
     try:
-        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+        address = ipaddress.ip_address(request.client.host if request.client else "")
     except ValueError:  # not an address at all
         return False
+    # a dual-stack socket (--host ::) shows 127.0.0.1 as ::ffff:127.0.0.1
+    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
 
 
 router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], route_class=OpenAIRoute,
@@ -139,8 +141,8 @@ def sampling_fields():
 ASKED = dict(model=(str, Field(description="`name` or `name:adapter`, as /v1/models lists them")),
              stop=(str | list[str] | None, None), n=(int, 1), stream=(bool, False))
 
-CompletionRequest = create_model("CompletionRequest", __base__=OpenAIBody, prompt=(str | list[str], ""),
-                                 **ASKED, **sampling_fields())
+CompletionRequest = create_model("CompletionRequest", __base__=OpenAIBody, **ASKED, prompt=(str | list[str], ""),
+                                 **sampling_fields())
 
 
 class TextPart(OpenAIBody):
@@ -153,9 +155,9 @@ class Message(OpenAIBody):
     content: str | list[TextPart] | None = None
 
 
-ChatRequest = create_model("ChatRequest", __base__=OpenAIBody, messages=(list[Message], ...),
+ChatRequest = create_model("ChatRequest", __base__=OpenAIBody, **ASKED, messages=(list[Message], ...),
                            max_completion_tokens=(int | None, Field(None, description="the same as max_tokens")),
-                           **ASKED, **sampling_fields())
+                           **sampling_fields())
 
 
 # ----------------------------------------------------------------------------- endpoints

@@ -8,7 +8,8 @@ A thin JSON API over the same library the CLI calls (store, runs, generate, insi
 page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
 endpoint at /docs (Swagger UI's files come from the fastapi-offline package: no CDN). The API is
 a few routers, one per tab of the page, plus OpenAI's API on /v1 for other tools (openai_api.py);
-each handler reads its request, calls the library and returns what it got. Request bodies are derived from the settings dataclasses (ModelConfig,
+each handler reads its request, calls the library and
+returns what it got. Request bodies are derived from the settings dataclasses (ModelConfig,
 TrainConfig, SamplingConfig, LoRAConfig), so a field, its default and its range are defined once. Three pieces hold the state that outlives a request:
 
 - JobRunner (jobs.py): the one training job, in a background thread, persisted under jobs/.
