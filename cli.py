@@ -11,7 +11,7 @@
     python cli.py list
     torchrun --standalone --nproc_per_node 2 cli.py train tiny --book books/example_book.txt --steps 1000
 
-Data lives under --home (default: $AZR_HOME, else this folder). The flags of create, train,
+Data lives under --home (default: $AZR_HOME, else this folder; ~/.azr when installed). The flags of create, train,
 finetune and generate are the fields of ModelConfig, TrainConfig, LoRAConfig and SamplingConfig,
 with their help, ranges and defaults taken from those dataclasses. Under torchrun, train,
 finetune and resume run as one rank each (distributed.py); rank 0 alone prints.
@@ -35,7 +35,7 @@ from hardware import pick_device
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import param_count
-from store import Store
+from store import HOME_HELP, Store
 
 
 def main(argv=None):
@@ -88,6 +88,8 @@ def cmd_merge(store, args):
 def cmd_export(store, args):
     out = export.export(store, args.name, args.format, args.out, args.adapter, args.dtype, args.force)
     print(f"wrote {out}")
+    if args.format == "gguf":
+        print(f"wrote {export.modelfile_of(out)} (for Ollama: ollama create {args.name} -f {export.modelfile_of(out)})")
 
 
 def cmd_resume(store, args):
@@ -232,8 +234,8 @@ def build_parser():
     p = argparse.ArgumentParser(description="AZR Model Trainer: create, train and sample small GPTs on books.")
     p.add_argument("--version", action="version", version=f"AZR Model Trainer {config.VERSION}")
     home = argparse.ArgumentParser(add_help=False)  # --home before or after the command
-    home.add_argument("--home", default=argparse.SUPPRESS, help="data folder (default: $AZR_HOME or the project folder)")
-    p.add_argument("--home", default=None, help="data folder (default: $AZR_HOME or the project folder)")
+    home.add_argument("--home", default=argparse.SUPPRESS, help=HOME_HELP)
+    p.add_argument("--home", default=None, help=HOME_HELP)
     sub = p.add_subparsers(required=True, metavar="command")
 
     def command(name, func, help_):
@@ -305,7 +307,7 @@ def build_parser():
     x = command("export", cmd_export, "write a model for transformers (hf), llama.cpp (gguf), or an adapter for PEFT")
     x.add_argument("name", help=NAME_HELP)
     x.add_argument("--format", required=True, choices=export.FORMATS, help="hf: a save_pretrained folder; gguf: one "
-                   "file for llama.cpp; peft: the --adapter as a PEFT folder (required)")
+                   "file for llama.cpp, and a .Modelfile beside it for Ollama; peft: the --adapter as a PEFT folder (required)")
     x.add_argument("--out", required=True, help="the folder (hf, peft) or .gguf file to write (required)")
     x.add_argument("--adapter", help="the LoRA adapter to export, with --format peft (default: none)")
     x.add_argument("--dtype", default="f32", choices=list(export.DTYPES), help="f32, f16, or q8_0 for gguf (default f32)")

@@ -11,6 +11,9 @@ here and there, a transpose; nothing is retrained or approximated (f16 and q8_0 
   BPE vocabulary and merges) and tensors under llama.cpp's names, taken from the `gguf` package's
   own GPT-2 name table. llama.cpp keeps nn.Linear's (out, in) layout, so nothing is transposed,
   and it reads the output layer from `output.weight`, so the tied head is written out as a copy.
+  Beside it, `<name>.Modelfile` makes it an Ollama model: the file, a template that hands Ollama
+  the prompt as it is (a book model continues text; it has no chat format), and our sampling
+  defaults, since a GGUF holds none.
 - **PEFT**: our LoRA's A (r, d_in) and B (d_out, r) are PEFT's `lora_A.weight` and `lora_B.weight`
   under `base_model.model.<module>`; `fan_in_fan_out` tells PEFT that the base layers are Conv1D.
 
@@ -46,6 +49,9 @@ DTYPES = {"f32": torch.float32, "f16": torch.float16, "q8_0": None}  # q8_0: GGU
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 # what HF's generate() shares with our SamplingConfig, under the same names; seed and stop do not carry over
 GENERATION_FIELDS = ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty")
+# the same fields under Ollama's PARAMETER names
+OLLAMA_NAMES = {"max_new_tokens": "num_predict", "temperature": "temperature", "top_k": "top_k", "top_p": "top_p",
+                "repetition_penalty": "repeat_penalty"}
 HF_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "generation_config.json", "README.md")
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md")
@@ -62,6 +68,9 @@ def export(store, name, fmt, out, adapter=None, dtype="f32", force=False):
         with replacing(out) as tmp:
             write_gguf(store, name, tmp, dtype)
             tmp.chmod(0o644)  # temp files are private (0600); an export is for sharing
+        with replacing(modelfile_of(out)) as tmp:
+            tmp.write_text(modelfile(out.name, store.config(name)), encoding="utf-8")
+            tmp.chmod(0o644)
     elif fmt == "hf":
         with new_folder(out) as tmp:
             write_hf(store, name, tmp, dtype)
@@ -234,6 +243,27 @@ def gguf_tensor(a, dtype):
     return a.astype(np.float16), gguf.GGMLQuantizationType.F16
 
 
+def modelfile_of(gguf_path):
+    """tiny.gguf -> tiny.Modelfile: named after its GGUF, so two exports in one folder never clash."""
+    return gguf_path.with_suffix(".Modelfile")
+
+
+def modelfile(gguf_name, cfg):
+    """An Ollama Modelfile for the GGUF `gguf_name` in the same folder (Ollama reads FROM relative
+    to the Modelfile). llama.cpp does not slide a window past the context for GPT-2, so the
+    context is the model's and a default answer takes at most half of it."""
+    sc = SamplingConfig()
+    params = {OLLAMA_NAMES[f]: getattr(sc, f) for f in OLLAMA_NAMES}
+    params["num_predict"] = min(params["num_predict"], cfg.max_seq_len // 2)
+    # our repetition penalty looks at every token in the context, llama.cpp's at the last
+    # repeat_last_n: -1 means the whole context
+    params.update(num_ctx=cfg.max_seq_len, repeat_last_n=-1)
+    lines = [f"# Ollama: ollama create mybook -f {modelfile_of(Path(gguf_name)).name} && ollama run mybook",
+             f"# Made by AZR Model Trainer {VERSION}: a book model, it continues the prompt (no chat format).",
+             f"FROM ./{gguf_name}", 'TEMPLATE """{{ .Prompt }}"""']
+    return "\n".join(lines + [f"PARAMETER {k} {v}" for k, v in params.items()]) + "\n"
+
+
 # ----------------------------------------------------------------------------- PEFT
 
 
@@ -307,15 +337,18 @@ def check_target(store, out, fmt, force):
     if inside:
         raise StoreError(f"--out {out} is inside the data folder's {inside[0]}/; export somewhere else")
     if fmt == "gguf" and out.suffix != ".gguf":
-        raise ValueError(f"a GGUF export is one file: give --out a name ending in .gguf, not {out.name!r}")
-    if not out.exists():
+        raise ValueError(f"a GGUF export is a file: give --out a name ending in .gguf, not {out.name!r}")
+    targets = [out, modelfile_of(out)] if fmt == "gguf" else [out]
+    existing = [t for t in targets if t.exists()]
+    if not existing:
         return out
     if not force:
-        raise Exists(f"{out} already exists; pass --force to replace it")
+        raise Exists(f"{existing[0]} already exists; pass --force to replace it")
     expected = PEFT_FILES if fmt == "peft" else HF_FILES
-    earlier = out.is_file() if fmt == "gguf" else out.is_dir() and {p.name for p in out.iterdir()} <= set(expected)
-    if not earlier:
-        raise Exists(f"{out} is not an earlier {fmt} export; not replacing it, even with --force")
+    for t in existing:
+        earlier = t.is_file() if fmt == "gguf" else t.is_dir() and {p.name for p in t.iterdir()} <= set(expected)
+        if not earlier:
+            raise Exists(f"{t} is not an earlier {fmt} export; not replacing it, even with --force")
     return out
 
 

@@ -7,7 +7,8 @@
 A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
 page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
 endpoint at /docs (Swagger UI's files come from the fastapi-offline package: no CDN). The API is
-a few routers, one per tab of the page; each handler reads its request, calls the library and
+a few routers, one per tab of the page, plus OpenAI's API on /v1 for other tools (openai_api.py);
+each handler reads its request, calls the library and
 returns what it got. Request bodies are derived from the settings dataclasses (ModelConfig,
 TrainConfig, SamplingConfig, LoRAConfig), so a field, its default and its range are defined once. Three pieces hold the state that outlives a request:
 
@@ -62,6 +63,7 @@ from starlette.exceptions import HTTPException
 import config
 import export
 import inside
+import openai_api
 import runs
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, hide_paths
@@ -71,7 +73,7 @@ from jobs import RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import flops_per_token, memory_estimate, param_count
-from store import Store, check_name
+from store import HOME_HELP, Store, check_name
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50
@@ -267,14 +269,17 @@ def settings_from(req, cls, prefix=""):
 
 
 class App:
-    """What the handlers share: the store, the job runner, the model cache, the device."""
+    """What the handlers share (also openai_api's): the store, the job runner, the model cache, the
+    device, the limits, the API key of /v1 (None: none)."""
 
-    def __init__(self, home, max_upload_mb):
+    def __init__(self, home, max_upload_mb, api_key=None):
         self.store = Store(home)
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")
         self.models = ModelCache(self.store, self.device)
         self.max_upload_bytes = int(max_upload_mb * 2**20)
+        self.max_prompt_chars, self.generation_threads = MAX_PROMPT_CHARS, GENERATION_THREADS
+        self.api_key = api_key
 
 
 def app_of(request: Request) -> App:
@@ -284,16 +289,17 @@ def app_of(request: Request) -> App:
 Azr = Annotated[App, Depends(app_of)]
 
 
-def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
+def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None, api_key=None):
     """A new app over the store at `home`, answering to `hosts` (see allowed_hosts; default: this
-    machine's loopback names on any port). Tests build several on one home to mimic restarts."""
+    machine's loopback names on any port), its /v1 guarded by `api_key` (openai_api.py). Tests
+    build several on one home to mimic restarts."""
     app = FastAPI(title="AZR Model Trainer", version=config.VERSION, docs_url=None, redoc_url=None,
                   responses=errors(400, 404, 409, 422, 500),
                   description="Train small GPTs on books. Errors are JSON: {\"error\": \"...\", \"field\": \"...\"}.")
-    app.state.azr = azr = App(home, max_upload_mb)
+    app.state.azr = azr = App(home, max_upload_mb, api_key)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
-    for router in (page, models, training, generation, look_inside):
+    for router in (page, models, training, generation, look_inside, openai_api.router):
         app.include_router(router)
     # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
     # at the limit instead of being spooled to a temp file in full before read_upload sees it
@@ -449,9 +455,11 @@ DOWNLOADED = {200: {"content": {"application/zip": {}, "application/octet-stream
 
 
 @models.get("/download_model/{name}", response_class=FileResponse, responses=DOWNLOADED,
-            summary="The model as this app's zip, a Hugging Face folder (zip) or a GGUF file for llama.cpp")
-def download_model(name: str, azr: Azr, format: Literal["native", "hf", "gguf"] = "native",
-                   dtype: Literal[tuple(export.DTYPES)] = Query("f32", description="hf and gguf: f32, f16, q8_0 (gguf)")):
+            summary="The model as this app's zip, a Hugging Face folder (zip), a GGUF file for llama.cpp, "
+                    "or that GGUF with its Ollama Modelfile (zip)")
+def download_model(name: str, azr: Azr, format: Literal["native", "hf", "gguf", "ollama"] = "native",
+                   dtype: Literal[tuple(export.DTYPES)] = Query("f32", description="hf, gguf, ollama: f32, f16, "
+                                                                                   "q8_0 (not hf)")):
     if format == "native":
         return send_file(build_model_zip(azr.store, name), f"{name}.zip")
     return send_export(azr.store, name, format, dtype)
@@ -933,14 +941,17 @@ def zip_folder(folder, names, prefix, extra=None):
 
 def send_export(store, name, fmt, dtype, adapter=None):
     """Export through export.py into a temp folder — the files `cli.py export` writes — and send
-    them: a GGUF file as it is, a folder as a zip."""
+    them: a GGUF file as it is (what llama.cpp and LM Studio open), a folder as a zip, and for
+    fmt "ollama" the GGUF and its Modelfile together as a zip."""
     tmp = Path(tempfile.mkdtemp(prefix="azr-export-"))
-    stem = f"{adapter or name}-{fmt}"
+    stem, gguf = f"{adapter or name}-{fmt}", fmt in ("gguf", "ollama")
     try:
-        out = export.export(store, name, fmt, tmp / (f"{name}-{dtype}.gguf" if fmt == "gguf" else stem), adapter, dtype)
+        out = export.export(store, name, "gguf" if gguf else fmt, tmp / (f"{name}-{dtype}.gguf" if gguf else stem),
+                            adapter, dtype)
         if fmt == "gguf":
             return send_file(str(out), out.name, cleanup=lambda: shutil.rmtree(tmp))
-        path = zip_folder(out, sorted(p.name for p in out.iterdir()), stem)
+        folder = tmp if fmt == "ollama" else out
+        path = zip_folder(folder, sorted(p.name for p in folder.iterdir()), stem)
     except BaseException:
         shutil.rmtree(tmp)
         raise
@@ -1014,11 +1025,14 @@ def main(argv=None):
     p.add_argument("--allowed-host", action="append", default=[], metavar="NAME[:PORT]",
                    help="another name the server is reached by, e.g. mybox.lan (repeatable); "
                         "requests addressed to any other name are refused (DNS-rebinding guard)")
-    p.add_argument("--home", help="data folder (default: $AZR_HOME or the project folder)")
+    p.add_argument("--home", help=HOME_HELP)
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help=f"largest book upload, in MB (default: {MAX_UPLOAD_MB})")
+    p.add_argument("--api-key", default=os.environ.get("AZR_API_KEY") or None, metavar="KEY",
+                   help="let clients of the OpenAI-compatible /v1 in from other machines when they send "
+                        "'Authorization: Bearer KEY' (default: $AZR_API_KEY; none: /v1 answers this machine only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.home, args.max_upload_mb, allowed_hosts(args.host, args.port, args.allowed_host))
+    app = create_app(args.home, args.max_upload_mb, allowed_hosts(args.host, args.port, args.allowed_host), args.api_key)
     print(f"AZR Model Trainer: http://{args.host}:{args.port}  (data in {app.state.azr.store.home})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -44,6 +44,7 @@ from tokenizer import MAX_UNZIPPED_BYTES, BookError, Tokenizer, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_DIR = Path(__file__).resolve().parent
+HOME_HELP = "data folder (default: $AZR_HOME, else the project folder; ~/.azr when installed with pip)"
 
 
 def check_name(name, what="model"):
@@ -54,7 +55,15 @@ def check_name(name, what="model"):
 
 
 def home_dir(home=None):
-    return Path(home or os.environ.get("AZR_HOME") or PROJECT_DIR).resolve()
+    return Path(home or os.environ.get("AZR_HOME") or default_home()).resolve()
+
+
+def default_home(project_dir=PROJECT_DIR):
+    """Run from a checkout (`python cli.py`), the data lives in the project folder, beside the code.
+    Installed (`pip install .`), this file sits in site-packages, which is no place for data and
+    may not be writable: then ~/.azr. A checkout is known by its pyproject.toml, which an install
+    does not copy."""
+    return project_dir if (project_dir / "pyproject.toml").exists() else Path.home() / ".azr"
 
 
 # ----------------------------------------------------------------------------- the store

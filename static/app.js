@@ -681,7 +681,8 @@ function renderModelsTable() {
 }
 
 // the formats a model or an adapter downloads as: this app's zip, or an export (export.py) for other tools
-const MODEL_FORMATS = [["native", "this app's zip"], ["hf", "Hugging Face folder (zip)"], ["gguf", "GGUF"]];
+const MODEL_FORMATS = [["native", "this app's zip"], ["hf", "Hugging Face folder (zip)"], ["gguf", "GGUF"],
+                       ["ollama", "Ollama (zip)"]];
 const ADAPTER_FORMATS = [["native", "this app's zip"], ["peft", "PEFT folder (zip)"]];
 
 function downloadLinks(url, formats) {

@@ -101,6 +101,12 @@ def test_hf_folder_declares_gpt2_and_our_sampling_defaults(hf_dir):
     assert "library_name: transformers" in card and "sha256" in card and "bits/byte" in card
 
 
+def test_the_hf_folder_runs_in_a_text_generation_pipeline(hf_dir):
+    pipe = transformers.pipeline("text-generation", model=str(hf_dir), device="cpu")
+    out = pipe("Once upon a time", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    assert out.startswith("Once upon a time") and len(out) > len("Once upon a time")
+
+
 # ----------------------------------------------------------------------------- PEFT
 
 
@@ -164,6 +170,37 @@ def test_gguf_metadata_is_as_written(store, tmp_path):
     assert meta["tokenizer.ggml.token_type"][tok.eot_id] == gguf.TokenType.CONTROL
     assert len(meta["tokenizer.ggml.merges"]) == tok.vocab_size - 257  # 256 bytes and <|endoftext|> are not merges
     assert meta["tokenizer.ggml.eos_token_id"] == meta["tokenizer.ggml.bos_token_id"] == tok.eot_id
+
+
+def modelfile_lines(path):
+    """{instruction: [arguments]} of a Modelfile, comments left out."""
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line and not line.startswith("#"):
+            word, rest = line.split(" ", 1)
+            out.setdefault(word, []).append(rest)
+    return out
+
+
+def test_gguf_has_an_ollama_modelfile_with_our_sampling_defaults(store, tmp_path):
+    path = export.export(store, "tiny", "gguf", tmp_path / "out" / "tiny.gguf")
+    lines = modelfile_lines(tmp_path / "out" / "tiny.Modelfile")
+    assert (path.parent / lines["FROM"][0]).resolve() == path  # Ollama reads FROM relative to the Modelfile
+    assert lines["TEMPLATE"] == ['"""{{ .Prompt }}"""']  # the prompt as it is: a book model has no chat format
+    params = dict(p.split(" ", 1) for p in lines["PARAMETER"])
+    sc, ctx = SamplingConfig(), store.config("tiny").max_seq_len
+    assert {k: float(v) for k, v in params.items()} == {
+        "temperature": sc.temperature, "top_k": sc.top_k, "top_p": sc.top_p, "repeat_penalty": sc.repetition_penalty,
+        "num_predict": min(sc.max_new_tokens, ctx // 2), "num_ctx": ctx, "repeat_last_n": -1}
+
+
+def test_gguf_export_refuses_to_overwrite_a_modelfile_without_force(store, tmp_path):
+    (tmp_path / "tiny.Modelfile").write_text("FROM llama3\n")
+    with pytest.raises(Exists, match="tiny.Modelfile"):
+        export.export(store, "tiny", "gguf", tmp_path / "tiny.gguf")
+    assert not (tmp_path / "tiny.gguf").exists()
+    export.export(store, "tiny", "gguf", tmp_path / "tiny.gguf", force=True)
+    assert "FROM ./tiny.gguf" in (tmp_path / "tiny.Modelfile").read_text()
 
 
 def test_gguf_gives_rows_bpe_never_filled_an_unused_token(tmp_path):
@@ -232,7 +269,12 @@ def test_cli_and_page_give_the_same_files(store, tmp_path):
         gg = client.get("/download_model/tiny", params={"format": "gguf", "dtype": "q8_0"})
         pe = client.get("/download_adapter/tiny/ad", params={"format": "peft"})
         native = client.get("/download_adapter/tiny/ad")
+        ollama = client.get("/download_model/tiny", params={"format": "ollama", "dtype": "q8_0"})
     assert gg.content == (tmp_path / "tiny.gguf").read_bytes()
+    z = zipfile.ZipFile(io.BytesIO(ollama.content))  # the GGUF with its Modelfile, side by side
+    assert sorted(z.namelist()) == ["tiny-ollama/tiny-q8_0.Modelfile", "tiny-ollama/tiny-q8_0.gguf"]
+    assert z.read("tiny-ollama/tiny-q8_0.gguf") == gg.content
+    assert z.read("tiny-ollama/tiny-q8_0.Modelfile").decode() == export.modelfile("tiny-q8_0.gguf", store.config("tiny"))
     assert 'filename="tiny-q8_0.gguf"' in gg.headers["content-disposition"]
     for r, folder in ((hf, "tiny-hf"), (pe, "ad-peft")):
         z = zipfile.ZipFile(io.BytesIO(r.content))
