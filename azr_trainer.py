@@ -139,6 +139,9 @@ class Trainer:
             from selfplay import SelfPlay  # only needed when the stage is on
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
+        # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
+        # step is done: a start that fails (a short book, no memory, compiling) destroys nothing
+        self.claimed = False
         self.stale_evals = 0  # evaluations in a row clearly above the best one: early stopping (patience)
         if distributed.is_main():  # DDP: the others never write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,8 @@ class Trainer:
         emit = on_event or (lambda e: None)
         main = distributed.is_main()  # DDP: rank 0 writes; the others only train
         tc = self.tc
-        self._write_run("running", world_size=distributed.world_size())
+        self.run_info["world_size"] = distributed.world_size()
+        self._write_run("running")
         note = self.warm_up()
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
@@ -179,7 +183,8 @@ class Trainer:
             while self.step < self.tc.steps:
                 if should_stop and should_stop():
                     status = "stopped"
-                    self.save_checkpoint()
+                    if self.claimed:  # stopped before its first step: the last run stays the one to resume
+                        self.save_checkpoint()
                     break
                 row = self._one_step()
                 if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): end evaluated
@@ -221,6 +226,8 @@ class Trainer:
         t0 = time.time()
         row = self.train_step()
         self.step += 1
+        if not self.claimed:
+            self._claim()
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
         row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
@@ -321,8 +328,18 @@ class Trainer:
             torn.unlink(missing_ok=True)
         self._write_run(self.run_info["status"])
 
+    def _claim(self):
+        """The first step of a new run is done: from now on it is the folder's run to resume, and the
+        files of the run before it (never resumable now) go."""
+        self.claimed = True
+        if distributed.is_main():  # DDP: the others never write
+            for old in self.ckpt_dir.glob("*.safetensors"):
+                old.unlink()
+        self._write_run("running")
+
     def restore_latest(self):
         """Load the newest checkpoint that passes its checksum, falling back to older ones."""
+        self.claimed = True  # run.json is this run's already
         errors = []
         for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
             try:
@@ -399,7 +416,7 @@ class Trainer:
 
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
-        if distributed.is_main():
+        if distributed.is_main() and self.claimed:
             write_json(self.ckpt_dir / "run.json", self.run_info)
 
     def _track_best(self, val_bpb):
