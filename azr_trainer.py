@@ -13,7 +13,9 @@ does not depend on the tokenizer, so models with different vocabularies compare.
 
 Exact resume: a checkpoint holds everything the future depends on — the trained weights, AdamW
 moments, step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
-resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
+resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested). A new
+run leaves the last run's run.json and checkpoints in its folder until its own first step is done
+(`_claim`), so a start that fails, or is stopped at once, costs the last run nothing.
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
 and DistributedDataParallel averages the gradients, so one step trains on a global batch of
@@ -166,8 +168,7 @@ class Trainer:
         emit = on_event or (lambda e: None)
         main = distributed.is_main()  # DDP: rank 0 writes; the others only train
         tc = self.tc
-        self.run_info["world_size"] = distributed.world_size()
-        self._write_run("running")
+        self._write_run("running", world_size=distributed.world_size())
         note = self.warm_up()
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),

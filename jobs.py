@@ -176,7 +176,7 @@ class JobRunner:
                 jobs.append(records.load(p, records.Job))
             except StoreError as e:  # damaged: the server starts without it, and /health lists it
                 log.warning("ignoring job file %s: %s", p, e)
-                self.damaged.append({"name": p.name, "damaged": f"{e}; the server skips it: delete the file to clear this message"})
+                self.damaged.append({"name": p.name, "damaged": f"{e}; the server skips it: delete the file"})
         if not jobs:
             return None
         job = max(jobs, key=lambda j: j.get("created", 0))

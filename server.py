@@ -342,8 +342,8 @@ def docs():
                                swagger_favicon_url="/docs-assets/favicon.png")
 
 
-@page.get("/health", summary="Server is up: device, counts, job state; the models, books and job files that are damaged",
-          response_model=Health)
+@page.get("/health", summary="Server is up: device, counts, job state; the models, books and job files that are "
+                             "damaged", response_model=Health)
 def health(azr: Azr):
     models_, books_ = azr.store.list_models(), azr.store.list_books()
     return {"ok": True, "device": str(azr.device), "models": len(models_),
@@ -379,7 +379,8 @@ def create_model_(req: CreateModelRequest, azr: Azr):
 
 
 @models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage "
-                                "(a model whose files cannot be read: {name, damaged})", response_model=list[ModelInfo | Damaged])
+                                "(a model whose files cannot be read: {name, damaged})",
+            response_model=list[ModelInfo | Damaged])
 def list_models(azr: Azr):
     return azr.store.list_models()
 
@@ -986,7 +987,8 @@ def build_model_zip(store, name, tmp):
     d = store.model_dir(name)
     info = store.info(name)
     readme = README_TXT.format(name=name, params=info["params"], steps=info["steps"])
-    return zip_folder(d, [f for f in MODEL_FILES if (d / f).exists()], name, tmp / f"{name}.zip", {"README.txt": readme})
+    names = [f for f in MODEL_FILES if (d / f).exists()]
+    return zip_folder(d, names, name, tmp / f"{name}.zip", {"README.txt": readme})
 
 
 def build_export(store, name, fmt, dtype, adapter, tmp):

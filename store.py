@@ -162,7 +162,13 @@ class Store:
     def tokenizer(self, name):
         """The model's tokenizer, or None before its first training run."""
         p = self.model_dir(name) / "tokenizer.json"
-        return Tokenizer.load(p) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return Tokenizer.load(p)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise CorruptFile(f"{name}/tokenizer.json is damaged ({str(e)[:200]}); delete the model "
+                              f"(`python cli.py delete {name}`, or Delete on the Models tab)") from None
 
     def lineage(self, name):
         return self._read(name, "lineage.json", records.Lineage)

@@ -128,8 +128,8 @@ def test_the_server_starts_and_lists_every_damaged_record(store, book_text):
         health = client.get("/health").json()
         assert "lineage_list" not in health["damaged"] and "info_list" not in health["damaged_books"]
     assert snapshot(store) == before  # the intact objects: 0 lost, 0 changed
-    print(f"\nFIGURES damaged records: {len(DAMAGED_MODELS)} models, {len(DAMAGED_BOOKS)} book infos, a folder named like a book, "
-          f"{len(DAMAGED_JOBS) + 1} job files, 1 adapter, 2 metrics rows; all answered 200; intact objects lost: 0")
+    print(f"\nFIGURES damaged records: {len(DAMAGED_MODELS)} models, {len(DAMAGED_BOOKS)} book infos, a folder named "
+          f"like a book, {len(DAMAGED_JOBS) + 1} job files, 1 adapter, 2 metrics rows; all answered 200; intact objects lost: 0")
 
 
 def test_the_cli_lists_damaged_models_and_never_prints_a_traceback(store, book_text, capsys):
@@ -139,13 +139,16 @@ def test_the_cli_lists_damaged_models_and_never_prints_a_traceback(store, book_t
     out = capsys.readouterr().out
     assert all(f"{name}/" in out for name in DAMAGED_MODELS) and "good " in out
     for args in (["versions", "lineage_list"], ["train", "config_null", "--book", "good", "--steps", "2"],
-                 ["train", "good", "--book", "info_garbage", "--steps", "2"], ["generate", "config_type", "--prompt", "a"]):
+                 ["train", "good", "--book", "info_garbage", "--steps", "2"],
+                 ["generate", "config_type", "--prompt", "a"]):
         code, err = cli.main([*home, *args]), capsys.readouterr().err
         assert code == 2 and "is damaged" in err and "Traceback" not in err, (args, err)
 
 
-@pytest.mark.parametrize("run_json", ["[]", "null", '{"run_id": "x", "status": "stopped"}', '{"run_id": "x", "books": [], '
-                                      '"status": "stopped", "started": 1, "base_steps": 0, "config": {"steps": -1}}'])
+BAD_CONFIG_RUN = '{"run_id": "x", "books": [], "status": "stopped", "started": 1, "base_steps": 0, "config": {"steps": -1}}'
+
+
+@pytest.mark.parametrize("run_json", ["[]", "null", '{"run_id": "x", "status": "stopped"}', BAD_CONFIG_RUN])
 def test_a_damaged_run_json_is_a_clear_error(store, run_json, capsys):
     store.create_model("m", tiny_config())
     store.checkpoint_dir("m").mkdir(parents=True)

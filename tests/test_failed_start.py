@@ -64,7 +64,8 @@ def test_a_new_run_stopped_before_its_first_step_leaves_the_last_run(store, book
 
 def test_once_the_new_run_has_taken_a_step_it_is_the_one_to_resume(store, book):
     stopped_run(store, book)
-    train(store, "m", [book], quick_train_config(steps=4, checkpoint_every=100), should_stop=lambda: len(store.metrics("m")) >= STOP_AT + 2)
+    train(store, "m", [book], quick_train_config(steps=4, checkpoint_every=100),
+          should_stop=lambda: len(store.metrics("m")) >= STOP_AT + 2)  # two steps of the new run
     assert sorted(p.name for p in store.checkpoint_dir("m").glob("*.safetensors")) == ["step_00000002.safetensors"]
     started = []
     resume(store, "m", on_event=starts(started))
