@@ -13,7 +13,9 @@ does not depend on the tokenizer, so models with different vocabularies compare.
 
 Exact resume: a checkpoint holds everything the future depends on — the trained weights, AdamW
 moments, step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
-resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
+resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested). A new
+run leaves the last run's run.json and checkpoints in its folder until its own first step is done
+(`_claim`), so a start that fails, or is stopped at once, costs the last run nothing.
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
 and DistributedDataParallel averages the gradients, so one step trains on a global batch of
@@ -139,6 +141,9 @@ class Trainer:
             from selfplay import SelfPlay  # only needed when the stage is on
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
+        # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
+        # step is done: a start that fails (a short book, no memory, compiling) destroys nothing
+        self.claimed = False
         self.stale_evals = 0  # evaluations in a row clearly above the best one: early stopping (patience)
         if distributed.is_main():  # DDP: the others never write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -179,7 +184,8 @@ class Trainer:
             while self.step < self.tc.steps:
                 if should_stop and should_stop():
                     status = "stopped"
-                    self.save_checkpoint()
+                    if self.claimed:  # stopped before its first step: the last run stays the one to resume
+                        self.save_checkpoint()
                     break
                 row = self._one_step()
                 if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): end evaluated
@@ -221,6 +227,8 @@ class Trainer:
         t0 = time.time()
         row = self.train_step()
         self.step += 1
+        if not self.claimed:
+            self._claim()
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
         row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
@@ -321,8 +329,18 @@ class Trainer:
             torn.unlink(missing_ok=True)
         self._write_run(self.run_info["status"])
 
+    def _claim(self):
+        """The first step of a new run is done: from now on it is the folder's run to resume, and the
+        files of the run before it (never resumable now) go."""
+        self.claimed = True
+        if distributed.is_main():  # DDP: the others never write
+            for old in self.ckpt_dir.glob("*.safetensors"):
+                old.unlink()
+        self._write_run("running")
+
     def restore_latest(self):
         """Load the newest checkpoint that passes its checksum, falling back to older ones."""
+        self.claimed = True  # run.json is this run's already
         errors = []
         for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
             try:
@@ -399,7 +417,7 @@ class Trainer:
 
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
-        if distributed.is_main():
+        if distributed.is_main() and self.claimed:
             write_json(self.ckpt_dir / "run.json", self.run_info)
 
     def _track_best(self, val_bpb):

@@ -40,8 +40,8 @@ from store import HOME_HELP, Store
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    store = Store(args.home)
     try:
+        store = Store(args.home)
         with distributed.started(allowed=args.func in (cmd_train, cmd_finetune, cmd_resume)):
             return args.func(store, args) or 0
     except (ValueError, OSError) as e:  # StoreError, BookError and settings errors are ValueErrors
@@ -140,6 +140,9 @@ def cmd_list(store, args):
     if not models:
         print("no models yet: python cli.py create NAME --preset small")
     for m in models:
+        if "damaged" in m:
+            print(f"{m['name']:24s} damaged: {m['damaged']}")
+            continue
         bpb = f"{m['best_val_bpb']:.4f}" if m["best_val_bpb"] is not None else "-"
         print(f"{m['name']:24s} {m['params']:>12,} params  {m['steps']:>7} steps  best val bpb {bpb}")
 

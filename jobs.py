@@ -21,7 +21,8 @@ import time
 import uuid
 from collections import deque
 
-from files import hide_paths, read_json, write_json
+import records
+from files import StoreError, hide_paths, write_json
 
 LOG_EVENTS = 200  # events kept for the page's log panel (and saved in the job file)
 SAVE_EVERY_S = 1.0  # progress is written to disk at most this often (state changes: always)
@@ -43,6 +44,7 @@ class JobRunner:
         self.lock = threading.Lock()
         self.stop_requested = threading.Event()
         self.thread = None
+        self.damaged = []  # [{name, damaged}]: job files that could not be read, skipped
         self.job = self._load_latest()
         self.events = deque(self.job["events"] if self.job else [], maxlen=LOG_EVENTS)
         self.seq = self.events[-1]["seq"] if self.events else 0
@@ -169,11 +171,12 @@ class JobRunner:
         """The newest job file. One still marked queued/running was cut off by a server restart:
         no thread of ours runs it, so it is interrupted (and resumable)."""
         jobs = []
-        for p in self.dir.glob("*.json"):
+        for p in sorted(self.dir.glob("*.json")):
             try:
-                jobs.append(read_json(p))
-            except (OSError, ValueError):
-                log.warning("ignoring unreadable job file %s", p)
+                jobs.append(records.load(p, records.Job))
+            except StoreError as e:  # damaged: the server starts without it, and /health lists it
+                log.warning("ignoring job file %s: %s", p, e)
+                self.damaged.append({"name": p.name, "damaged": f"{e}; the server skips it: delete the file"})
         if not jobs:
             return None
         job = max(jobs, key=lambda j: j.get("created", 0))

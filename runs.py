@@ -17,23 +17,25 @@ deletes and writes, and prepares the data before the others read it (lines marke
 
 A run holds its model's lease (store.training) from the first step to the record, so a second
 run of the model — from this server or a CLI in another terminal — is refused, not interleaved.
+Everything a run needs (books, their length, config, memory) is checked before anything is
+written, and a new run replaces the last run's run.json and checkpoints only once its own first
+step is done (Trainer._claim): a start that fails leaves a stopped run resumable at its step.
 Resume continues on the data the run started with: run.json keeps each book's sha256, and a book
 whose text changed since is refused unless the user says to go on with the new text
 (`changed_data`), which the run and the lineage then record.
 """
 
 import contextlib
-import json
-import shutil
 import threading
 import time
 
 import torch
 
 import distributed
+import records
 from azr_trainer import (TrainConfig, Trainer, compile_choice, evaluate_bpb, new_run, seconds_per_step, unigram_bpb,
                          window_len)
-from files import CorruptFile, Exists, NotFound, StoreError, shown
+from files import CorruptFile, Exists, NotFound, StoreError
 from generate import SamplingConfig, generate
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
@@ -49,9 +51,6 @@ def train(store, name, books, tc, on_event=None, should_stop=None, allow_paths=F
     paths too). -> a summary."""
     with lease(store, name):
         check_fits(store, name, tc)
-        if distributed.is_main():  # DDP: the others never write
-            for old in store.checkpoint_dir(name).glob("*.safetensors"):  # the previous run's: never resumable now
-                old.unlink()
         run = new_run(books, tc, base_steps=store.lineage(name)["steps"], book_paths=allow_paths)
         run = distributed.broadcast(run)  # DDP: one run id
         return run_and_record(store, name, make_trainer(store, name, run), on_event, should_stop)
@@ -71,8 +70,6 @@ def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_sto
             raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
         if tc.selfplay_every:
             raise StoreError("self-play is not available for LoRA fine-tuning; set selfplay_every to 0")
-        if distributed.is_main():  # DDP: the others never write
-            shutil.rmtree(run_dir(store, name, adapter), ignore_errors=True)  # leftovers of a failed attempt
         run = new_run(books, tc, adapter=adapter, lora=lc.to_dict(), base_sha256=store.weights_sha256(name),
                       book_paths=allow_paths)
         run = distributed.broadcast(run)  # DDP: one run id
@@ -134,12 +131,12 @@ def load_run(store, name, adapter=None, changed_data=False):
     """The run.json of the last run of `name` (or of its adapter), checked to be resumable."""
     path = run_dir(store, name, adapter) / "run.json"
     what = f"adapter {adapter!r} of {name!r}" if adapter else f"model {name!r}"
-    if not path.exists():
-        raise NotFound(f"{what} has no run to resume; start one with train or finetune")
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CorruptFile(f"{shown(path)} of {what} is damaged ({e}); start a new run with train") from e
+        run = records.load(path, records.Run)
+    except NotFound:
+        raise NotFound(f"{what} has no run to resume; start one with train or finetune") from None
+    except CorruptFile as e:
+        raise CorruptFile(f"{e}; {what} cannot resume this run: start a new one with train") from None
     if run["status"] == "done":
         raise StoreError(f"the last run of {what} finished; start a new one")
     if adapter and store.weights_sha256(name) != run["base_sha256"]:

@@ -36,11 +36,13 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import tempfile
 import threading
 import time
 import zipfile
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -56,6 +58,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from filelock import FileLock, Timeout
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
@@ -66,7 +69,7 @@ import inside
 import openai_api
 import runs
 from azr_trainer import TrainConfig
-from files import CorruptFile, Exists, InUse, NotFound, hide_paths
+from files import CorruptFile, Exists, InUse, NotFound, StoreError, hide_paths
 from generate import SamplingConfig, generate, stream
 from hardware import pick_device
 from jobs import RESUMABLE, Busy, JobRunner
@@ -211,10 +214,13 @@ class Health(Answer):
     books: int
     job: str
     max_upload_bytes: int
+    damaged: list[str]  # models, books and job files that cannot be read (names)
+    damaged_books: list[str]
+    damaged_jobs: list[str]
 
 
-class DamagedModel(Answer):
-    """A model whose files cannot be read: its name and what to do."""
+class Damaged(Answer):
+    """A model, book or adapter whose files cannot be read: its name, what is wrong and what to do."""
     name: str
     damaged: str
 
@@ -274,6 +280,7 @@ class App:
 
     def __init__(self, home, max_upload_mb, api_key=None):
         self.store = Store(home)
+        sweep_downloads()
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")
         self.models = ModelCache(self.store, self.device)
@@ -341,13 +348,14 @@ def docs():
                                swagger_favicon_url="/docs-assets/favicon.png")
 
 
-@page.get("/health", summary="Server is up: device, counts, job state, models whose files are damaged",
-          response_model=Health)
+@page.get("/health", summary="Server is up: device, counts, job state; the models, books and job files that are "
+                             "damaged", response_model=Health)
 def health(azr: Azr):
-    models_ = azr.store.list_models()
+    models_, books_ = azr.store.list_models(), azr.store.list_books()
     return {"ok": True, "device": str(azr.device), "models": len(models_),
             "damaged": [m["name"] for m in models_ if "damaged" in m],
-            "books": len(azr.store.list_books()), "job": azr.jobs.status()["state"],
+            "books": len(books_), "damaged_books": [b["name"] for b in books_ if "damaged" in b],
+            "damaged_jobs": [j["name"] for j in azr.jobs.damaged], "job": azr.jobs.status()["state"],
             "max_upload_bytes": azr.max_upload_bytes}
 
 
@@ -377,7 +385,8 @@ def create_model_(req: CreateModelRequest, azr: Azr):
 
 
 @models.get("/models", summary="All models: params, size on disk, steps, best val bits/byte, lineage "
-                                "(a model whose files cannot be read: {name, damaged})", response_model=list[ModelInfo | DamagedModel])
+                                "(a model whose files cannot be read: {name, damaged})",
+            response_model=list[ModelInfo | Damaged])
 def list_models(azr: Azr):
     return azr.store.list_models()
 
@@ -385,8 +394,15 @@ def list_models(azr: Azr):
 @models.get("/models/{name}", summary="One model: info, runs, versions, adapters", response_model=ModelDetail)
 def model_info(name: str, azr: Azr):
     info = azr.store.info(name)
-    adapters = [azr.store.adapter_info(name, a) for a in info["adapters"]]
+    adapters = [adapter_or_damaged(azr.store, name, a) for a in info["adapters"]]
     return {**info, "adapters": adapters, "runs": azr.store.lineage(name)["runs"], "training": azr.jobs.is_active(name)}
+
+
+def adapter_or_damaged(store, name, adapter):
+    try:
+        return store.adapter_info(name, adapter)
+    except CorruptFile as e:
+        return {"name": adapter, "damaged": str(e)}
 
 
 @models.get("/models/{name}/metrics", summary="Rows of metrics.jsonl from line `since`, optionally one run or adapter")
@@ -461,18 +477,21 @@ def download_model(name: str, azr: Azr, format: Literal["native", "hf", "gguf", 
                    dtype: Literal[tuple(export.DTYPES)] = Query("f32", description="hf, gguf, ollama: f32, f16, "
                                                                                    "q8_0 (not hf)")):
     if format == "native":
-        return send_file(build_model_zip(azr.store, name), f"{name}.zip")
-    return send_export(azr.store, name, format, dtype)
+        return send_built(lambda tmp: build_model_zip(azr.store, name, tmp), f"{name}.zip", azr.store, name)
+    filename = f"{name}-{dtype}.gguf" if format == "gguf" else f"{name}-{format}.zip"
+    return send_built(lambda tmp: build_export(azr.store, name, format, dtype, None, tmp), filename, azr.store, name)
 
 
 @models.get("/download_adapter/{name}/{adapter}", response_class=FileResponse, responses=DOWNLOADED,
             summary="A LoRA adapter as this app's zip or a PEFT folder (zip)")
 def download_adapter(name: str, adapter: str, azr: Azr, format: Literal["native", "peft"] = "native",
                      dtype: Literal["f32", "f16"] = "f32"):
+    d = azr.store.adapter_dir(name, adapter)
     if format == "native":
-        d = azr.store.adapter_dir(name, adapter)
-        return send_file(zip_folder(d, [f for f in ADAPTER_FILES if (d / f).exists()], adapter), f"{adapter}.zip")
-    return send_export(azr.store, name, format, dtype, adapter)
+        return send_built(lambda tmp: zip_folder(d, [f for f in ADAPTER_FILES if (d / f).exists()], adapter,
+                                                 tmp / f"{adapter}.zip"), f"{adapter}.zip", azr.store, name, adapter)
+    return send_built(lambda tmp: build_export(azr.store, name, format, dtype, adapter, tmp), f"{adapter}-{format}.zip",
+                      azr.store, name, adapter)
 
 
 # ----------------------------------------------------------------------------- books
@@ -488,7 +507,8 @@ def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(
     return {**info, "preview": preview(azr.store.book_text(name))}
 
 
-@books.get("/books", summary="Uploaded books with size, encoding and language", response_model=list[BookInfo])
+@books.get("/books", summary="Uploaded books with size, encoding and language (a book whose info cannot be read: "
+                             "{name, damaged})", response_model=list[BookInfo | Damaged])
 def list_books(azr: Azr):
     return azr.store.list_books()
 
@@ -836,13 +856,14 @@ class ModelCache:
             if hit and hit[0] == key:
                 self.entries.move_to_end((name, adapter))
                 return hit[1], hit[2]
-        tok = self.store.tokenizer(name)
-        if tok is None:
-            raise HTTPException(409, f"model {name!r} has no tokenizer yet: train it on a book first")
-        if adapter:
-            model = self.store.load_adapter(name, adapter, self.device)
-        else:
-            model = self.store.load_model(name, self.device).eval()
+        with gone_is_not_found(self.store, name, adapter):
+            tok = self.store.tokenizer(name)
+            if tok is None:
+                raise HTTPException(409, f"model {name!r} has no tokenizer yet: train it on a book first")
+            if adapter:
+                model = self.store.load_adapter(name, adapter, self.device)
+            else:
+                model = self.store.load_model(name, self.device).eval()
         with self.lock:
             self.entries[(name, adapter)] = (key, model, tok)
             while len(self.entries) > self.size:
@@ -853,6 +874,18 @@ class ModelCache:
         with self.lock:
             for key in [k for k in self.entries if k[0] == name]:
                 del self.entries[key]
+
+
+@contextmanager
+def gone_is_not_found(store, name, adapter=None):
+    """A model or adapter deleted while a request reads its files fails the read: a file missing
+    or cut off halfway. Answer as for one that was never there (NotFound: 404), not 500. While it
+    is still there, the error is what it was."""
+    try:
+        yield
+    except Exception:
+        store.adapter_dir(name, adapter) if adapter else store.model_dir(name)  # NotFound once it is gone
+        raise
 
 
 def file_key(path):
@@ -915,55 +948,79 @@ Or put it back into a data folder: copy {name}/ to <AZR_HOME>/models/{name}/ and
 """
 
 
-def build_model_zip(store, name):
-    """Zip the named model's files (only those) into a temp file; the caller deletes it."""
+DOWNLOAD_PREFIX = "azr-export-"  # the temp folders downloads are built in
+STALE_DOWNLOAD_S = 60  # a younger folder may be one a server has made but not locked yet
+
+
+def send_built(build, filename, store, name, adapter=None):
+    """Build a download of model `name` (or its adapter) in a fresh temp folder (build(folder) -> the
+    file to send) and send it as `filename`; the folder goes once it is sent. It is locked until
+    then, so that a server started after one was killed mid-download removes that folder, and never
+    a live one (sweep_downloads)."""
+    folder = Path(tempfile.mkdtemp(prefix=DOWNLOAD_PREFIX))
+    lock = FileLock(folder / ".lock", thread_local=False)  # released by the task that sends: another thread
+    lock.acquire(timeout=0)
+
+    def cleanup():
+        shutil.rmtree(folder, ignore_errors=True)
+        lock.release()
+    try:
+        with gone_is_not_found(store, name, adapter):
+            path = build(folder)
+    except BaseException:
+        cleanup()
+        raise
+    media = "application/zip" if filename.endswith(".zip") else "application/octet-stream"
+    return FileResponse(path, media_type=media, filename=filename, background=BackgroundTask(cleanup))
+
+
+def sweep_downloads():
+    """Remove the download folders a killed server left in the temp dir: those whose lock no process
+    holds. The lock, not a pid in the name, tells a dead server's folder from a live one's: pids are
+    reused, and a server in another container that shares /tmp has pids we cannot see."""
+    for d in Path(tempfile.gettempdir()).glob(DOWNLOAD_PREFIX + "*"):
+        lock = FileLock(d / ".lock", thread_local=False)
+        try:
+            if time.time() - d.stat().st_mtime < STALE_DOWNLOAD_S:
+                continue
+            lock.acquire(timeout=0)
+        except (OSError, Timeout):  # held by a live server; not a folder; another user's
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        lock.release()
+
+
+def build_model_zip(store, name, tmp):
+    """The named model's files (only those) and a README, zipped into folder `tmp`."""
     d = store.model_dir(name)
     info = store.info(name)
     readme = README_TXT.format(name=name, params=info["params"], steps=info["steps"])
-    return zip_folder(d, [f for f in MODEL_FILES if (d / f).exists()], name, {"README.txt": readme})
+    names = [f for f in MODEL_FILES if (d / f).exists()]
+    return zip_folder(d, names, name, tmp / f"{name}.zip", {"README.txt": readme})
 
 
-def zip_folder(folder, names, prefix, extra=None):
-    """A temp zip of the files `names` of `folder` (only those) under `prefix`/, plus `extra`
-    {name: text}; the caller deletes it."""
-    fd, path = tempfile.mkstemp(prefix=f"azr-{prefix}-", suffix=".zip")
-    try:
-        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-            for fname in names:
-                z.write(folder / fname, f"{prefix}/{fname}")
-            for fname, text in (extra or {}).items():
-                z.writestr(f"{prefix}/{fname}", text)
-    except BaseException:
-        os.unlink(path)
-        raise
-    return path
-
-
-def send_export(store, name, fmt, dtype, adapter=None):
-    """Export through export.py into a temp folder — the files `cli.py export` writes — and send
-    them: a GGUF file as it is (what llama.cpp and LM Studio open), a folder as a zip, and for
-    fmt "ollama" the GGUF and its Modelfile together as a zip."""
-    tmp = Path(tempfile.mkdtemp(prefix="azr-export-"))
+def build_export(store, name, fmt, dtype, adapter, tmp):
+    """The files `cli.py export` writes (export.py), in folder `tmp`: a GGUF file as it is (what
+    llama.cpp and LM Studio open), a folder zipped, and for "ollama" the GGUF and its Modelfile
+    zipped together."""
     stem, gguf = f"{adapter or name}-{fmt}", fmt in ("gguf", "ollama")
-    try:
-        out = export.export(store, name, "gguf" if gguf else fmt, tmp / (f"{name}-{dtype}.gguf" if gguf else stem),
-                            adapter, dtype)
-        if fmt == "gguf":
-            return send_file(str(out), out.name, cleanup=lambda: shutil.rmtree(tmp))
-        folder = tmp if fmt == "ollama" else out
-        path = zip_folder(folder, sorted(p.name for p in folder.iterdir()), stem)
-    except BaseException:
-        shutil.rmtree(tmp)
-        raise
-    shutil.rmtree(tmp)
-    return send_file(path, f"{stem}.zip")
+    out = export.export(store, name, "gguf" if gguf else fmt, tmp / (f"{name}-{dtype}.gguf" if gguf else stem),
+                        adapter, dtype)
+    if fmt == "gguf":
+        return out
+    folder, names = (tmp, [out.name, export.modelfile_of(out).name]) if gguf else \
+        (out, sorted(p.name for p in out.iterdir()))
+    return zip_folder(folder, names, stem, tmp / f"{stem}.zip")
 
 
-def send_file(path, filename, cleanup=None):
-    """The file as a download, deleted once it is sent."""
-    media = "application/zip" if filename.endswith(".zip") else "application/octet-stream"
-    return FileResponse(path, media_type=media, filename=filename,
-                        background=BackgroundTask(cleanup or (lambda: os.unlink(path))))
+def zip_folder(folder, names, prefix, path, extra=None):
+    """Zip the files `names` of `folder` (only those) under `prefix`/, plus `extra` {name: text}, to `path`."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for fname in names:
+            z.write(folder / fname, f"{prefix}/{fname}")
+        for fname, text in (extra or {}).items():
+            z.writestr(f"{prefix}/{fname}", text)
+    return path
 
 
 # ----------------------------------------------------------------------------- the site guard
@@ -1032,10 +1089,15 @@ def main(argv=None):
                         "'Authorization: Bearer KEY' (default: $AZR_API_KEY; none: /v1 answers this machine only)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    app = create_app(args.home, args.max_upload_mb, allowed_hosts(args.host, args.port, args.allowed_host), args.api_key)
+    try:
+        app = create_app(args.home, args.max_upload_mb, allowed_hosts(args.host, args.port, args.allowed_host),
+                         args.api_key)
+    except StoreError as e:  # a --home the data cannot live in
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"AZR Model Trainer: http://{args.host}:{args.port}  (data in {app.state.azr.store.home})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from config import check_seed, echo
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, read_json, replacing,
-                   save_tensors, shown, tensors_sha256_of_file, write_json)
+import records
+from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
+                   tensors_sha256_of_file, write_json)
 from azr_trainer import load_trained_weights
 from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
 from model import GPT, ModelConfig
@@ -72,8 +73,12 @@ def default_home(project_dir=PROJECT_DIR):
 class Store:
     def __init__(self, home=None):
         self.home = home_dir(home)
-        for d in ("models", "checkpoints", "books", "locks"):
-            (self.home / d).mkdir(parents=True, exist_ok=True)
+        try:
+            for d in ("models", "checkpoints", "books", "locks"):
+                (self.home / d).mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a file by that name, a folder we may not write to
+            raise StoreError(f"cannot keep data in {self.home} ({e.strerror}): give a folder you can write to "
+                             f"(--home, or $AZR_HOME)") from None
 
     # locks -------------------------------------------------------------------
     def locked(self, name):
@@ -140,7 +145,7 @@ class Store:
         return model
 
     def config(self, name):
-        return self._read(name, "config.json", ModelConfig.from_dict)
+        return ModelConfig.from_dict(self._read(name, "config.json", records.ModelConfigFile))
 
     def load_model(self, name, device="cpu", version=None):
         """The current weights of `name`, or those of one of its saved versions (vNNN)."""
@@ -166,10 +171,16 @@ class Store:
     def tokenizer(self, name):
         """The model's tokenizer, or None before its first training run."""
         p = self.model_dir(name) / "tokenizer.json"
-        return Tokenizer.load(p) if p.exists() else None
+        if not p.exists():
+            return None
+        try:
+            return Tokenizer.load(p)
+        except Exception as e:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise CorruptFile(f"{name}/tokenizer.json is damaged ({str(e)[:200]}); delete the model "
+                              f"(`python cli.py delete {name}`, or Delete on the Models tab)") from None
 
     def lineage(self, name):
-        return self._read(name, "lineage.json")
+        return self._read(name, "lineage.json", records.Lineage)
 
     def update_lineage(self, name, **changes):
         """Set fields of lineage.json. A caller that computes them from the lineage it read holds
@@ -180,30 +191,25 @@ class Store:
             write_json(self.model_dir(name) / "lineage.json", lin)
         return lin
 
-    def _read(self, name, file, parse=lambda d: d):
-        """A model's JSON file, parsed; CorruptFile saying what to do if it cannot be read."""
-        path = self.model_dir(name) / file
+    def _read(self, name, file, kind):
+        """A model's JSON record (records.py); CorruptFile saying what to do if it is damaged."""
         try:
-            return parse(read_json(path))
-        except ValueError as e:  # torn JSON, or fields this version does not know
-            raise CorruptFile(f"{shown(path)} is damaged ({str(e)[:200]}); repair the file by hand, or delete the "
-                              f"model (`python cli.py delete {name}`, or Delete on the Models tab)") from e
+            return records.load(self.model_dir(name) / file, kind)
+        except CorruptFile as e:
+            raise CorruptFile(f"{e}; repair the file by hand, or delete the model (`python cli.py delete {name}`, "
+                              f"or Delete on the Models tab)") from None
 
     def info(self, name):
         d = self.model_dir(name)
         with self.locked(name):  # a consistent view: no half-finished change of this model
             cfg, lin = self.config(name), self.lineage(name)
             size = sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
-            try:
-                return {
-                    "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
-                    "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
-                    "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
-                    "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
-                }
-            except KeyError as e:
-                raise CorruptFile(f"{name}/lineage.json is damaged (no field {e}); repair it by hand, or delete "
-                                  f"the model (`python cli.py delete {name}`, or Delete on the Models tab)") from None
+            return {
+                "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
+                "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
+                "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
+                "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
+            }
 
     def list_models(self):
         """Every model's info; a model whose files cannot be read is listed as {name, damaged:
@@ -252,7 +258,11 @@ class Store:
         return info
 
     def adapter_info(self, name, adapter):
-        return read_json(self.adapter_dir(name, adapter) / "adapter_config.json")
+        try:
+            return records.load(self.adapter_dir(name, adapter) / "adapter_config.json", records.AdapterConfig)
+        except CorruptFile as e:
+            raise CorruptFile(f"{e}; delete the adapter (`python cli.py delete {name} --adapter {adapter}`) and "
+                              f"fine-tune it again") from None
 
     def load_adapter(self, name, adapter, device="cpu", nf4=None):
         """The base model `name` with its saved adapter attached, in eval mode.
@@ -348,12 +358,16 @@ class Store:
     def book_info(self, name):
         path = self.book_path(name)
         with self.book_locked(name):
-            if not path.exists():
+            if not path.is_file():
                 raise NotFound(f"no book named {name!r}; upload it first (known: {[b['name'] for b in self.list_books()]})")
             meta = path.with_suffix(".json")
-            if meta.exists():
-                return read_json(meta)
-            return self._describe_loose_book(path)
+            if not meta.exists():
+                return self._describe_loose_book(path)
+            try:
+                return records.load(meta, records.BookMeta)
+            except CorruptFile as e:
+                raise CorruptFile(f"{e}; remove that file to have the book's text read again, or delete the book "
+                                  f"(Delete on the Books tab)") from None
 
     def _describe_loose_book(self, path):
         """A .txt dropped into books/ by hand: read it like an upload, once."""
@@ -380,20 +394,29 @@ class Store:
             return info, self.book_path(name).read_text(encoding="utf-8")
 
     def list_books(self):
+        """Every book's info; a book whose info is damaged is listed as {name, damaged: what to do}."""
         out = []
         for p in sorted((self.home / "books").glob("*.txt")):
-            if NAME_RE.fullmatch(p.stem):
-                try:
-                    out.append(self.book_info(p.stem))
-                except BookError:
-                    continue  # an unreadable file dropped in by hand is not a book
+            if not (NAME_RE.fullmatch(p.stem) and p.is_file()):
+                continue  # a folder named like a book is not one
+            try:
+                out.append(self.book_info(p.stem))
+            except NotFound:
+                continue  # deleted while we listed
+            except BookError:
+                continue  # an unreadable file dropped in by hand is not a book
+            except (StoreError, OSError) as e:
+                out.append({"name": p.stem, "damaged": str(e)})
         return out
 
     def delete_book(self, name):
+        """Delete a book's text and info; also of a book whose info is damaged."""
+        path = self.book_path(name)
         with self.book_locked(name):
-            self.book_info(name)
-            self.book_path(name).unlink()
-            self.book_path(name).with_suffix(".json").unlink(missing_ok=True)
+            if not path.is_file():
+                raise NotFound(f"no book named {name!r}")
+            path.unlink()
+            path.with_suffix(".json").unlink(missing_ok=True)
 
     def resolve_book(self, ref, allow_path=False):
         """A book given as a store name -> (name, text, sha256). Only the CLI passes allow_path,
@@ -443,11 +466,13 @@ def load_weights(model, tensors):
 
 
 def _json_or_none(line):
-    """A metrics line, or None for a blank line or one torn by a crash in the middle of writing it."""
+    """A metrics row, or None for a blank line, one torn by a crash in the middle of writing it, or
+    one that is no row (not a JSON object)."""
     try:
-        return json.loads(line)
-    except ValueError:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
         return None
+    return row if isinstance(row, dict) else None
 
 
 def _now():

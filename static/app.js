@@ -119,8 +119,9 @@ $$("select.adapter-select").forEach(sel =>
   sel.form.elements[sel.dataset.model].addEventListener("change", () => fillAdapterSelect(sel)));
 
 async function refreshBooks() {
-  const books = await api("GET", "/books");
-  renderBooksTable(books);
+  const all = await api("GET", "/books");
+  renderBooksTable(all);
+  const books = all.filter(b => !b.damaged);  // damaged: {name, damaged: what is wrong and what to do}
   const checked = new Set($$("#train-books input:checked").map(c => c.value));
   $("#train-books").replaceChildren(...(books.length
     ? books.map(b => el("label", {className: "inline"},
@@ -205,7 +206,7 @@ createForm.addEventListener("submit", async ev => {
 // ----------------------------------------------------------------------------- books
 
 function renderBooksTable(books) {
-  const rows = books.map(b => el("tr", {},
+  const rows = books.map(b => b.damaged ? damagedRow(b, 7, () => deleteBook(b.name)) : el("tr", {},
     el("td", {}, b.name), el("td", {}, fmt.bytes(b.text_bytes)), el("td", {}, fmt.int(b.characters)),
     el("td", {}, b.encoding), el("td", {}, b.language), el("td", {}, b.format),
     el("td", {className: "actions"},
@@ -674,10 +675,15 @@ function renderModelsTable() {
     el("td", {className: "actions"},
       downloadLinks("/download_model/" + encodeURIComponent(m.name), MODEL_FORMATS),
       el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete"))));
-  rows.push(...damagedModels.map(m => el("tr", {className: "damaged"},
-    el("td", {}, m.name), el("td", {colSpan: 7, className: "msg error"}, "damaged: " + m.damaged),
-    el("td", {className: "actions"}, el("button", {type: "button", className: "danger", onclick: () => deleteModel(m.name)}, "Delete")))));
+  rows.push(...damagedModels.map(m => damagedRow(m, 9, () => deleteModel(m.name))));
   $("#models-table tbody").replaceChildren(...(rows.length ? rows : [el("tr", {}, el("td", {colSpan: 9, className: "muted"}, "no models yet: create one"))]));
+}
+
+// a model, book or adapter the server could not read: {name, damaged: what is wrong and what to do}, and Delete
+function damagedRow(r, columns, onDelete) {
+  return el("tr", {className: "damaged"},
+    el("td", {}, r.name), el("td", {colSpan: columns - 2, className: "msg error"}, "damaged: " + r.damaged),
+    el("td", {className: "actions"}, el("button", {type: "button", className: "danger", onclick: onDelete}, "Delete")));
 }
 
 // the formats a model or an adapter downloads as: this app's zip, or an export (export.py) for other tools
@@ -717,7 +723,8 @@ async function showModel(name) {
       m.adapters.length ? el("table", {className: "list"},
         el("tr", {}, el("th", {}, "adapter"), el("th", {}, "rank r / alpha"), el("th", {}, "layers"), el("th", {}, "trainable"),
            el("th", {}, "steps"), el("th", {}, "best bits/byte"), el("th", {})),
-        ...m.adapters.map(a => el("tr", {}, el("td", {}, a.name), el("td", {}, `${a.lora.r} / ${a.lora.alpha}${a.lora.nf4 ? " · NF4" : ""}`),
+        ...m.adapters.map(a => a.damaged ? damagedRow(a, 7, () => deleteAdapter(m.name, a.name)) :
+          el("tr", {}, el("td", {}, a.name), el("td", {}, `${a.lora.r} / ${a.lora.alpha}${a.lora.nf4 ? " · NF4" : ""}`),
           el("td", {}, a.lora.targets.join(", ")), el("td", {}, a.params ? fmt.params(a.params.trainable) : "–"),
           el("td", {}, fmt.int((a.run || {}).steps ?? 0)), el("td", {}, fmt.num((a.run || {}).best_val_bpb)),
           el("td", {}, downloadLinks(`/download_adapter/${encodeURIComponent(m.name)}/${encodeURIComponent(a.name)}`, ADAPTER_FORMATS), " ",

@@ -167,6 +167,23 @@ def test_a_damaged_model_is_listed_with_what_to_do_and_can_be_deleted(server, pa
     assert page.locator("#models-table tr.damaged").count() == 0
 
 
+def test_a_damaged_book_is_listed_with_what_to_do_and_can_be_deleted(server, page, tmp_path, book_text):
+    from store import Store
+
+    store = Store(tmp_path / "home")
+    for name in ("good", "bad"):
+        store.add_book(name, book_text[:3000].encode(), f"{name}.txt")
+    (store.home / "books" / "bad.json").write_text("[]")
+    page.goto(server)
+    page.click("#tabs button[data-tab=books]")
+    page.wait_for_selector("#books-table tr.damaged:has-text('books/bad.json is damaged')")
+    assert page.locator("#train-books input").evaluate_all("boxes => boxes.map(b => b.value)") == ["good"]
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#books-table tr.damaged button:has-text('Delete')")
+    page.wait_for_function("!document.querySelector('#books-table tr.damaged')")
+    assert page.is_visible("#books-table td:has-text('good')")
+
+
 def test_docs_work_without_the_internet(server, page):
     page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(server) else route.abort())
     page.goto(server + "/docs")

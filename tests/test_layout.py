@@ -14,6 +14,7 @@ LAYERS = [
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
     {"azr_trainer"},  # the loop
+    {"records"},  # the schema of every record read from disk
     {"store"},  # models, books, adapters on disk
     {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
     {"jobs"},  # the web app's background job

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 
 from conftest import LOCAL_URL, ROOT, TINY
 from server import create_app
-from store import read_json, write_json
+from files import read_json, write_json
 
 TRAIN = dict(batch_size=8, eval_every=10, warmup_steps=5, compile="off")  # a few fast steps of the tiny model
 
