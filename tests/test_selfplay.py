@@ -4,12 +4,14 @@ switch, keep-best by greedy repeats, resume across the switch."""
 
 import copy
 from collections import Counter
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
 import azr_trainer
+import config
 from azr_trainer import STOP_RISE, TrainConfig, kept_better, selfplay_due
 from conftest import quick_train_config, tiny_config
 from generate import rollouts
@@ -284,3 +286,16 @@ def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
     assert rows("split") == rows("whole")
     a, b = store.load_model("split").state_dict(), store.load_model("whole").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_and_api_defaults_are_trainconfigs():
+    """Whatever the default of self-play is, the CLI and the API take it from TrainConfig."""
+    import cli
+    import server
+    args = cli.build_parser().parse_args(["train", "m", "--book", "b"])
+    assert TrainConfig.from_dict(cli.given(args, TrainConfig)) == TrainConfig()
+    body = server.TrainRequest(model="m")
+    for name in ("selfplay_every", "selfplay_start", "patience", "keep_best", "minutes"):
+        assert getattr(body, name) == getattr(TrainConfig(), name), name
+    field = next(f for f in fields(TrainConfig) if f.name == "selfplay_every")
+    assert f"default {TrainConfig().selfplay_every})" in config.help_text(field)
