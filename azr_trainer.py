@@ -6,8 +6,11 @@ from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, AdamW step. T
 warms up linearly (Adam's moment estimates are noisy in the first steps) and then follows a
 cosine down to a tenth of its peak (Loshchilov & Hutter 2017).
 
-Every `selfplay_every` supervised steps (from `selfplay_start` of the run on), one self-play step
-(selfplay.py) lets the model learn from its own greedy continuations where they loop. Every `eval_every` steps we measure the validation loss in **bits per
+Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
+It begins when supervised learning stops paying: where early stopping would end the run, the run
+goes back to its kept weights and goes on with self-play steps only; or, if that never comes, for
+the tail of the run from `selfplay_start` on, one self-play step after every `selfplay_every`
+supervised steps (selfplay.py's docstring says why). Every `eval_every` steps we measure the validation loss in **bits per
 byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per-token loss it
 does not depend on the tokenizer, so models with different vocabularies compare.
 
@@ -22,7 +25,9 @@ and DistributedDataParallel averages the gradients, so one step trains on a glob
 batch_size x world_size x grad_accum windows; steps and the learning-rate schedule count
 optimizer steps, as in one process. The lines that differ are marked `# DDP:`. Rank 0 alone
 evaluates and writes (metrics, checkpoints, run.json, the result); a checkpoint holds the RNGs of
-every rank, so a resume on as many processes is exact too. Self-play runs in one process only.
+every rank, so a resume on as many processes is exact too. Self-play: each rank rolls out its own
+contexts, and its update's gradients are averaged by hand (its forward needs logits, so it goes
+around the DDP wrapper, which only knows the training loss).
 
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
 books live on disk is the store's business; runs.py connects the two.
@@ -74,10 +79,15 @@ class TrainConfig:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), or a device such as cpu or cuda:1")
     precision: str = setting("auto", "auto picks bf16 only where the hardware has it", choices=("auto", "fp32", "bf16", "fp16"))
     compile: str = setting("auto", "torch.compile the training step (auto: long CPU runs)", choices=("auto", "on", "off"))
-    selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off); with 3, greedy "
-                                        "text repeated 4-grams 0.3x and val bits/byte -0.4 to +1.6 percent on three "
-                                        "books (BENCHMARKS.md)", 0, 100_000)
-    selfplay_start: float = setting(0.4, "self-play begins once this share of the steps is done", 0.0, 1.0)
+    selfplay_every: int = setting(0, "self-play against greedy loops (0 = off): from selfplay_start on, one self-play "
+                                        "step after every N supervised steps; where early stopping would end the run, "
+                                        "it goes back to its kept weights and takes self-play steps only. Time with "
+                                        "--steps N: a self-play step costs a supervised step's update plus decoding its "
+                                        "rollouts token by token; in the tail one comes on top of every selfplay_every-th "
+                                        "step, after "
+                                        "a plateau they replace the steps left", 0, 100_000)
+    selfplay_start: float = setting(0.8, "with self-play on: the share of the steps after which it begins, if no "
+                                         "plateau starts it earlier", 0.0, 1.0)
     minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the schedule is fitted "
                                   "to the steps that fit (0 = off)", 0.0, 1e6)
     patience: int = setting(3, f"stop once val bits/byte has been over {STOP_RISE * 100:g} percent above its best for "
@@ -96,8 +106,6 @@ class TrainConfig:
                 torch.device(self.device)
             except RuntimeError:
                 raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
-        if self.selfplay_every and distributed.world_size() > 1:  # DDP: rollouts, buffer and reference are one process's
-            raise ValueError("selfplay_every: self-play runs in one process only; set it to 0, or train without torchrun")
         return self
 
     @classmethod
@@ -139,11 +147,14 @@ class Trainer:
         self.selfplay = None
         if tc.selfplay_every:
             from selfplay import SelfPlay  # only needed when the stage is on
-            self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed)
+            # DDP: each rank proposes and rolls out its own contexts
+            self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed + distributed.rank())
+        self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
         # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
         # step is done: a start that fails (a short book, no memory, compiling) destroys nothing
         self.claimed = False
+        self.kept = None  # [val_bpb, step, greedy_repeats] of the weights keep-best holds (best.safetensors)
         self.stale_evals = 0  # evaluations in a row clearly above the best one: early stopping (patience)
         if distributed.is_main():  # DDP: the others never write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +203,7 @@ class Trainer:
                     self.tc = replace(self.tc, steps=self.step)
                     if "val_bpb" not in row and distributed.is_main():
                         row.update(self.evaluate())
-                        self._track_best(row["val_bpb"])
+                        self._track_best(row["val_bpb"], row.get("greedy_repeats"))
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 if budget:
@@ -200,6 +211,12 @@ class Trainer:
                 row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (self.tc.steps - self.step), 1)
                 emit({"type": "step", "total": self.tc.steps, **row})
                 if self._evaluated(self.step) and distributed.broadcast(self.early_stop()):
+                    if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
+                        self.switch_to_selfplay()
+                        emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
+                                                         f"{self.kept[1]}, self-play steps from here on"})
+                        self.save_checkpoint()  # a resume must not replay the switch: best.safetensors moves on
+                        continue
                     emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
                                                      f"{STOP_RISE:.0%} above its best for {tc.patience} evaluations (best "
                                                      f"{self.run_best[0]:.4f} at step {self.run_best[1]})"})
@@ -223,24 +240,37 @@ class Trainer:
                 "device": str(self.device), "precision": self.precision, "compiled": self.compiled}
 
     def _one_step(self):
-        """A supervised step, then self-play and evaluation when they are due -> its metrics row."""
+        """A supervised step, then self-play and evaluation when they are due -> its metrics row.
+        After a plateau the step is a self-play step alone (its row has no supervised loss)."""
         t0 = time.time()
-        row = self.train_step()
+        if self.selfplay_from is None:
+            row = self.train_step()
+        else:
+            row = {"lr": self._set_lr(), "selfplay": self.selfplay.step()}
         self.step += 1
         if not self.claimed:
             self._claim()
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
         row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
-        tc = self.tc
-        if self.selfplay and self.step >= tc.selfplay_start * tc.steps and self.step % tc.selfplay_every == 0:
+        if self.selfplay_from is None and selfplay_due(self.step, self.tc):
             row["selfplay"] = self.selfplay.step()
         if self._evaluated(self.step) and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
             row.update(self.evaluate())
             if self.sample:
                 row["sample"] = self.sample(self.model)
-            self._track_best(row["val_bpb"])
+            self._track_best(row["val_bpb"], row.get("greedy_repeats"))
         return row
+
+    def switch_to_selfplay(self):
+        """The plateau: supervised steps stopped paying. Go back to the kept weights (every rank:
+        rank 0 reads them and sends them) and go on with self-play steps; the early-stopping count
+        starts again, so a self-play phase that costs likelihood ends the run as a plateau would."""
+        self.selfplay_from, self.stale_evals = self.step, 0
+        if self.tc.keep_best:
+            best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
+            load_trained_weights(self.model, distributed.broadcast(best))
+        self.kept = distributed.broadcast(self.kept)
 
     def _evaluated(self, step):
         return step % self.tc.eval_every == 0 or step == self.tc.steps
@@ -249,9 +279,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
         tc = self.tc
         self.model.train()
-        lr = lr_at(self.step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        lr = self._set_lr()
         total = 0.0
         for i in range(tc.grad_accum):
             x, y = self.get_batch("train")
@@ -264,9 +292,22 @@ class Trainer:
         norm = apply_gradients(self.model, self.optimizer, self.scaler, tc.grad_clip)
         return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm, 4)}
 
+    def _set_lr(self):
+        lr = lr_at(self.step, self.tc)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
     def optimizer_step(self, loss):
-        """Backward of `loss` and one optimizer step; -> the gradient norm before clipping."""
-        self.scaler.scale(loss).backward()
+        """Backward of `loss` and one optimizer step (self-play's); -> the gradient norm before
+        clipping. loss None: this rank has nothing to learn from this time (no step in one process;
+        DDP: it still joins the others' average, with zero gradients)."""
+        if loss is not None:
+            self.scaler.scale(loss).backward()
+        if distributed.world_size() > 1:
+            distributed.average_gradients(self.model)  # DDP: what the wrapper's backward does for train_step
+        elif loss is None:
+            return 0.0
         return apply_gradients(self.model, self.optimizer, self.scaler, self.tc.grad_clip)
 
     def warm_up(self):
@@ -300,13 +341,17 @@ class Trainer:
         """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split: as many
         as eval_batches global batches (DDP: rank 0 scores them all)."""
         n = max_windows or self.tc.eval_batches * self.tc.batch_size * distributed.world_size()
-        return evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision)
+        out = evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision)
+        if self.selfplay:  # what keep-best weighs against val bits/byte
+            out["greedy_repeats"] = self.selfplay.greedy_repeats(self.data["val"])
+        return out
 
     # checkpoints ---------------------------------------------------------------
     def save_checkpoint(self):
         """Trained weights + AdamW state + RNGs + step, in one safetensors file, written atomically.
         DDP: every rank calls it; rank 0 gathers their RNG states and writes the file."""
         rngs = distributed.gather(self._rng_state())
+        sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
         if not distributed.is_main():
             return
         tensors = {f"model.{k}": v for k, v in trained_weights(self.model).items()}
@@ -318,10 +363,11 @@ class Trainer:
             tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
         meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
                 "param_groups": opt["param_groups"], "run_best": self.run_best,
-                "stale_evals": self.stale_evals, "steps": self.tc.steps}
-        if self.selfplay:
-            sp_tensors, meta["selfplay"] = self.selfplay.state()
-            tensors.update({f"selfplay.{k}": v for k, v in sp_tensors.items()})
+                "stale_evals": self.stale_evals, "steps": self.tc.steps, "kept": self.kept,
+                "selfplay_from": self.selfplay_from}
+        for r, (sp_tensors, sp_meta) in enumerate(sp_states):
+            meta[selfplay_key(r)] = sp_meta
+            tensors.update({f"{selfplay_key(r)}.{k}": v for k, v in sp_tensors.items()})
         save_tensors(self.ckpt_dir / f"step_{self.step:08d}.safetensors", tensors, meta)
         for old in sorted(self.ckpt_dir.glob("step_*.safetensors"))[: -self.tc.keep_checkpoints]:
             old.unlink()
@@ -375,10 +421,13 @@ class Trainer:
         if meta["scaler"]:
             self.scaler.load_state_dict(meta["scaler"])
         self.step, self.run_best, self.stale_evals = meta["step"], meta.get("run_best"), meta.get("stale_evals", 0)
+        self.kept = meta.get("kept") or (self.run_best and [*self.run_best, None])  # None: written before it was kept
+        self.selfplay_from = meta.get("selfplay_from")
         self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
         note = self._restore_rngs({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
-        if self.selfplay and "selfplay" in meta:
-            self.selfplay.load_state({k[9:]: v for k, v in tensors.items() if k.startswith("selfplay.")}, meta["selfplay"])
+        key = selfplay_key(distributed.rank())
+        if self.selfplay and key in meta:
+            self.selfplay.load_state({k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}, meta[key])
         self._truncate_metrics()
         return note
 
@@ -420,11 +469,16 @@ class Trainer:
         if distributed.is_main() and self.claimed:
             write_json(self.ckpt_dir / "run.json", self.run_info)
 
-    def _track_best(self, val_bpb):
+    def _track_best(self, val_bpb, repeats=None):
         """Keep the weights of this run's best evaluation on disk. A small book is memorised after
-        a few hundred steps and val loss climbs again, so a finished run ends on its best weights."""
+        a few hundred steps and val loss climbs again, so a finished run ends on its best weights.
+        With self-play on, "best" is the fewest greedy repeats among the evaluations within
+        STOP_RISE of the lowest val bits/byte (kept_better)."""
         if self.run_best is None or val_bpb < self.run_best[0]:
             self.run_best = [val_bpb, self.step]
+        now = [val_bpb, self.step, repeats]
+        if kept_better(now, self.kept, self.run_best[0]):
+            self.kept = now
             if self.tc.keep_best:
                 save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
         # an evaluation within STOP_RISE of the best (a plateau) resets the count: only a rise counts
@@ -443,13 +497,40 @@ class Trainer:
         return bool(self.tc.patience) and self.stale_evals >= self.tc.patience
 
     def _restore_best(self):
-        """At the end of a run: go back to the best evaluation's weights if the last is worse."""
-        if self.tc.keep_best and self.run_best and self.run_best[1] != self.step:
+        """At the end of a run: go back to the kept evaluation's weights if the last is not it.
+        From here run_best names the weights the run ends with (the store records it)."""
+        if self.tc.keep_best and self.kept and self.kept[1] != self.step:
             tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
             load_trained_weights(self.model, tensors)
+        if self.tc.keep_best and self.kept:
+            self.run_best = self.kept[:2]
 
 
 # ----------------------------------------------------------------------------- pieces
+
+
+def selfplay_due(step, tc):
+    """Before a plateau: a self-play step after every selfplay_every-th supervised step of the
+    run's tail, from selfplay_start of the steps on."""
+    return bool(tc.selfplay_every) and step >= tc.selfplay_start * tc.steps and step % tc.selfplay_every == 0
+
+
+def kept_better(now, kept, best_val):
+    """Should keep-best hold the weights of evaluation `now` = [val_bpb, step, greedy_repeats]
+    instead of `kept`? Without self-play (repeats None): when it is the best. With it: when it is
+    within STOP_RISE of the best val, and `kept` no longer is or repeats itself more."""
+    if kept is None:
+        return True
+    if now[2] is None:
+        return now[0] == best_val and now[0] < kept[0]
+    if now[0] > best_val * (1 + STOP_RISE):
+        return False
+    return kept[0] > best_val * (1 + STOP_RISE) or kept[2] is None or (now[2], now[0]) < (kept[2], kept[0])
+
+
+def selfplay_key(rank):
+    """The checkpoint's name for a rank's self-play state: rank 0's as before DDP ran self-play."""
+    return "selfplay" if rank == 0 else f"selfplay{rank}"
 
 
 class Budget:

@@ -163,3 +163,14 @@ def main_first():
     yield
     if is_main():
         barrier()
+
+
+def average_gradients(model):
+    """All-reduce every parameter's gradient to its mean over the ranks, by hand: for a backward
+    that did not go through the DDP wrapper (self-play's). A rank without a gradient adds zeros."""
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world_size()

@@ -132,7 +132,8 @@ class JobRunner:
 
     @staticmethod
     def _progress(job, e):
-        job.update(step=e["step"], total=e["total"], loss=e["loss"], lr=e["lr"],
+        # a self-play step after a plateau has no supervised loss
+        job.update(step=e["step"], total=e["total"], loss=e.get("loss"), lr=e["lr"],
                    tokens_per_s=e["tokens_per_s"], eta_s=e["eta_s"])
         for key in ("val_loss", "val_bpb", "val_ppl"):
             if key in e:

@@ -6,8 +6,18 @@ likely. Teacher forcing never shows the model such a context, so the supervised 
 the problem. Self-play can: let the model write, find where it starts to repeat itself, and teach
 it another choice in exactly those places.
 
-One self-play step, every `selfplay_every` steps of the trainer once `selfplay_start` of the run
-is done:
+When: once supervised learning has stopped paying. Welleck et al. 2020 ("Neural Text Generation
+with Unlikelihood Training", §6) applied sequence-level unlikelihood as a short fine-tune of an
+already converged model, and its perplexity did not get worse; mixed in from early on, a self-play
+step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) starts
+it at the plateau, where early stopping would end the run: back to the kept weights, then self-play
+steps only, for what is left of the budget. A run that never plateaus gets it in its tail (from
+`selfplay_start` on, one self-play step after every `selfplay_every` supervised steps), where the
+learning rate is low and a supervised step buys little. Keep-best then chooses, among the weights
+whose val bits/byte is within early stopping's tolerance of the best, the ones whose greedy text
+repeats least on fixed val prompts (`greedy_repeats`).
+
+One self-play step:
 
     propose   R contexts of P tokens from the train split (the proposer, below)
     roll out  the model continues each one for n tokens, greedily (where loops happen), all R rows
@@ -18,9 +28,9 @@ is done:
               2018). So the rollout never loops, and each block is a decision point: the context,
               the repeat r greedy wanted, the replacement a it took.
     update    at every decision point, softplus(z_r - z_a) = -log(1 - p~(r)), p~ the softmax over
-              the pair {r, a}: unlikelihood (Welleck et al. 2020, "Neural Text Generation with
-              Unlikelihood Training") inside the pair. The plain form, -log(1 - p(r)) over the
-              whole vocabulary (loss="ul", kept as the ablation), gives r's mass to *every* token:
+              the pair {r, a}: unlikelihood (Welleck et al. 2020) inside the pair. The plain form,
+              -log(1 - p(r)) over the whole vocabulary (an ablation in benchmarks/selfplay_ab.py),
+              gives r's mass to *every* token:
               on small models that raised never-trained byte tokens and dropped newlines. The pair
               form moves mass only to a token the model itself ranked next — what greedy decoding
               needs: the argmax to change where the loop would start.
@@ -34,6 +44,11 @@ rollout in which greedy wanted to repeat itself. A context that failed goes into
 buffer and is drawn again with weight p(1 - p), p its smoothed failure rate (fails + 1) /
 (visits + 2): the Bernoulli variance, 0 for never and always, largest for "sometimes". With
 probability `explore`, and while the buffer is empty, a fresh context is drawn uniformly.
+
+Cost: the rollouts are decoded token by token, all R rows as one batch through a KV cache; a
+wider batch of shorter rollouts fills each decoding step with more rows for about the same time
+per step (BENCHMARKS.md has the profile). The reward the page draws is 1 - the share of rollout
+tokens where greedy wanted to repeat, beside the proposer's learnability.
 
 The A/B behind these choices is `python bench.py selfplay` (numbers in BENCHMARKS.md). Tried there
 and left out: GRPO over several samples per context with rewards against the book's real next
@@ -54,11 +69,10 @@ from hardware import autocast
 
 @dataclass
 class SelfPlayConfig:
-    rollouts: int = 8  # R: contexts per step, one rollout each
+    rollouts: int = 16  # R: contexts per step, one rollout each
     prompt_tokens: int = 32  # P (capped at max_seq_len // 2)
-    new_tokens: int = 96  # n (capped at max_seq_len - P)
+    new_tokens: int = 48  # n (capped at max_seq_len - P)
     ngram: int = 4  # a token that completes a repeated 4-gram is a repeat
-    loss: str = "pair"  # pair: blocked rollouts, prefer the replacement | ul: unlikelihood on repeats
     alpha: float = 1.0  # weight of the self-play loss
     explore: float = 0.5  # chance of a fresh uniform context instead of a buffer pick
     buffer_size: int = 64
@@ -84,44 +98,58 @@ class SelfPlay:
 
     def step(self):
         """Propose, roll out, update. Returns a flat dict for metrics.jsonl."""
-        c = self.cfg
-        starts, picked = self.proposer.propose(c.rollouts, len(self.data) - self.P, self.gen)
+        starts, picked = self.proposer.propose(self.cfg.rollouts, len(self.data) - self.P, self.gen)
         prompts = windows(self.data, starts, self.P).to(self.device)  # (R, P)
-        with autocast(self.device, self.precision):
-            if c.loss == "pair":
-                outs, wanted = rollouts(self.model, prompts, self.n, ban=self.banned)  # (R, n) each
-                marks = wanted >= 0  # (R, n): the decision points
-            else:
-                outs, wanted = rollouts(self.model, prompts, self.n), None
-                marks = torch.tensor([mark_repeats(r, c.ngram, self.allow) for r in outs.tolist()], device=self.device)
+        outs, wanted = self.roll_out(prompts)  # (R, n) each
+        marks = wanted >= 0  # (R, n): the decision points
         failed = marks.any(1).tolist()
         self.proposer.update(starts, failed)
         m = self._update(prompts, outs, marks, wanted)
         self.n_steps += 1
-        m.update(repeat_rate=marks.float().mean().item(), looping=float(np.mean(failed)),
+        repeat_rate = marks.float().mean().item()
+        m.update(repeat_rate=repeat_rate, reward=1.0 - repeat_rate, looping=float(np.mean(failed)),
                  **self.proposer.stats(picked, failed))
         out = {k: round(float(v), 5) for k, v in m.items()}
         out["example"] = example(prompts, outs, wanted)
         return out
 
+    def roll_out(self, prompts):
+        """Blocked greedy rollouts -> (tokens, wanted) (R, n) each: wanted is the repeat greedy
+        wanted where a block made it take another token, -1 elsewhere."""
+        with autocast(self.device, self.precision):
+            return rollouts(self.model, prompts, self.n, ban=self.banned)
+
     def banned(self, rows):
         return [banned_next(r, self.cfg.ngram, self.allow) for r in rows]
+
+    def loss(self, logits, wanted, outs, marks):
+        """The mean pair loss over the decision points."""
+        return pair_loss(logits, wanted, outs, marks) / marks.sum()
+
+    @torch.no_grad()
+    def greedy_repeats(self, val_tokens, prompts=16):
+        """Share of plain greedy tokens, after `prompts` fixed, evenly spaced val prompts, that repeat
+        a 4-gram of their own continuation more often than the book does: the loop measure
+        keep-best weighs against val bits/byte (the same prompts every time, no RNG)."""
+        starts = np.linspace(0, len(val_tokens) - self.P - 1, prompts).astype(np.int64)
+        was_training = self.model.training
+        with autocast(self.device, self.precision):
+            outs = rollouts(self.model.eval(), windows(val_tokens, starts, self.P).to(self.device), self.n)
+        self.model.train(was_training)
+        marks = [mark_repeats(r, self.cfg.ngram, self.allow) for r in outs.tolist()]
+        return round(float(np.mean(marks)), 5)
 
     def _update(self, prompts, outs, marks, wanted):
         """One optimizer step on alpha * the self-play loss of the marked positions."""
         self.model.train()
         keep = marks.any(1)  # rows without a mark give no gradient: skip their forward...
         if not keep.any():
-            return {"sp_loss": 0.0, "grad_norm": 0.0}
+            return {"sp_loss": 0.0, "grad_norm": self.optimizer_step(None)}  # None: nothing to learn (DDP: join the average)
         L = int(marks.nonzero()[:, 1].max()) + 1  # ... and the tokens after the last mark
         seq = torch.cat([prompts[keep], outs[keep, :L]], 1)  # (r, P+L)
         with autocast(self.device, self.precision):
             logits = self.model(seq[:, :-1])[0][:, self.P - 1:]  # (r, P+L-1, V) -> (r, L, V)
-        m = marks[keep, :L]
-        if wanted is None:  # UL, divided by all rollout tokens as Welleck et al. do
-            loss = unlikelihood_loss(logits, outs[keep, :L], m) / marks.numel()
-        else:
-            loss = pair_loss(logits, wanted[keep, :L], outs[keep, :L], m) / m.sum()
+        loss = self.loss(logits, wanted[keep, :L], outs[keep, :L], marks[keep, :L])
         return {"sp_loss": loss.item(), "grad_norm": self.optimizer_step(self.cfg.alpha * loss)}
 
     # checkpoints ---------------------------------------------------------------
@@ -146,9 +174,8 @@ def windows(data, starts, length):
 def example(prompts, outs, wanted):
     """One rollout for the page's teaching view: its prompt, the tokens it wrote and, where a
     repeat was blocked, the token greedy wanted (-1 elsewhere): the rollout with the most blocks."""
-    r = int((wanted >= 0).sum(1).argmax()) if wanted is not None else 0
-    return {"prompt": prompts[r].tolist(), "tokens": outs[r].tolist(),
-            "pushed_down": wanted[r].tolist() if wanted is not None else [-1] * outs.size(1)}
+    r = int((wanted >= 0).sum(1).argmax())
+    return {"prompt": prompts[r].tolist(), "tokens": outs[r].tolist(), "pushed_down": wanted[r].tolist()}
 
 
 # ----------------------------------------------------------------------------- repeats and losses
@@ -198,43 +225,6 @@ def pair_loss(logits, repeat, replacement, marks):
     z_rep = z.gather(-1, repeat.clamp(min=0)[..., None]).squeeze(-1)  # (B, n); -1 (no block) -> any id, masked
     z_alt = z.gather(-1, replacement[..., None]).squeeze(-1)
     return (F.softplus(z_rep - z_alt) * marks).sum()
-
-
-def unlikelihood_loss(logits, tokens, marks):
-    """Sum over marked tokens of -log(1 - p(token)) (Welleck et al. 2020, eq. 4 with the candidates
-    of §5.2). logits (B, n, V), tokens and marks (B, n). The gradient on the token's logit is p, so
-    the surest repeats are pushed hardest; 1 - p is clamped so a certain one stays finite."""
-    logp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, n)
-    one_minus_p = (-torch.expm1(logp)).clamp(min=1e-5)  # 1 - p without cancellation near p = 1
-    return -(torch.log(one_minus_p) * marks).sum()
-
-
-# ----------------------------------------------------------------------------- repetition metrics
-
-
-def ngrams(tokens, n):
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(tokens, n):
-    """Unique n-grams / all n-grams (Li et al. 2016); 1 = no n-gram occurs twice."""
-    grams = ngrams(tokens, n)
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def seq_rep_n(tokens, n=4):
-    """Share of n-grams that repeat an earlier one (Welleck et al. 2020): 1 - distinct-n."""
-    return 1.0 - distinct_n(tokens, n)
-
-
-def has_loop(tokens, n=8):
-    """A loop: some n-gram starting in the second half of `tokens` already occurred earlier."""
-    seen, half = set(), len(tokens) // 2
-    for i, g in enumerate(ngrams(tokens, n)):
-        if i >= half and g in seen:
-            return True
-        seen.add(g)
-    return False
 
 
 # ----------------------------------------------------------------------------- the proposer

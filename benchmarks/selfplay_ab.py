@@ -25,30 +25,44 @@ Evaluation of each arm's final weights (not charged to either clock):
 
     python bench.py selfplay --book ../shared/books/tinyshakespeare.txt --minutes 6 --start 0.4 --every 3 --seeds 3
     python bench.py selfplay --book B --arms "supervised,selfplay,selfplay@loss=ul;every=2"   # variants, one process
+
+--user-path instead runs what a user runs: `cli.py create` with every default, then two
+`cli.py train NAME --book B --minutes M --seed S` processes AT ONCE (one thread each, so a
+neighbour's load hits both alike), one with self-play (`--selfplay-every`, the A/B's --every) and
+one with `--selfplay-every 0`, every other option the trainer's default (early stopping,
+keep-best, the plateau switch). Then the same evaluation of each finished model.
+
+    python bench.py selfplay --user-path --book ../shared/books/tinyshakespeare.txt --minutes 3 --every 3
 """
 
 import argparse
 import copy
 import json
 import multiprocessing
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import runs
-from azr_trainer import TrainConfig, lr_at, new_run
+from azr_trainer import TrainConfig, evaluate_bpb, lr_at, new_run
 from generate import rollouts
 from hardware import autocast
 from model import PRESETS
-from selfplay import SelfPlay, SelfPlayConfig, distinct_n, has_loop, seq_rep_n, windows
+from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
 from store import Store
 from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BOOK = "book"  # the --book file's name in each seed's own store
 SCHEDULE_STEPS = 1000  # the lr schedule runs over the budget in 1000 virtual steps (warm-up: 50)
@@ -77,11 +91,14 @@ def main(argv=None):
                        default=None if f.name == "book" else f.default, required=f.name == "book")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="change a SelfPlayConfig field")
     p.add_argument("--out", help="write all results as JSON here")
+    p.add_argument("--user-path", action="store_true", help="two cli.py train processes at once (see above)")
     args = vars(p.parse_args(argv))
     ab = ABConfig(**{f.name: args[f.name] for f in fields(ABConfig)})
     sp_cfg = parse_overrides(args["set"], SelfPlayConfig())
     seeds = list(range(ab.seeds))
-    if ab.jobs > 1:
+    if args["user_path"]:
+        per_seed = [user_path(ab, s) for s in seeds]
+    elif ab.jobs > 1:
         with multiprocessing.get_context("spawn").Pool(min(ab.jobs, 2)) as pool:  # shared machine: 2 at most
             per_seed = pool.starmap(one_seed, [(ab, sp_cfg, s) for s in seeds])
     else:
@@ -100,6 +117,63 @@ def parse_overrides(pairs, base):
         key, _, value = pair.partition("=")
         changes[key] = type(getattr(base, key))(value)
     return replace(base, **changes)
+
+
+# ----------------------------------------------------------------------------- the user's path
+
+
+def user_path(ab, seed):
+    """Both arms as `cli.py train` processes started together; -> the same dict as one_seed."""
+    home = Path(tempfile.mkdtemp(prefix=f"sp-user{seed}-"))
+    arms = {"supervised": ["--selfplay-every", "0"], "selfplay": ["--selfplay-every", str(ab.every)]}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    try:
+        procs = {}
+        for a, flags in arms.items():
+            cli = [sys.executable, str(ROOT / "cli.py"), "--home", str(home / a)]
+            subprocess.run([*cli, "create", "m", "--seed", str(seed)], check=True, env=env, capture_output=True)
+            log_file = open(home / f"{a}.log", "w")
+            procs[a] = (subprocess.Popen([*cli, "train", "m", "--book", str(Path(ab.book).resolve()), "--minutes",
+                                          str(ab.minutes), "--seed", str(seed), *flags], env=env, stdout=log_file,
+                                         stderr=subprocess.STDOUT), time.perf_counter())
+        spent = {}
+        for a, (proc, t0) in procs.items():
+            if proc.wait() != 0:
+                raise RuntimeError(f"{a} failed: " + (home / f"{a}.log").read_text()[-2000:])
+            spent[a] = {"seconds": round(time.perf_counter() - t0, 1), **run_numbers(Store(home / a))}
+        return evaluate_models({a: Store(home / a) for a in arms}, spent, ab, seed)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def run_numbers(store):
+    """Steps, self-play steps, the plateau and the kept step of model m's run, from its metrics."""
+    rows = store.metrics("m")
+    sp = [r["selfplay"] for r in rows if "selfplay" in r]
+    only = [r["step"] for r in rows if "selfplay" in r and "loss" not in r]
+    kept = store.lineage("m")["runs"][-1]["best"]
+    return {"steps": rows[-1]["step"], "selfplay_steps": len(sp), "plateau_step": only[0] - 1 if only else None,
+            "kept_step": kept[1] if kept else None, **trend(sp)}
+
+
+def evaluate_models(stores, spent, ab, seed):
+    """The evaluation of evaluate_arm for each store's model m, on its book's own split."""
+    out = {"arms": {}}
+    for a, store in stores.items():
+        tok, data, _, _ = runs.prepare_data(store, "m", [str(Path(ab.book).resolve())], allow_paths=True)
+        model = store.load_model("m").eval()
+        ev = SimpleNamespace(model=model, data=data, device=torch.device("cpu"), precision=ab.precision,
+                             evaluate=lambda max_windows, m=model, d=data, t=tok: evaluate_bpb(
+                                 m, d["val"], torch.from_numpy(t.byte_lengths()), m.config.max_seq_len, max_windows,
+                                 torch.device("cpu")))
+        if "real" not in out:
+            tasks = heldout_tasks(ev, ab)
+            train = np.asarray(data["train"])
+            train_grams = (np.unique(ngram_hashes(train, 8)), np.bincount(train, minlength=model.config.vocab_size))
+            out["real"] = real_rates(tasks, train_grams)
+        out["arms"][a] = {**spent[a], **evaluate_arm(ev, tok, tasks, train_grams, ab, seed)}
+        log(seed, f"{a}: {json.dumps({k: v for k, v in out['arms'][a].items() if 'examples' not in k})}")
+    return out
 
 
 # ----------------------------------------------------------------------------- one seed
@@ -146,14 +220,40 @@ def arm_options(arm, ab, sp_cfg):
     _, _, opts = arm.partition("@")
     pairs = [p for p in opts.split(";") if p]
     sched = dict(p.split("=") for p in pairs if p.split("=")[0] in ("every", "start"))
-    cfg = parse_overrides([p for p in pairs if p.split("=")[0] not in sched], sp_cfg) if arm.startswith("selfplay") else None
+    cfg = parse_overrides([p for p in pairs if p.split("=")[0] not in sched and p != "loss=ul"], sp_cfg) \
+        if arm.startswith("selfplay") else None
     return int(sched.get("every", ab.every)), max(ab.start, float(sched.get("start", ab.start))), cfg
 
 
 def make_stage(arm, tr, sp_cfg, seed, ab):
     if arm.startswith("selfplay"):
-        return SelfPlay(tr.model, tr.optimizer_step, tr.data["train"], tr.precision, seed, arm_options(arm, ab, sp_cfg)[2])
+        stage = ULSelfPlay if "loss=ul" in arm else SelfPlay
+        return stage(tr.model, tr.optimizer_step, tr.data["train"], tr.precision, seed, arm_options(arm, ab, sp_cfg)[2])
     return None
+
+
+class ULSelfPlay(SelfPlay):
+    """The ablation `selfplay@loss=ul`: plain greedy rollouts, and the plain unlikelihood loss on
+    every token that completes a repeated 4-gram, -log(1 - p) over the whole vocabulary."""
+
+    def roll_out(self, prompts):
+        with autocast(self.device, self.precision):
+            outs = rollouts(self.model, prompts, self.n)  # (R, n)
+        marks = torch.tensor([mark_repeats(r, self.cfg.ngram, self.allow) for r in outs.tolist()], device=self.device)
+        return outs, torch.where(marks, outs, -1)  # the repeat is the token taken
+
+    def loss(self, logits, wanted, outs, marks):
+        # divided by all rollout tokens, as Welleck et al. do
+        return unlikelihood_loss(logits, outs, marks) / (self.cfg.rollouts * self.n)
+
+
+def unlikelihood_loss(logits, tokens, marks):
+    """Sum over marked tokens of -log(1 - p(token)) (Welleck et al. 2020, eq. 4 with the candidates
+    of §5.2). logits (B, n, V), tokens and marks (B, n). The gradient on the token's logit is p, so
+    the surest repeats are pushed hardest; 1 - p is clamped so a certain one stays finite."""
+    logp = F.log_softmax(logits.float(), -1).gather(-1, tokens[..., None]).squeeze(-1)  # (B, n)
+    one_minus_p = (-torch.expm1(logp)).clamp(min=1e-5)  # 1 - p without cancellation near p = 1
+    return -(torch.log(one_minus_p) * marks).sum()
 
 
 def shared_prefix(arms, ab, seed):
@@ -276,6 +376,31 @@ def evaluate_arm(tr, tok, tasks, train_grams, ab, seed):
     return res
 
 
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(tokens, n):
+    """Unique n-grams / all n-grams (Li et al. 2016); 1 = no n-gram occurs twice."""
+    grams = ngrams(tokens, n)
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def seq_rep_n(tokens, n=4):
+    """Share of n-grams that repeat an earlier one (Welleck et al. 2020): 1 - distinct-n."""
+    return 1.0 - distinct_n(tokens, n)
+
+
+def has_loop(tokens, n=8):
+    """A loop: some n-gram starting in the second half of `tokens` already occurred earlier."""
+    seen, half = set(), len(tokens) // 2
+    for i, g in enumerate(ngrams(tokens, n)):
+        if i >= half and g in seen:
+            return True
+        seen.add(g)
+    return False
+
+
 def ngram_hashes(tokens, n):
     """(len - n + 1,) uint64 hashes of every n-gram of a token sequence (polynomial, wrapping)."""
     t = np.asarray(tokens, dtype=np.uint64)
@@ -307,7 +432,7 @@ def table(out):
     base = "supervised"
     head = "| metric | real text | " + " | ".join(arms) + " | " + " | ".join(f"Δ {a} (paired)" for a in arms if a != base) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(arms) - 1)]
-    for k in ["steps", "selfplay_steps", "seconds", "s_per_sup_step", "s_per_sp_step"] + METRICS:
+    for k in ["steps", "selfplay_steps", "plateau_step", "kept_step", "seconds", "s_per_sup_step", "s_per_sp_step"] + METRICS:
         real = next((f"{np.mean([s['real'][r] for s in seeds]):.4f}" for r in seeds[0]["real"] if k.endswith(r)), "")
         vals = {a: [s["arms"][a].get(k) for s in seeds] for a in arms}
         cells = [pm(vals[a]) for a in arms]

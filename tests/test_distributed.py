@@ -29,7 +29,8 @@ FLAGS = [a for k, v in OPTS.items() for a in (f"--{k.replace('_', '-')}", str(v)
 
 # cli.py under torchrun, with two instruments for the tests, each switched on by a variable:
 # AZR_TEST_WRITES=DIR logs what this rank writes (Python's audit events, PEP 578) to DIR/rankN.log;
-# AZR_TEST_FAULT=kill:R:S or raise:R:S makes rank R die by SIGKILL, or raise, at its step S.
+# AZR_TEST_FAULT=kill:R:S or raise:R:S makes rank R die by SIGKILL, or raise, at its step S;
+# AZR_TEST_WEIGHTS=DIR saves each rank's weights at the end of its run to DIR/rankN.pt.
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
@@ -63,6 +64,14 @@ if os.environ.get("AZR_TEST_FAULT"):
             raise RuntimeError(f"rank {rank} fails on purpose at step {at}")
         return train_step(self)
     azr_trainer.Trainer.train_step = faulty_step
+if os.environ.get("AZR_TEST_WEIGHTS"):  # every rank saves its weights at the end of its run
+    import torch
+    run = azr_trainer.Trainer.run
+    def run_and_save(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        torch.save(self.model.state_dict(), os.path.join(os.environ["AZR_TEST_WEIGHTS"], f"rank{rank}.pt"))
+        return out
+    azr_trainer.Trainer.run = run_and_save
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -174,11 +183,21 @@ def test_a_two_process_run_killed_on_one_rank_resumes_bit_for_bit(two_ranks, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_self_play_refuses_to_run_on_several_processes(monkeypatch):
-    monkeypatch.setattr(distributed, "world_size", lambda: 2)
-    with pytest.raises(ValueError, match="self-play runs in one process only"):
-        TrainConfig(selfplay_every=2).validate()
-    TrainConfig(selfplay_every=0).validate()
+def test_self_play_on_two_processes_rolls_out_apart_and_keeps_the_weights_equal(two_ranks, tmp_path):
+    """Each rank rolls out its own contexts (its own proposer RNG); the self-play gradients are
+    averaged, so after the run both ranks hold the same weights. Without the average they would
+    part at the first self-play step (keep-best off: rank 0 alone would go back to a best)."""
+    store, _, _ = two_ranks
+    store.create_model("sp", tiny_config())
+    out = torchrun(tmp_path, store.home, "train", "sp", "--book", "book", *FLAGS, "--selfplay-every", "2",
+                   "--selfplay-start", "0", "--no-keep-best", AZR_TEST_WEIGHTS=str(tmp_path))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [r["step"] for r in store.metrics("sp") if "selfplay" in r] == list(range(2, 13, 2))
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    tensors, meta = load_tensors(store.checkpoint_dir("sp") / "step_00000008.safetensors")
+    assert "selfplay" in meta and "selfplay1" in meta  # each rank's proposer, for an exact resume
+    assert not torch.equal(tensors["selfplay.rng"], tensors["selfplay1.rng"])
 
 
 def test_resuming_on_another_number_of_processes_says_it_is_not_bit_exact(two_ranks):

@@ -1,19 +1,24 @@
-"""Self-play: the repetition marker and its book allowance, the losses, the loop detector, the
-proposer, blocked rollouts, one step through the narrow interface, exact resume, the trainer."""
+"""Self-play: the repetition marker and its book allowance, the loss, the proposer, blocked
+rollouts, one step through the narrow interface, exact resume, and in the trainer: the plateau
+switch, keep-best by greedy repeats, resume across the switch."""
 
 import copy
 from collections import Counter
+from dataclasses import fields
 
 import numpy as np
 import pytest
 import torch
 
+import azr_trainer
+import config
+from azr_trainer import STOP_RISE, TrainConfig, kept_better, selfplay_due
 from conftest import quick_train_config, tiny_config
 from generate import rollouts
 from model import GPT
 from runs import resume, train
-from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, has_loop, learnability,
-                      mark_repeats, pair_loss, unlikelihood_loss)
+from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, learnability, mark_repeats,
+                      pair_loss)
 
 # ----------------------------------------------------------------------------- marking
 
@@ -41,25 +46,6 @@ def test_book_allowance_matches_counting_every_window():
         for g, k in Counter(tuple(int(t) for t in data[i:i + n]) for i in range(s, s + window - n + 1)).items():
             best[g] = max(best.get(g, 0), k - 1)
     assert book_allowance(data, n, window) == {g: k for g, k in best.items() if k > 0}
-
-
-def test_has_loop_looks_for_an_old_8gram_in_the_second_half():
-    assert has_loop(list(range(10)) * 2)
-    assert not has_loop(list(range(20)))
-    assert not has_loop(list(range(8)) * 2 + list(range(100, 120)))  # the repeat is in the first half
-
-
-# ----------------------------------------------------------------------------- the loss
-
-
-def test_unlikelihood_loss_is_minus_log_one_minus_p_on_marked_tokens_only():
-    logits = torch.log(torch.tensor([[[0.5, 0.25, 0.25], [0.9, 0.05, 0.05]]]))  # (1, 2, 3)
-    tokens, marks = torch.tensor([[0, 0]]), torch.tensor([[True, False]])
-    assert unlikelihood_loss(logits, tokens, marks).item() == pytest.approx(-np.log(0.5))
-    logits.requires_grad_(True)
-    unlikelihood_loss(logits, tokens, torch.tensor([[True, True]])).backward()
-    assert logits.grad[0, :, 0].gt(0).all()  # gradient descent lowers the marked token's logit
-    assert logits.grad[0, 1].abs().sum() > logits.grad[0, 0].abs().sum()  # p = 0.9 is pushed harder
 
 
 # ----------------------------------------------------------------------------- the proposer
@@ -113,22 +99,22 @@ def test_a_step_logs_its_numbers_and_changes_the_weights():
     h = Harness()
     before = copy.deepcopy(h.model.state_dict())
     m = h.sp.step()
-    for key in ("sp_loss", "repeat_rate", "looping", "buffer_size", "from_buffer", "learnability", "grad_norm"):
+    for key in ("sp_loss", "repeat_rate", "reward", "looping", "buffer_size", "from_buffer", "learnability", "grad_norm"):
         assert np.isfinite(m[key]), key
     assert m["repeat_rate"] > 0 and m["sp_loss"] > 0  # an untrained model wants to repeat itself
+    assert m["reward"] == pytest.approx(1 - m["repeat_rate"])
     ex = m["example"]  # ... but the blocked rollout does not, and says what it pushed down
     assert not any(mark_repeats(ex["tokens"], 4, {})) and any(w >= 0 for w in ex["pushed_down"])
     assert any(not torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
 
 
-@pytest.mark.parametrize("cfg", [dict(), dict(loss="ul")])
-def test_resume_from_state_continues_bit_for_bit(cfg):
-    a = Harness(**cfg)
+def test_resume_from_state_continues_bit_for_bit():
+    a = Harness()
     for _ in range(3):
         a.sp.step()
     saved = (copy.deepcopy(a.model.state_dict()), copy.deepcopy(a.opt.state_dict()), a.sp.state())
     rest = [a.sp.step() for _ in range(3)]
-    b = Harness(seed=1, **cfg)  # other weights and RNGs: everything must come from the saved state
+    b = Harness(seed=1)  # other weights and RNGs: everything must come from the saved state
     b.model.load_state_dict(saved[0])
     b.opt.load_state_dict(saved[1])
     b.sp.load_state(*saved[2])
@@ -205,3 +191,111 @@ def test_selfplay_waits_for_its_start(store, book):
     store.create_model("m", tiny_config())
     train(store, "m", [book], quick_train_config(steps=10, selfplay_every=2, selfplay_start=0.5))
     assert [r["step"] for r in store.metrics("m") if "selfplay" in r] == [6, 8, 10]
+
+
+def test_greedy_repeats_is_the_share_of_plain_greedy_tokens_that_repeat():
+    h = Harness()
+    val = np.random.default_rng(1).integers(0, 512, 500).astype(np.uint16)
+    r = h.sp.greedy_repeats(val)
+    assert 0 < r < 1 and r == h.sp.greedy_repeats(val)  # an untrained model loops; no RNG involved
+    assert h.model.training
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+def test_selfplay_is_due_in_the_tail_every_n_steps_and_never_when_off():
+    tc = TrainConfig(steps=100, selfplay_every=3, selfplay_start=0.8)
+    assert [s for s in range(1, 101) if selfplay_due(s, tc)] == [81, 84, 87, 90, 93, 96, 99]
+    assert not any(selfplay_due(s, TrainConfig(steps=100, selfplay_every=0)) for s in range(1, 101))
+
+
+def test_keep_best_prefers_fewer_repeats_within_the_tolerance():
+    best = 2.0
+    kept = [2.0, 100, 0.30]
+    assert kept_better([2.0 * (1 + STOP_RISE) - 1e-6, 200, 0.10], kept, best)  # within 1 %, loops less
+    assert not kept_better([2.0 * (1 + STOP_RISE) + 1e-6, 200, 0.0], kept, best)  # loops never, but too far
+    assert not kept_better([2.01, 200, 0.31], kept, best)  # within, but loops more
+    assert kept_better([1.9, 300, 0.50], kept, 1.9)  # a new best pushes the kept one out of the tolerance
+    assert kept_better([1.9, 300, None], [2.0, 100, None], 1.9)  # self-play off: the best, as always
+    assert not kept_better([2.05, 300, None], [2.0, 100, None], 2.0)
+
+
+def fake_curve(monkeypatch, curve, repeats):
+    """Trainer.evaluate answers from a hand-made curve: {step: val_bpb} and {step: greedy_repeats}."""
+    def evaluate(self, max_windows=None):
+        return {"val_bpb": curve[self.step], "greedy_repeats": repeats[self.step]}
+    monkeypatch.setattr(azr_trainer.Trainer, "evaluate", evaluate)
+
+
+# val falls to 2.00 at step 4, then climbs more than 1 % for 3 evaluations: the plateau at step 10
+CURVE = {2: 2.5, 4: 2.0, 6: 2.1, 8: 2.1, 10: 2.1, 12: 2.015, 14: 2.005, 16: 2.3, 18: 2.3, 20: 2.3}
+REPEATS = {2: 0.5, 4: 0.4, 6: 0.4, 8: 0.4, 10: 0.4, 12: 0.1, 14: 0.2, 16: 0.0, 18: 0.0, 20: 0.0}
+
+
+def test_a_plateau_switches_the_run_into_selfplay_and_keep_best_weighs_repeats(store, book, monkeypatch):
+    fake_curve(monkeypatch, CURVE, REPEATS)
+    events = []
+    store.create_model("m", tiny_config())
+    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, selfplay_every=3, selfplay_start=1.0)
+    out = train(store, "m", [book], tc, on_event=events.append)
+    rows = {r["step"]: r for r in store.metrics("m")}
+    assert all("loss" in rows[s] and "selfplay" not in rows[s] for s in range(1, 11))  # supervised until the plateau
+    assert all("loss" not in rows[s] and "selfplay" in rows[s] for s in range(11, 17))  # then self-play only
+    assert any(e["type"] == "info" and "plateau at step 10" in e["message"] for e in events)
+    # 16, 18, 20 are 3 evaluations over 1 % above the best after the switch: the run ends there,
+    # on step 12's weights: within 1 % of the best (2.0) and the fewest repeats (14 is closer, loops more)
+    assert out["step"] == 20 and out["best"] == [2.015, 12]
+    assert rows[11]["lr"] == azr_trainer.lr_at(10, tc)
+
+
+def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):
+    fake_curve(monkeypatch, CURVE, REPEATS)
+    seen = []
+    switch = azr_trainer.Trainer.switch_to_selfplay
+
+    def spy(self):
+        kept, meta = azr_trainer.load_tensors(self.ckpt_dir / "best.safetensors")
+        last = {k: v.clone() for k, v in azr_trainer.trained_weights(self.model).items()}
+        switch(self)
+        now = azr_trainer.trained_weights(self.model)
+        seen.append((meta["step"], all(torch.equal(now[k], kept[k]) for k in kept),
+                     any(not torch.equal(now[k], last[k]) for k in kept)))
+    monkeypatch.setattr(azr_trainer.Trainer, "switch_to_selfplay", spy)
+    store.create_model("m", tiny_config())
+    train(store, "m", [book], quick_train_config(steps=40, eval_every=2, selfplay_every=3, selfplay_start=1.0))
+    assert seen == [(4, True, True)]  # step 4's weights, not step 10's
+
+
+def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
+    """Stop at step 13, after the switch at 10, and resume: every later row is the same."""
+    fake_curve(monkeypatch, CURVE, REPEATS)
+    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, selfplay_every=3, selfplay_start=1.0)
+    store.create_model("whole", tiny_config())
+    train(store, "whole", [book], tc)
+    store.create_model("split", tiny_config())
+    (store.model_dir("split") / "tokenizer.json").write_bytes((store.model_dir("whole") / "tokenizer.json").read_bytes())
+    seen = []
+    out = train(store, "split", [book], tc, on_event=seen.append,
+                should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 13)
+    assert out["status"] == "stopped" and out["step"] == 13
+    assert resume(store, "split")["step"] == 20
+
+    def rows(name):
+        return {r["step"]: (r.get("loss"), r.get("selfplay")) for r in store.metrics(name)}
+    assert rows("split") == rows("whole")
+    a, b = store.load_model("split").state_dict(), store.load_model("whole").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_and_api_defaults_are_trainconfigs():
+    """Whatever the default of self-play is, the CLI and the API take it from TrainConfig."""
+    import cli
+    import server
+    args = cli.build_parser().parse_args(["train", "m", "--book", "b"])
+    assert TrainConfig.from_dict(cli.given(args, TrainConfig)) == TrainConfig()
+    body = server.TrainRequest(model="m")
+    for name in ("selfplay_every", "selfplay_start", "patience", "keep_best", "minutes"):
+        assert getattr(body, name) == getattr(TrainConfig(), name), name
+    field = next(f for f in fields(TrainConfig) if f.name == "selfplay_every")
+    assert f"default {TrainConfig().selfplay_every})" in config.help_text(field)
