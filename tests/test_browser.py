@@ -4,6 +4,7 @@ server process. Create a model, upload a book, train, watch the chart, generate,
 A screenshot of each tab goes to a temp folder (or to $AZR_SCREENSHOTS, to look at them)."""
 
 import os
+import time
 import zipfile
 from pathlib import Path
 
@@ -29,17 +30,42 @@ def server(tmp_path):
     proc.wait(10)
 
 
+# 4xx answers the page asks for and handles: a bad config while typing, the time probe while a job
+# runs, the self-play rollout before the first self-play step. Any other 4xx, a 5xx, a failed asset
+# (a missing favicon) or a console error fails the test.
+EXPECTED_4XX = {("/estimate", 400), ("/step_time", 409), ("/selfplay_example", 404)}
+
+
 @pytest.fixture
 def page(tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        errors = []
+        errors, bad = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        # a failed request is logged as "Failed to load resource": judged by its answer below
+        page.on("console", lambda m: m.type == "error" and "Failed to load resource" not in m.text
+                and errors.append(m.text))
+        page.on("response", lambda r: r.status >= 400 and bad.append((r.url, r.status)))
         yield page
         browser.close()
         assert errors == [], f"JavaScript errors on the page: {errors}"
+        unexpected = [(url, status) for url, status in bad
+                      if not any(url.split("?")[0].endswith(p) and status == s for p, s in EXPECTED_4XX)]
+        assert unexpected == [], f"failed requests: {unexpected}"
+
+
+def module_value(page, module, expr):
+    """`expr` about the page's ES module static/`module` (bound as m): the same instance the page runs."""
+    return page.evaluate(f"async () => {{ const m = await import('/static/{module}'); return {expr}; }}")
+
+
+def wait_for_module(page, module, expr, timeout_s=30):
+    deadline = time.time() + timeout_s
+    while not module_value(page, module, expr):
+        assert time.time() < deadline, f"timed out waiting for {module}: {expr}"
+        page.wait_for_timeout(100)
 
 
 def test_create_upload_train_generate_download(server, page, tmp_path, book_text):
@@ -89,7 +115,8 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.reload()  # the job lives in the server, not in the tab: the reloaded page finds it
     assert page.is_visible("#tab-training")
     page.wait_for_selector("#job-state.done", timeout=120_000)
-    page.wait_for_function("charts[0].series[0].points.length === 60 && charts[1].series[0].points.length === 6")
+    wait_for_module(page, "progress.js", "m.charts[0].series[0].points.length === 60 && "
+                                         "m.charts[1].series[0].points.length === 6")
     assert "done" in page.text_content("#train-log")
     page.screenshot(path=str(shots / "3-training.png"), full_page=True)
 
@@ -128,7 +155,7 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
     page.select_option("#arena-form [name=adapter_b]", "poems")
     page.select_option("#arena-form [name=book]", "example")
     page.click("#arena-form button[type=submit]")
-    page.wait_for_selector("#arena-out:has-text('bits/byte on example')")
+    page.wait_for_selector("#arena-out:has-text('bits per byte on example')")
     page.screenshot(path=str(shots / "5-models.png"), full_page=True)
     for where, label, filename, inside in [
             ("#models-table", "this app's zip", "web.zip", "web/model.safetensors"),
@@ -177,6 +204,7 @@ def test_docs_work_without_the_internet(server, page):
 def test_the_stream_reader_skips_keep_alive_pings(server, page):
     page.goto(server)
     seen = page.evaluate("""async () => {
+        const {readEvents} = await import("/static/api.js");
         const seen = [];
         const body = ': ping\\n\\ndata: {"text": "a"}\\n\\n: ping\\n\\nevent: done\\ndata: {"tokens": 1}\\n\\n';
         await readEvents(new Response(body), (type, data) => seen.push([type, data]));
