@@ -62,7 +62,9 @@ $("#upload-form").addEventListener("submit", async ev => {
   const form = ev.target, msg = $("#upload-msg"), bar = $("#upload-progress");
   const file = form.elements.file.files[0], limit = PAGE.max_upload_bytes;
   if (!file) return say(msg, "choose a file first", "error");
-  if (file.size > limit) return say(msg, `${file.name} is ${fmt.bytes(file.size)}; the upload limit is ${fmt.bytes(limit)}`, "error");
+  if (file.size > limit) {
+    return say(msg, `${file.name} is ${fmt.bytes(file.size)}; the upload limit is ${fmt.bytes(limit)}`, "error");
+  }
   bar.hidden = false;
   bar.value = 0;
   say(msg, `uploading ${file.name}…`, "muted");

@@ -87,7 +87,7 @@ export class LineChart {
     for (const x of ticks(xr[0], xr[1], 6, 1)) ctx.fillText(fmtTick(x), sx(x), box.bottom + 16);  // steps are whole
     ctx.textAlign = "left";
     ctx.strokeStyle = "#999";
-    ctx.beginPath(); ctx.moveTo(box.left, box.top); ctx.lineTo(box.left, box.bottom); ctx.lineTo(box.right, box.bottom); ctx.stroke();
+    axesLines(ctx, box);
   }
 
   _line(ctx, s, sx, sy, box) {
@@ -151,7 +151,7 @@ export function histogram(canvas, {title = "", counts, lo, hi, marks = [], color
   });
   ctx.textAlign = "left";
   ctx.strokeStyle = "#999";
-  ctx.beginPath(); ctx.moveTo(box.left, box.top); ctx.lineTo(box.left, box.bottom); ctx.lineTo(box.right, box.bottom); ctx.stroke();
+  axesLines(ctx, box);
 }
 
 // Points with a colour each; the first `labelled` get their label drawn, hovering any shows its tip.
@@ -215,6 +215,15 @@ export class ScatterPlot {
   }
 }
 
+// the y axis and the x axis: two lines along the box's left and bottom edges
+function axesLines(ctx, box) {
+  ctx.beginPath();
+  ctx.moveTo(box.left, box.top);
+  ctx.lineTo(box.left, box.bottom);
+  ctx.lineTo(box.right, box.bottom);
+  ctx.stroke();
+}
+
 // Words over as many lines of at most `width` pixels as they need, from (x, y) down.
 function wrapText(ctx, text, x, y, width) {
   let line = "";
@@ -255,7 +264,9 @@ function ticks(lo, hi, n, minStep = 0) {
   const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = Math.max(minStep, [1, 2, 5, 10].map(m => m * mag).find(s => s >= raw));
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+    out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  }
   return out;
 }
 

@@ -42,11 +42,13 @@ function showEstimate(e) {
   fieldError(null);
   out.className = "estimate";
   out.replaceChildren(
-    el("strong", {}, `${fmt.params(e.params)} parameters`), ` (${fmt.int(e.params)}) · memory for training at its peak ≈ `,
+    el("strong", {}, `${fmt.params(e.params)} parameters`),
+    ` (${fmt.int(e.params)}) · memory for training at its peak ≈ `,
     el("strong", {}, fmt.bytes(m.total)),
-    ` at batch ${e.batch_size}: weights ${fmt.bytes(m.weights)} + the optimizer's running averages ${fmt.bytes(m.adam)}` +
+    ` at batch ${e.batch_size}: weights ${fmt.bytes(m.weights)} + ` +
+    `the optimizer's running averages ${fmt.bytes(m.adam)}` +
     ` (AdamW) + activations ${fmt.bytes(m.activations)} (the gradients, ${fmt.bytes(m.grads)}, come after them) · ` +
-    `${fmt.params(e.flops_per_token)} arithmetic operations per token `, el("small", {className: "sym"}, "FLOPs"));
+    `${fmt.params(e.flops_per_token)} arithmetic operations per token `, el("small", {className: "sym"}, "(FLOPs)"));
 }
 
 function estimateFailed(err) {

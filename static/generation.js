@@ -139,8 +139,9 @@ attnForm.addEventListener("submit", async ev => {
   const head = attnForm.elements.head.value;
   try {
     const a = await api("POST", "/attention", {
-      model: form.elements.model.value, adapter: form.elements.adapter.value || null, prompt: form.elements.prompt.value,
-      layer: Number(attnForm.elements.layer.value), head: head === "" ? null : Number(head)});
+      model: form.elements.model.value, adapter: form.elements.adapter.value || null,
+      prompt: form.elements.prompt.value, layer: Number(attnForm.elements.layer.value),
+      head: head === "" ? null : Number(head)});
     say($("#attn-msg"), "");
     drawAttention(a);
   } catch (err) { say($("#attn-msg"), err.message, "error"); }

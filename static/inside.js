@@ -23,8 +23,8 @@ export function lookInside(force = false) {
   const views = [["tokens", showTokens], ["next", () => nextToken.now()], ["embed", () => maps.showEmbeddings(name)]];
   for (const [view, show] of views) {
     if (m && !m.has_tokenizer) {
-      say($(`#${view}-msg`), `${name} is not trained yet: this view needs its tokenizer, which the first training run learns`,
-          "muted");
+      say($(`#${view}-msg`), `${name} is not trained yet: this view needs its tokenizer, which the first ` +
+          "training run learns", "muted");
     } else show();
   }
   maps.showNF4(name);
@@ -66,15 +66,17 @@ function chunk(t, i) {
 }
 
 function bookNumbers(b) {
-  return el("p", {}, `The whole book "${b.name}": ${fmt.int(b.n_tokens)} tokens, ${b.bytes_per_token.toFixed(2)} bytes ` +
-    `per token. Its ${b.common_tokens} most common tokens make up `, el("strong", {}, fmt.pct(b.common_share)),
+  return el("p", {}, `The whole book "${b.name}": ${fmt.int(b.n_tokens)} tokens, ` +
+    `${b.bytes_per_token.toFixed(2)} bytes per token. Its ${b.common_tokens} most common tokens make up `,
+    el("strong", {}, fmt.pct(b.common_share)),
     " of it. The most common: ",
     ...b.commonest.flatMap(([t, share]) => [el("code", {className: "pill"}, `${visible(t)} ${fmt.pct(share)}`), " "]));
 }
 
 function tokensPanel(name, v) {
   const merge = m => el("li", {}, el("code", {}, visible(m.left)), " + ", el("code", {}, visible(m.right)), " → ",
-                        el("code", {}, visible(m.result)), el("small", {className: "muted"}, ` merge #${fmt.int(m.rank)}`));
+                        el("code", {}, visible(m.result)),
+                        el("small", {className: "muted"}, ` merge #${fmt.int(m.rank)}`));
   return el("div", {className: "side"},
     el("h4", {}, `${name}'s tokenizer (${fmt.int(v.vocab_size)} tokens)`),
     el("div", {className: "chunks"}, ...v.tokens.map(chunk)),
@@ -103,7 +105,8 @@ function askNextToken() {
 // one next-token candidate: its two probabilities as bars, scaled so the longest bar (`top`) fills the row
 function bar(t, top) {
   const title = `token id ${t.id}, the model's #${t.rank + 1}` + (t.seen ? ", already in the prompt" : "");
-  const fate = t.cut ? `never (${t.cut === "greedy" ? "greedy takes the likeliest" : "cut by " + t.cut})` : pct(t.p_sample);
+  const why = t.cut === "greedy" ? "greedy takes the likeliest" : "cut by " + t.cut;
+  const fate = t.cut ? `never (${why})` : pct(t.p_sample);
   return el("div", {className: "bar-row" + (t.cut ? " cut" : "")},
     el("code", {className: "bar-label", title}, visible(t.text)),
     el("div", {className: "bar"}, el("span", {className: "p-model", style: `width:${100 * t.p / top}%`}),

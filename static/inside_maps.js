@@ -18,7 +18,8 @@ const TOKEN_KINDS = [
   ["space or new line", "#9aa1ad", t => /^\s+$/.test(t)],
   ["punctuation, digits, other", "#e0742b", () => true],
 ];
-export const embedPlot = new ScatterPlot($("#embed-canvas"), {legend: TOKEN_KINDS.map(([label, color]) => ({label, color}))});
+export const embedPlot = new ScatterPlot($("#embed-canvas"),
+                                         {legend: TOKEN_KINDS.map(([label, color]) => ({label, color}))});
 const embedForm = $("#embed-form");
 
 export function fillVersionSelect(model) {
@@ -35,9 +36,11 @@ export async function showEmbeddings(model) {
   try {
     const v = await api("GET", "/inside/embeddings?" + q);
     say($("#embed-msg"), "");
-    embedPlot.title = `${v.model}, ${v.version || "current weights"}: the ${v.points.length} most common tokens of "${v.book}"`;
+    embedPlot.title = `${v.model}, ${v.version || "current weights"}: ` +
+                      `the ${v.points.length} most common tokens of "${v.book}"`;
     embedPlot.points = v.points.map(p => ({x: p.x, y: p.y, label: visible(p.text),
-      color: TOKEN_KINDS.find(k => k[2](p.text))[1], tip: `${visible(p.text)} · id ${p.id} · ${fmt.int(p.count)} times in the book`}));
+      color: TOKEN_KINDS.find(k => k[2](p.text))[1],
+      tip: `${visible(p.text)} · id ${p.id} · ${fmt.int(p.count)} times in the book`}));
     embedPlot.draw();
     $("#embed-info").textContent = `Each dot is one token's ${v.d_model}-number embedding; the horizontal axis holds ` +
       `${fmt.pct(v.explained[0])} of their variance, the vertical ${fmt.pct(v.explained[1])}. The 40 most common are ` +
@@ -70,7 +73,8 @@ export function drawNF4() {
     counts: v.histogram, lo: -1, hi: 1, marks: v.levels.map((x, i) => ({x, label: fmt.pct(v.level_share[i], 0)}))});
   const m = v.whole_model, row = (...cells) => el("tr", {}, ...cells.map((c, i) => el(i % 2 ? "td" : "th", {}, c)));
   $("#nf4-numbers").replaceChildren(
-    row("reconstruction error (this layer)", `RMSE ${v.rmse.toExponential(2)} · ${fmt.pct(v.rel_frobenius)} of the weights' norm`,
+    row("reconstruction error (this layer)",
+        `RMSE ${v.rmse.toExponential(2)} · ${fmt.pct(v.rel_frobenius)} of the weights' norm`,
         "bits per weight", `${v.bits_per_weight.toFixed(3)} (4 for the level + the block's scale)`),
     row("this layer's memory", `${fmt.bytes(v.bytes_before)} → ${fmt.bytes(v.bytes_after)}`,
         `whole model, its ${m.quantized_layers} linear layers in NF4`,
@@ -80,8 +84,10 @@ export function drawNF4() {
 // --- runs: every run of one or two models on one chart, with the settings that set them apart
 
 const RUN_COLOURS = ["#2a6fdb", "#e0742b", "#1f9d55", "#7b3fb5", "#c0392b", "#0e9aa7", "#b5651d", "#6b7280"];
-export const runCharts = [new LineChart($("#runs-loss"), {title: "Loss on training text, lower is better (nats per token)"}),
-                          new LineChart($("#runs-bpb"), {title: "Held-out bits per byte, lower is better"})];
+export const runCharts = [
+  new LineChart($("#runs-loss"), {title: "Loss on training text, lower is better (nats per token)"}),
+  new LineChart($("#runs-bpb"), {title: "Held-out bits per byte, lower is better"}),
+];
 
 export async function showRuns(names) {
   const q = new URLSearchParams();
@@ -105,13 +111,15 @@ function renderRunsTable(runs, series) {
   const value = (r, k) => JSON.stringify(r.config ? r.config[k] : undefined);
   const keys = [...new Set(runs.flatMap(r => Object.keys(r.config || {})))];
   const differs = new Set(keys.filter(k => new Set(runs.map(r => value(r, k))).size > 1));
-  const changed = (r, k) => differs.has(k) || (k in PAGE.train && value(r, k) !== JSON.stringify(PAGE.train[k].default));
-  const settings = r => !r.config ? ["(not recorded)"]
-    : keys.filter(k => changed(r, k)).map(k => el(differs.has(k) ? "strong" : "span", {}, `${k}=${r.config[k] ?? "none"} `));
+  const isDefault = (r, k) => k in PAGE.train && value(r, k) === JSON.stringify(PAGE.train[k].default);
+  const changed = (r, k) => differs.has(k) || (k in PAGE.train && !isDefault(r, k));
+  const setting = (r, k) => el(differs.has(k) ? "strong" : "span", {}, `${k}=${r.config[k] ?? "none"} `);
+  const settings = r => !r.config ? ["(not recorded)"] : keys.filter(k => changed(r, k)).map(k => setting(r, k));
   const td = (text, className = "") => el("td", {className}, text);
   $("#runs-table").replaceChildren(
     el("tr", {}, ...["", "model", "run", "date", "status", "steps", "books", "best held-out bits per byte",
-                     "settings changed from the defaults (bold: differs between these runs)"].map(h => el("th", {}, h))),
+                     "settings changed from the defaults (bold: differs between these runs)"]
+      .map(h => el("th", {}, h))),
     ...runs.map((r, i) => el("tr", {},
       td(el("span", {className: "swatch", style: `background:${series[i].color}`})), td(r.model, "name"),
       td(el("code", {}, r.run || "–")), td(r.date ? r.date.replace("T", " ").slice(0, 16) : "–", "name"),

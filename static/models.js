@@ -12,14 +12,16 @@ const MODEL_FORMATS = [["native", "this app's zip"], ["hf", "Hugging Face folder
 const ADAPTER_FORMATS = [["native", "this app's zip"], ["peft", "PEFT folder (zip)"]];
 
 function downloadLinks(url, formats) {
-  const links = formats.map(([f, label]) => el("a", {href: `${url}?format=${f}`, download: "", className: "download"}, label));
+  const links = formats.map(([f, label]) =>
+    el("a", {href: `${url}?format=${f}`, download: "", className: "download"}, label));
   return el("span", {className: "downloads"}, "Download as: ", ...links.flatMap((a, i) => i ? [" · ", a] : [a]));
 }
 
 // a model's parent: another model, or a model + adapter it was merged from
 const parentName = p => (!p ? "–" : typeof p === "string" ? p : `${p.model} + ${p.adapter}`);
 
-const deleteButton = name => el("button", {type: "button", className: "danger", onclick: () => deleteModel(name)}, "Delete");
+const deleteButton = name =>
+  el("button", {type: "button", className: "danger", onclick: () => deleteModel(name)}, "Delete");
 
 function renderModelsTable() {
   const rows = lists.models.map(m => el("tr", {},
@@ -28,7 +30,8 @@ function renderModelsTable() {
     el("td", {className: "num"}, fmt.int(m.steps)), el("td", {className: "num"}, fmt.num(m.best_val_bpb)),
     el("td", {className: "name"}, parentName(m.parent)), el("td", {}, m.books.map(b => b.name).join(", ") || "–"),
     el("td", {className: "num"}, String(m.versions.length)),
-    el("td", {className: "actions"}, downloadLinks(path("download_model", m.name), MODEL_FORMATS), deleteButton(m.name))));
+    el("td", {className: "actions"}, downloadLinks(path("download_model", m.name), MODEL_FORMATS),
+       deleteButton(m.name))));
   rows.push(...lists.damaged.map(m => el("tr", {className: "damaged"},
     el("td", {className: "name"}, m.name), el("td", {colSpan: 7, className: "msg error"}, "damaged: " + m.damaged),
     el("td", {className: "actions"}, deleteButton(m.name)))));
@@ -57,7 +60,8 @@ function adaptersTable(m) {
     cells("th", "adapter", "rank r / alpha", "layers", "trainable", "steps", "best bits per byte", ""),
     ...m.adapters.map(a => el("tr", {}, el("td", {className: "name"}, a.name),
       el("td", {className: "name"}, `${a.lora.r} / ${a.lora.alpha}${a.lora.nf4 ? " · NF4" : ""}`),
-      el("td", {}, a.lora.targets.join(", ")), el("td", {className: "num"}, a.params ? fmt.params(a.params.trainable) : "–"),
+      el("td", {}, a.lora.targets.join(", ")),
+      el("td", {className: "num"}, a.params ? fmt.params(a.params.trainable) : "–"),
       el("td", {className: "num"}, fmt.int((a.run || {}).steps ?? 0)),
       el("td", {className: "num"}, fmt.num((a.run || {}).best_val_bpb)), actions(a))));
 }
@@ -67,12 +71,13 @@ async function showModel(name) {
   try {
     const m = await api("GET", path("models", name));
     const cfg = Object.entries(m.config).map(([k, v]) => `${k}=${v}`).join(" · ");
-    const run = r => el("li", {}, `${r.date}: ${r.status}, ${fmt.int(r.steps)} steps on ${r.books.map(b => b.name).join(", ")}` +
-      (r.selfplay_every ? `, self-play every ${r.selfplay_every}` : ""));
+    const run = r => el("li", {}, `${r.date}: ${r.status}, ${fmt.int(r.steps)} steps on ` +
+      r.books.map(b => b.name).join(", ") + (r.selfplay_every ? `, self-play every ${r.selfplay_every}` : ""));
+    const runs = m.runs.length ? m.runs.map(run) : [el("li", {className: "muted"}, "never trained")];
     box.replaceChildren(
       el("h3", {}, m.name), el("p", {className: "muted"}, `created ${m.created} · ${cfg}`),
       el("h4", {}, "Versions"), versionsTable(m),
-      el("h4", {}, "Runs"), el("ul", {}, ...(m.runs.length ? m.runs.map(run) : [el("li", {className: "muted"}, "never trained")])),
+      el("h4", {}, "Runs"), el("ul", {}, ...runs),
       el("h4", {}, "LoRA adapters"), adaptersTable(m));
     box.hidden = false;
   } catch (err) { say(msg(), err.message, "error"); }
@@ -86,7 +91,8 @@ async function changed(text, name) {
 }
 
 async function rollback(name, version) {
-  if (!confirm(`Make ${version} the current weights of ${name}? The current weights are replaced (saved versions stay).`)) return;
+  const ask = `Make ${version} the current weights of ${name}? The current weights are replaced (saved versions stay).`;
+  if (!confirm(ask)) return;
   try {
     await api("POST", path("models", name, "rollback"), {version});
     await changed(`${name} is now at ${version}`, name);
@@ -94,7 +100,8 @@ async function rollback(name, version) {
 }
 
 async function mergeAdapter(name, adapter) {
-  const out = prompt(`Name of the new model (${name} with adapter ${adapter} merged into its weights):`, `${name}-${adapter}`);
+  const out = prompt(`Name of the new model (${name} with adapter ${adapter} merged into its weights):`,
+                     `${name}-${adapter}`);
   if (!out) return;
   try {
     await api("POST", "/merge", {model: name, adapter, out});
@@ -142,7 +149,8 @@ arena.addEventListener("submit", async ev => {
 function arenaSide(r, s, prompt) {
   const me = r[s], other = r[s === "a" ? "b" : "a"], less = me.repeats < other.repeats;
   return el("div", {className: "panel" + (less ? " wins" : "")},
-    el("h4", {}, me.model + (me.adapter ? " + " + me.adapter : ""), less ? el("span", {className: "badge done"}, "loops less") : null),
+    el("h4", {}, me.model + (me.adapter ? " + " + me.adapter : ""),
+       less ? el("span", {className: "badge done"}, "loops less") : null),
     me.bits_per_byte != null ? el("p", {}, el("strong", {}, fmt.num(me.bits_per_byte)),
                                   ` bits per byte on ${r.book} (lower is better)`) : null,
     el("p", {}, el("strong", {}, fmt.pct(me.repeats)), " of its 4-token pieces repeat an earlier one ",
@@ -150,8 +158,6 @@ function arenaSide(r, s, prompt) {
     el("pre", {className: "text"}, el("span", {className: "prompt"}, prompt), me.text));
 }
 
-onModels(() => {
-  renderModelsTable();
-  setDefault(arena.elements.prompt, bookLine(arena.elements.model_a.value));
-});
-arena.elements.model_a.addEventListener("change", () => setDefault(arena.elements.prompt, bookLine(arena.elements.model_a.value)));
+const arenaPrompt = () => setDefault(arena.elements.prompt, bookLine(arena.elements.model_a.value));
+onModels(() => { renderModelsTable(); arenaPrompt(); });
+arena.elements.model_a.addEventListener("change", arenaPrompt);

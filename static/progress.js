@@ -146,9 +146,12 @@ function progressLine(job) {
   const step = fmt.int(job.step ?? 0), total = fmt.int(job.total ?? 0);
   const speed = job.tokens_per_s ? ` · ${fmt.int(Math.round(job.tokens_per_s))} tokens/s` : "";
   if (!isActive(job)) return `step ${step} / ${total}${speed}`;
-  if (!isBudget(job)) return `step ${step} / ${total}${speed}` + (job.eta_s != null ? ` · ${fmt.secs(job.eta_s)} left` : "");
+  const left = job.eta_s != null ? ` · ${fmt.secs(job.eta_s)} left` : "";
+  if (!isBudget(job)) return `step ${step} / ${total}${speed}${left}`;
   const budget = job.config.minutes * 60;
-  return (job.elapsed_s != null ? `${fmt.clock(job.elapsed_s)} / ${fmt.clock(budget)} of the time budget` : "starting") +
+  const clock = job.elapsed_s == null ? "starting"
+    : `${fmt.clock(job.elapsed_s)} / ${fmt.clock(budget)} of the time budget`;
+  return clock +
          ` · step ${step} of ≈ ${total}, projected from the speed this run measures${speed}`;
 }
 
@@ -157,8 +160,8 @@ function renderStatus(job) {
   for (const badge of [$("#job-state"), $("#job-badge")]) badge.className = "badge " + job.state;
   $("#job-state").textContent = job.state;
   $("#job-badge").textContent = idle ? "no job" : `${job.model}: ${job.state} ${job.step ?? 0}/${job.total ?? "?"}`;
-  $("#job-title").textContent = job.model ?
-    `${job.model}${job.adapter ? ", LoRA adapter " + job.adapter : ""} on ${job.books.join(", ")}` : "no training job yet";
+  const what = job.adapter ? `${job.model}, LoRA adapter ${job.adapter}` : job.model;
+  $("#job-title").textContent = job.model ? `${what} on ${job.books.join(", ")}` : "no training job yet";
   const budget = isBudget(job) && job.elapsed_s != null && active;
   $("#job-progress").value = budget ? job.elapsed_s / (job.config.minutes * 60) : job.total ? job.step / job.total : 0;
   $("#job-line").textContent = idle ? "" : progressLine(job);

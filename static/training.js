@@ -3,7 +3,7 @@
 
 import {api, path} from "./api.js";
 import {findModel, onBooks, onModels} from "./lists.js";
-import {$, $$, el, fmt, formValues, latest, say} from "./page.js";
+import {$, $$, el, fmt, formValues, latest, say, settingNames} from "./page.js";
 import {drawCharts, isActive, onJob, pollSoon, resumeJob, stopJob} from "./progress.js";
 
 const form = $("#train-form");
@@ -28,8 +28,9 @@ function requestBody() {
   if (form.elements.selfplay.checked && !every) throw new Error("self-play is on: say how often (every N steps)");
   body.selfplay_every = form.elements.selfplay.checked ? Number(every) : 0;
   if (form.elements.mode.value === "lora") {
+    const lora = ["adapter", "lora_nf4", ...settingNames($("#lora-options"))];
     Object.assign(body, {mode: "lora", lora_targets: $$("#lora-options [name=lora_targets]:checked").map(c => c.value),
-                         ...formValues(form, ["adapter", "lora_nf4", ...$$("#lora-options [data-setting]").map(i => i.name)])});
+                         ...formValues(form, lora)});
   }
   return body;
 }
@@ -77,7 +78,8 @@ function showProbe(answer) {
     ` on this machine (${per.toFixed(3)} s per step, ${e.precision}, measured without torch.compile)` +
     `${cost && ": " + cost} · torch.compile ${e.compile ? "on" : "off"}: ${e.compile_reason}` +
     " · evaluations and checkpoints add a little" +
-    (minutes > 0 ? ". Once it runs, the run times itself and fits its steps to the budget: its count replaces this one." : ""));
+    (minutes > 0 ? ". Once it runs, the run times itself and fits its steps to the budget: " +
+                   "its count replaces this one." : ""));
 }
 
 // the chosen model is training now: one number, the run's own projection (also in its status)
@@ -85,8 +87,9 @@ function showRun() {
   if (!(isActive(job) && job.model === form.elements.model.value)) return showEstimate("");
   const total = fmt.int(job.total ?? 0);
   showEstimate("", job.config.minutes
-    ? `Running: ≈ ${total} steps fit the ${job.config.minutes}-minute budget, projected from the speed this run measures.`
-    : `Running: ${total} steps` + (job.eta_s != null ? `, about ${fmt.secs(job.eta_s)} left at this run's speed.` : "."));
+    ? `Running: ≈ ${total} steps fit the ${job.config.minutes}-minute budget, ` +
+      "projected from the speed this run measures."
+    : `Running: ${total} steps` + (job.eta_s != null ? `, about ${fmt.secs(job.eta_s)} left at its speed.` : "."));
 }
 
 const estimate = latest(askProbe, {show: showProbe, fail: err => showEstimate("muted", err.message), delay: 300});
