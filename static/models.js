@@ -52,7 +52,7 @@ function versionsTable(m) {
 
 function adaptersTable(m) {
   if (!m.adapters.length) return el("p", {className: "muted"}, "none yet: Training → Fine-tune with LoRA");
-  const actions = a => el("td", {className: "actions"},
+  const actions = a => el("td", {},
     downloadLinks(path("download_adapter", m.name, a.name), ADAPTER_FORMATS), " ",
     el("button", {type: "button", onclick: () => mergeAdapter(m.name, a.name)}, "Merge into a new model"), " ",
     el("button", {type: "button", className: "danger", onclick: () => deleteAdapter(m.name, a.name)}, "Delete"));
@@ -139,8 +139,9 @@ arena.addEventListener("submit", async ev => {
   say(box, "running both models…", "muted");
   try {
     const r = await api("POST", "/arena", body);
-    say(box, body.temperature === 0 ? "greedy (temperature 0): each side takes its likeliest token, no randomness"
-                                    : `the same random seed for both: ${r.seed}`);
+    const tie = r.a.repeats === r.b.repeats ? "; both repeat themselves alike" : "";
+    say(box, (body.temperature === 0 ? "greedy (temperature 0): each side takes its likeliest token, no randomness"
+                                     : `the same random seed for both: ${r.seed}`) + tie);
     $("#arena-out").replaceChildren(...["a", "b"].map(s => arenaSide(r, s, body.prompt)));
   } catch (err) { say(box, err.message, "error"); }
 });

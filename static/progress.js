@@ -67,12 +67,12 @@ export async function pollStatus() {
       job = await api("GET", "/training_status?since=0");
     }
     renderStatus(job);
+    listeners.forEach(fn => fn(job));  // in the same moment: the form and the status never disagree
     appendLog(job.events);
     if (job.run_id && (isActive(job) || watch.metricsState !== job.state)) {
       await pollMetrics(job);  // while it runs, and once more when it ends
       watch.metricsState = job.state;
     }
-    listeners.forEach(fn => fn(job));
   } catch (err) {
     $("#job-line").textContent = "cannot reach the server: " + err.message;
   } finally {
@@ -176,19 +176,22 @@ function renderStatus(job) {
   $("#train-start").disabled = active;
   $("#train-stop").disabled = !active;
   $("#train-resume").disabled = !RESUMABLE.includes(job.state);
-  charts[2].empty = selfplayPlan(job);
+  setEmptyCharts(job);
   if (watch.state !== job.state && !active && watch.state !== "idle") refreshModels();  // new steps, versions
   watch.state = job.state;
 }
 
-// what the self-play chart waits for: self-play starts at selfplay_start of the steps, or is off
-function selfplayPlan(job) {
+// what each chart waits for, said while it is empty: the first step, the first evaluation, or
+// self-play, which starts at selfplay_start of the steps (or is off)
+function setEmptyCharts(job) {
   const c = job.config;
-  if (!c) return "no run yet";
-  if (!c.selfplay_every) return "Self-play is off for this run: nothing to show.";
+  if (!c) return charts.forEach(chart => { chart.empty = "no run yet: start one above"; });
+  charts[0].empty = "The first point comes with the first step.";
+  charts[1].empty = `The first point comes with the first evaluation, at step ${fmt.int(c.eval_every)}.`;
   const start = Math.ceil(c.selfplay_start * (job.total || c.steps));
-  return `Self-play starts at step ${fmt.int(start)} (${fmt.pct(c.selfplay_start, 0)} of the steps` +
-         `${isBudget(job) ? ", as far as the budget is projected" : ""}); until then there is nothing to show.`;
+  charts[2].empty = !c.selfplay_every ? "Self-play is off for this run: nothing to show."
+    : `Self-play starts at step ${fmt.int(start)} (${fmt.pct(c.selfplay_start, 0)} of the steps` +
+      `${isBudget(job) ? ", as far as the budget is projected" : ""}); until then there is nothing to show.`;
 }
 
 function logLine(e) {

@@ -101,6 +101,7 @@ onJob(j => {
   job = j;
   if (!picked && j.model && findModel(j.model) && form.elements.model.value !== j.model) {
     form.elements.model.value = j.model;
+    $$("#train-books input").forEach(c => { c.checked = j.books.includes(c.value); });
     estimate.now();
   } else if (isActive(j)) showRun();
   else if (isActive(was)) estimate.now();  // the run ended: the probe may time again

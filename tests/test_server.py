@@ -222,7 +222,8 @@ def test_upload_book_reports_encoding_language_and_preview(client):
     assert b["encoding"] == "cp1251" and b["language"] == "ru" and b["characters"] == len(text)
     assert b["preview"].startswith("Капитанская дочка")
     # the page's default prompt for a model of this book: its first line, as the training samples use
-    assert [(x["name"], x["first_line"]) for x in client.get("/books").json()] == [("kapitan", first_line(text))]
+    listed = [(x["name"], x["first_line"]) for x in client.get("/books").json()]
+    assert listed == [("kapitan", first_line(text))]
     assert client.get("/books/kapitan").json()["preview"] == b["preview"]
 
 
