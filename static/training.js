@@ -9,6 +9,7 @@ import {drawCharts, isActive, onJob, pollSoon, resumeJob, stopJob} from "./progr
 const form = $("#train-form");
 let picked = false;  // the user chose a model here: the job's model no longer overrides the choice
 let job = {state: "idle"};  // the latest status
+let probed = null;  // the model the estimate box speaks of
 
 // every TrainConfig field on the form (the LoRA fieldset has its own), self-play's handled apart
 const trainSettings = () => $$("[data-setting]", form).filter(i => !i.closest("#lora-options")).map(i => i.name);
@@ -43,7 +44,8 @@ form.addEventListener("submit", async ev => {
     if (!body.model) return say(msg, "create a model first", "error");
     if (!body.books.length) return say(msg, "tick at least one book", "error");
     const j = await api("POST", "/train", body);
-    say(msg, `Training started: ${j.model} on ${j.books.join(", ")} (job ${j.id})`);
+    const what = j.adapter ? `${j.model}'s LoRA adapter ${j.adapter}` : j.model;
+    say(msg, `Training started: ${what} on ${j.books.join(", ")} (job ${j.id})`);
     pollSoon();
   } catch (err) { say(msg, err.message, "error"); }
 });
@@ -62,7 +64,7 @@ function showEstimate(kind, ...content) {
 }
 
 async function askProbe() {
-  const model = form.elements.model.value;
+  const model = probed = form.elements.model.value;
   if (!model || (isActive(job) && job.model === model)) return null;  // nothing to time, or the run says it
   showEstimate("muted", "timing a few training steps on this machine…");
   const v = probeFields();
@@ -107,7 +109,10 @@ onJob(j => {
   else if (isActive(was)) estimate.now();  // the run ended: the probe may time again
 });
 
-onModels(() => { if ($("#tab-training").classList.contains("active")) estimate(); });
+// a probe trains a few steps on the server: only for a model the box has not spoken of yet
+onModels(() => {
+  if ($("#tab-training").classList.contains("active") && form.elements.model.value !== probed) estimate();
+});
 form.elements.model.addEventListener("change", () => { picked = true; estimate.now(); });
 ["steps", "minutes", "batch_size"].forEach(f => form.elements[f].addEventListener("input", () => estimate()));
 $$("[name=mode]", form).forEach(r => r.addEventListener("change", () => {
