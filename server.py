@@ -5,7 +5,7 @@
     python server.py --host 0.0.0.0 --allowed-host mybox.lan   # reachable from the LAN as mybox.lan
 
 A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
-page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
+page (templates/index.html + the ES modules in static/) that uses exactly this API; FastAPI documents every
 endpoint at /docs (Swagger UI's files come from the fastapi-offline package: no CDN). The API is
 a few routers, one per tab of the page; each handler reads its request, calls the library and
 returns what it got. Request bodies are derived from the settings dataclasses (ModelConfig,

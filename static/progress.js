@@ -128,7 +128,7 @@ async function showSelfplayExample(job) {
 const isBudget = job => Boolean(job.config && job.config.minutes);
 
 // why the run ended, in words: the job's end_reason (azr_trainer.Trainer.run) or its state
-export function endReason(job) {
+function endReason(job) {
   const n = fmt.int(job.step ?? 0), c = job.config || {};
   if (job.state === "failed") return `Failed at step ${n}: see the error below.`;
   if (job.state === "interrupted") return `The server stopped while this ran (step ${n}); Resume continues.`;
