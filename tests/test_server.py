@@ -274,7 +274,8 @@ def test_train_runs_in_the_background_and_reports_progress(client, book):
     assert job["state"] == "queued" and job["total"] == 20
     done = wait_for(client)
     assert done["state"] == "done" and done["step"] == 20 and done["error"] is None
-    assert done["val_bpb"] > 0 and done["tokens_per_s"] > 0 and done["eta_s"] == 0 and done["end_reason"] == "steps"
+    assert done["val_bpb"] > 0 and done["tokens_per_s"] > 0 and done["eta_s"] == 0
+    assert done["end_reason"] == "steps"  # why it ended, for the page: all its steps done
     events = client.get("/training_status").json()["events"]
     assert events[0]["type"] == "start" and events[-1]["type"] == "done" and "step" in {e["type"] for e in events}
     last = events[-1]["seq"]  # the log can be read incrementally
