@@ -191,10 +191,11 @@ class Trainer:
         t_start, step_start = time.time(), self.step
         budget = Budget(tc.minutes, self.run_info, self.step) if tc.minutes else None
         status = "done"
+        end_reason = "budget" if budget else "steps"  # why the run ended, for the page: or early_stop, stopped
         try:
             while self.step < self.tc.steps:
                 if should_stop and should_stop():
-                    status = "stopped"
+                    status = end_reason = "stopped"
                     if self.claimed:  # stopped before its first step: the last run stays the one to resume
                         self.save_checkpoint()
                     break
@@ -209,7 +210,8 @@ class Trainer:
                 if budget:
                     self.tc = replace(self.tc, steps=distributed.broadcast(budget.fit(self.step, self.tc.steps)))
                 row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (self.tc.steps - self.step), 1)
-                emit({"type": "step", "total": self.tc.steps, **row})
+                clock = {"elapsed_s": round(budget.elapsed(), 1), "budget_s": budget.seconds} if budget else {}
+                emit({"type": "step", "total": self.tc.steps, **row, **clock})
                 if self._evaluated(self.step) and distributed.broadcast(self.early_stop()):
                     if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
                         self.switch_to_selfplay()
@@ -220,6 +222,7 @@ class Trainer:
                     emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
                                                      f"{STOP_RISE:.0%} above its best for {tc.patience} evaluations (best "
                                                      f"{self.run_best[0]:.4f} at step {self.run_best[1]})"})
+                    end_reason = "early_stop"
                     break
                 if self.step % tc.checkpoint_every == 0 and self.step < self.tc.steps:
                     self.save_checkpoint()
@@ -235,9 +238,11 @@ class Trainer:
             raise
         finally:
             metrics.close()
-        emit({"type": status, "step": self.step, "total": self.tc.steps, "best": self.run_best})
-        return {"status": status, "step": self.step, "total": self.tc.steps, "best": self.run_best,
-                "device": str(self.device), "precision": self.precision, "compiled": self.compiled}
+        emit({"type": status, "step": self.step, "total": self.tc.steps, "best": self.run_best,
+              "end_reason": end_reason})
+        return {"status": status, "end_reason": end_reason, "step": self.step, "total": self.tc.steps,
+                "best": self.run_best, "device": str(self.device), "precision": self.precision,
+                "compiled": self.compiled}
 
     def _one_step(self):
         """A supervised step, then self-play and evaluation when they are due -> its metrics row.

@@ -246,3 +246,19 @@ def window_means(xy, points):
     k = max(1, -(-len(xy) // points))
     return [[xy[min(i + k, len(xy)) - 1][0], sum(y for _, y in xy[i:i + k]) / len(xy[i:i + k])]
             for i in range(0, len(xy), k)]
+
+
+# how much a text repeats itself: the arena's score, and the self-play benchmark's ------------------
+def ngrams(tokens, n):
+    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(tokens, n):
+    """Unique n-grams / all n-grams (Li et al. 2016); 1 = no n-gram occurs twice."""
+    grams = ngrams(tokens, n)
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def seq_rep_n(tokens, n=4):
+    """Share of n-grams that repeat an earlier one (Welleck et al. 2020): 1 - distinct-n."""
+    return 1.0 - distinct_n(tokens, n)

@@ -100,7 +100,7 @@ class JobRunner:
     # ------------------------------------------------------------------ the worker
     def _launch(self, fn):
         self.stop_requested.clear()
-        self.job.update(state="queued", error=None, finished=None, started=time.time())
+        self.job.update(state="queued", error=None, finished=None, end_reason=None, started=time.time())
         self._save(force=True)
         self.thread = threading.Thread(target=self._work, args=(fn,), name=f"job-{self.job['id']}", daemon=True)
         self.thread.start()
@@ -126,6 +126,8 @@ class JobRunner:
                 job.update(state="running", run_id=e["run_id"], step=e["step"], total=e["total"])
             elif e["type"] == "step":
                 self._progress(job, e)
+            elif "end_reason" in e:  # done or stopped: steps done, budget spent, early stop, stopped by you
+                job["end_reason"] = e["end_reason"]
             if self._notable(e):
                 self._log(e)
             self._save(force=e["type"] != "step" or "val_bpb" in e)
@@ -135,15 +137,18 @@ class JobRunner:
         # a self-play step after a plateau has no supervised loss
         job.update(step=e["step"], total=e["total"], loss=e.get("loss"), lr=e["lr"],
                    tokens_per_s=e["tokens_per_s"], eta_s=e["eta_s"])
-        for key in ("val_loss", "val_bpb", "val_ppl"):
+        for key in ("val_loss", "val_bpb", "val_ppl", "elapsed_s", "budget_s"):  # the last two: budget runs
             if key in e:
                 job[key] = e[key]
         if "selfplay" in e:
             job["repeat_rate"] = e["selfplay"]["repeat_rate"]
+            job["reward"] = e["selfplay"].get("reward")  # where self-play reports one
 
     def _notable(self, e):
-        """Every event but plain steps; of those, evaluations, self-play and one per 2 seconds."""
-        if e["type"] != "step" or "val_bpb" in e or "selfplay" in e:
+        """Every event but plain steps; of those, evaluations and one per 2 seconds. A self-play
+        step is no reason: it comes every few steps and would flood the log (its numbers are in
+        the status and the metrics)."""
+        if e["type"] != "step" or "val_bpb" in e:
             return True
         last = self.events[-1] if self.events else None
         return last is None or last["type"] != "step" or time.time() - last["time"] >= 2.0

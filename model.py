@@ -31,12 +31,13 @@ from config import setting
 @dataclass
 class ModelConfig:
     # ranges: large enough for real experiments, small enough that a typo is a message, not a crash
-    vocab_size: int = setting(5000, "tokens the BPE tokenizer learns: the 256 bytes, merges, <|endoftext|>", 260, 200_000)
-    d_model: int = setting(128, "C: width of each token's vector, the residual stream", 8, 8192)
-    num_layers: int = setting(4, "L: transformer blocks stacked", 1, 96)
-    num_heads: int = setting(4, "nh: attention heads per block; must divide d_model", 1, 128)
+    vocab_size: int = setting(5000, "different tokens the tokenizer knows: the 256 bytes, the merges it learns, "
+                                    "an end-of-text token (<|endoftext|>)", 260, 200_000)
+    d_model: int = setting(128, "width of each token's vector, the residual stream (C in the code)", 8, 8192)
+    num_layers: int = setting(4, "transformer blocks stacked (L)", 1, 96)
+    num_heads: int = setting(4, "attention heads per block; must divide d_model (nh)", 1, 128)
     d_ff: int = setting(512, "hidden width of the MLP (GPT-2: 4 x d_model)", 8, 32768)
-    max_seq_len: int = setting(128, "T_max: the context, how many tokens the model sees at once", 8, 8192)
+    max_seq_len: int = setting(128, "the context: how many tokens the model sees at once (T_max)", 8, 8192)
     dropout: float = setting(0.0, "dropout on embeddings, attention and MLP outputs while training", 0.0, 0.9)
 
     def validate(self):

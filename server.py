@@ -5,7 +5,7 @@
     python server.py --host 0.0.0.0 --allowed-host mybox.lan   # reachable from the LAN as mybox.lan
 
 A thin JSON API over the same library the CLI calls (store, runs, generate, inside), plus one
-page (templates/index.html + static/app.js) that uses exactly this API; FastAPI documents every
+page (templates/index.html + the ES modules in static/) that uses exactly this API; FastAPI documents every
 endpoint at /docs (Swagger UI's files come from the fastapi-offline package: no CDN). The API is
 a few routers, one per tab of the page, plus OpenAI's API on /v1 for other tools (openai_api.py);
 each handler reads its request, calls the library and
@@ -72,11 +72,12 @@ from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, StoreError, hide_paths
 from generate import SamplingConfig, generate, stream
 from hardware import pick_device
-from jobs import RESUMABLE, Busy, JobRunner
+from jobs import ACTIVE, RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import flops_per_token, memory_estimate, param_count
 from store import HOME_HELP, Store, check_name
+from tokenizer import LANGUAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50
@@ -330,13 +331,17 @@ def index(request: Request, azr: Azr):
 
 def page_data(azr):
     """What the page needs before its first request: presets, every form field's default,
-    range and help (from the settings dataclasses), the upload limit."""
+    range, choices, kind and help (from the settings dataclasses), which training fields the
+    page offers, the job states, the languages a book can be in, the upload limit."""
     def specs(cls):
         return {f.name: {"default": config.default_of(f), "lo": f.metadata["lo"], "hi": f.metadata["hi"],
+                         "choices": f.metadata["choices"], "kind": config.field_type(cls, f)[0].__name__,
                          "help": f.metadata["help"]} for f in fields(cls)}
     return {"presets": {k: v.to_dict() for k, v in PRESETS.items()}, "model": specs(ModelConfig),
             "train": specs(TrainConfig), "sampling": specs(SamplingConfig), "lora": specs(LoRAConfig),
-            "lora_targets": TARGETS, "max_upload_bytes": azr.max_upload_bytes}
+            "train_offered": [f.name for f in fields(TrainConfig) if f.name not in SERVER_CHOOSES],
+            "lora_targets": TARGETS, "max_upload_bytes": azr.max_upload_bytes,
+            "job_states": {"active": ACTIVE, "resumable": RESUMABLE}, "languages": LANGUAGE_NAMES}
 
 
 @page.get("/docs", include_in_schema=False)
@@ -510,7 +515,17 @@ def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(
 @books.get("/books", summary="Uploaded books with size, encoding and language (a book whose info cannot be read: "
                              "{name, damaged})", response_model=list[BookInfo | Damaged])
 def list_books(azr: Azr):
-    return azr.store.list_books()
+    return [{**b, "first_line": first_line_of(azr.store, b["name"])} for b in azr.store.list_books()]
+
+
+def first_line_of(store, name, chars=4096):
+    """A book's first line, the page's default prompt for a model trained on it (as the samples'
+    while training, runs.first_line); only the start of the book is read."""
+    try:
+        with store.book_path(name).open(encoding="utf-8") as f:
+            return runs.first_line(f.read(chars))
+    except (OSError, ValueError):  # deleted meanwhile, or not UTF-8 yet (dropped in by hand): no default
+        return None
 
 
 @books.get("/books/{name}", summary="One book's info and the first lines of its text")
@@ -659,7 +674,9 @@ def arena(req: ArenaRequest, azr: Azr):
     sides = {}
     for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
         model, tok = azr.models.get(name, adapter)
-        sides[side] = {"model": name, "adapter": adapter, "text": generate(model, tok, req.prompt, sc, azr.device)}
+        text = generate(model, tok, req.prompt, sc, azr.device)
+        # how much it loops: the share of its 4-token pieces that repeat an earlier one (seq-rep-4)
+        sides[side] = {"model": name, "adapter": adapter, "text": text, "repeats": inside.seq_rep_n(tok.encode(text), 4)}
         if req.book:
             sides[side]["bits_per_byte"] = runs.evaluate_on_book(azr.store, model, tok, req.book, req.windows,
                                                                  azr.device)["val_bpb"]

@@ -248,6 +248,10 @@ def guess_language(text):
     return best if votes[best] > 0.02 * max(len(words), 1) else "unknown"
 
 
+# the names of the languages guess_language can answer, for people (the page shows "Polish (pl)")
+LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "pl": "Polish",
+                  "ru": "Russian", "uk": "Ukrainian", "unknown": "unknown"}
+
 _STOPWORDS = {
     "en": {"the", "and", "of", "to", "is", "was", "that", "in", "it", "he", "she"},
     "de": {"der", "die", "und", "das", "ist", "nicht", "ich", "sie", "ein"},

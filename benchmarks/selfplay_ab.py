@@ -57,6 +57,7 @@ import runs
 from azr_trainer import TrainConfig, evaluate_bpb, lr_at, new_run
 from generate import rollouts
 from hardware import autocast
+from inside import distinct_n, ngrams, seq_rep_n
 from model import PRESETS
 from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
 from store import Store
@@ -374,21 +375,6 @@ def evaluate_arm(tr, tok, tasks, train_grams, ab, seed):
         res.update({f"{mode}_{k}": v for k, v in text_rates(outs, train_grams).items()})
         res[f"{mode}_examples"] = [tok.decode(o) for o in outs[:4]]
     return res
-
-
-def ngrams(tokens, n):
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
-def distinct_n(tokens, n):
-    """Unique n-grams / all n-grams (Li et al. 2016); 1 = no n-gram occurs twice."""
-    grams = ngrams(tokens, n)
-    return len(set(grams)) / len(grams) if grams else 1.0
-
-
-def seq_rep_n(tokens, n=4):
-    """Share of n-grams that repeat an earlier one (Welleck et al. 2020): 1 - distinct-n."""
-    return 1.0 - distinct_n(tokens, n)
 
 
 def has_loop(tokens, n=8):

@@ -1,21 +1,21 @@
 // Small charts on a <canvas>, written for this page (no library, works offline).
 //
 //   const c = new LineChart(canvas, {title: "Loss", series: [{label: "train", color: "#2a6fdb"}]});
+//   c.empty = "why there is nothing yet";   // shown until the first point
 //   c.push(0, step, loss);  c.draw();
 //   histogram(canvas, {title, counts, lo: -1, hi: 1, marks: [{x, label}]});   // bars + vertical lines
 //   new ScatterPlot(canvas, {title, points: [{x, y, color, label, tip}]});     // dots, hover for a tip
 //
 // Axes get "round" ticks (1, 2 or 5 times a power of ten), the canvas is drawn at the screen's
 // pixel density so lines stay sharp, and hovering shows the values nearest the mouse.
-"use strict";
-
-class LineChart {
+export class LineChart {
   constructor(canvas, {title = "", series = [], xLabel = "step"} = {}) {
     this.canvas = canvas;
     this.title = title;
     this.xLabel = xLabel;
     this.series = series.map(s => ({...s, points: []}));
     this.hoverX = null;
+    this.empty = "no data yet";
     canvas.addEventListener("mousemove", e => { this.hoverX = e.offsetX; this.draw(); });
     canvas.addEventListener("mouseleave", () => { this.hoverX = null; this.draw(); });
   }
@@ -42,7 +42,7 @@ class LineChart {
     const all = this.series.flatMap(s => s.points);
     if (!all.length) {
       ctx.fillStyle = "#888";
-      ctx.fillText("no data yet", box.left + 8, (box.top + box.bottom) / 2);
+      wrapText(ctx, this.empty, box.left - 40, (box.top + box.bottom) / 2 - 8, box.right - box.left + 40);
       return;
     }
     const xr = range(all.map(p => p[0]), false), yr = range(all.map(p => p[1]), true);
@@ -87,7 +87,7 @@ class LineChart {
     for (const x of ticks(xr[0], xr[1], 6, 1)) ctx.fillText(fmtTick(x), sx(x), box.bottom + 16);  // steps are whole
     ctx.textAlign = "left";
     ctx.strokeStyle = "#999";
-    ctx.beginPath(); ctx.moveTo(box.left, box.top); ctx.lineTo(box.left, box.bottom); ctx.lineTo(box.right, box.bottom); ctx.stroke();
+    axesLines(ctx, box);
   }
 
   _line(ctx, s, sx, sy, box) {
@@ -122,7 +122,7 @@ class LineChart {
 }
 
 // Bars of `counts` over equal bins from lo to hi, with labelled vertical lines at `marks`.
-function histogram(canvas, {title = "", counts, lo, hi, marks = [], color = "#9db4d9", markColor = "#d23c3c"}) {
+export function histogram(canvas, {title = "", counts, lo, hi, marks = [], color = "#9db4d9", markColor = "#d23c3c"}) {
   const ctx = sharpContext(canvas);
   if (!ctx) return;
   const W = canvas.clientWidth, H = canvas.clientHeight;
@@ -151,11 +151,11 @@ function histogram(canvas, {title = "", counts, lo, hi, marks = [], color = "#9d
   });
   ctx.textAlign = "left";
   ctx.strokeStyle = "#999";
-  ctx.beginPath(); ctx.moveTo(box.left, box.top); ctx.lineTo(box.left, box.bottom); ctx.lineTo(box.right, box.bottom); ctx.stroke();
+  axesLines(ctx, box);
 }
 
 // Points with a colour each; the first `labelled` get their label drawn, hovering any shows its tip.
-class ScatterPlot {
+export class ScatterPlot {
   constructor(canvas, {title = "", points = [], labelled = 40, legend = []} = {}) {
     Object.assign(this, {canvas, title, points, labelled, legend, hover: null});
     canvas.onmousemove = e => { this.hover = this._nearest(e.offsetX, e.offsetY); this.draw(); };
@@ -215,6 +215,28 @@ class ScatterPlot {
   }
 }
 
+// the y axis and the x axis: two lines along the box's left and bottom edges
+function axesLines(ctx, box) {
+  ctx.beginPath();
+  ctx.moveTo(box.left, box.top);
+  ctx.lineTo(box.left, box.bottom);
+  ctx.lineTo(box.right, box.bottom);
+  ctx.stroke();
+}
+
+// Words over as many lines of at most `width` pixels as they need, from (x, y) down.
+function wrapText(ctx, text, x, y, width) {
+  let line = "";
+  for (const word of text.split(" ")) {
+    if (line && ctx.measureText(line + " " + word).width > width) {
+      ctx.fillText(line, x, y);
+      y += 16;
+      line = word;
+    } else line = line ? line + " " + word : word;
+  }
+  ctx.fillText(line, x, y);
+}
+
 // The canvas's 2-D context, its backing store sized to the screen's pixel density and cleared;
 // null while the canvas is hidden (it has no size then).
 function sharpContext(canvas) {
@@ -242,7 +264,9 @@ function ticks(lo, hi, n, minStep = 0) {
   const raw = (hi - lo) / n, mag = Math.pow(10, Math.floor(Math.log10(raw)));
   const step = Math.max(minStep, [1, 2, 5, 10].map(m => m * mag).find(s => s >= raw));
   const out = [];
-  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) {
+    out.push(Math.abs(v) < step * 1e-9 ? 0 : v);
+  }
   return out;
 }
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from conftest import TINY
-from test_browser import CHROMIUM, page, server  # noqa: F401  the same server and browser fixtures
+from test_browser import CHROMIUM, module_value, page, server, wait_for_module  # noqa: F401  the same fixtures
 
 pytestmark = [
     pytest.mark.browser,
@@ -41,7 +41,9 @@ def test_samples_and_every_look_inside_view(server, page, tmp_path, book_text): 
     page.click("#train-start")
     page.wait_for_selector("#job-state.done", timeout=120_000)
     page.wait_for_function("document.querySelectorAll('#samples .sample').length === 4")
-    assert page.text_content("#samples .sample >> nth=0").startswith("step 10: The keeper")
+    # newest first: the last evaluation's sample opens the list, the first one ends it
+    assert page.text_content("#samples .sample >> nth=0").startswith("step 40: The keeper")
+    assert page.text_content("#samples .sample >> nth=3").startswith("step 10: The keeper")
     page.locator("#tab-training .charts").scroll_into_view_if_needed()
     page.screenshot(path=str(shots / "6-training-samples.png"), full_page=True)
 
@@ -71,20 +73,20 @@ def test_samples_and_every_look_inside_view(server, page, tmp_path, book_text): 
     page.locator("#look-next").screenshot(path=str(shots / "8-inside-next-token.png"))
 
     # Embeddings: the map of an earlier version
-    page.wait_for_function("embedPlot.points.length > 0")
+    wait_for_module(page, "inside_maps.js", "m.embedPlot.points.length > 0")
     page.select_option("#embed-form [name=version]", "v001")
-    page.wait_for_function("embedPlot.title.includes('v001')")
+    wait_for_module(page, "inside_maps.js", "m.embedPlot.title.includes('v001')")
     page.locator("#look-embed").screenshot(path=str(shots / "9-inside-embeddings.png"))
 
     # NF4: another layer
     page.select_option("#nf4-form [name=layer]", "transformer.h.1.mlp.c_fc")
-    page.wait_for_function("nf4View && nf4View.layer === 'transformer.h.1.mlp.c_fc'")
+    wait_for_module(page, "inside_maps.js", "m.nf4.view && m.nf4.view.layer === 'transformer.h.1.mlp.c_fc'")
     assert "bits per weight" in page.text_content("#nf4-numbers")
     page.locator("#look-nf4").screenshot(path=str(shots / "10-inside-nf4.png"))
 
     # Runs: both runs of web and the run of wide on one chart
     page.select_option("#runs-form [name=compare]", "wide")
     page.wait_for_function("document.querySelectorAll('#runs-table tr').length === 4")
-    assert page.evaluate("runCharts[1].series.length") == 3
+    assert module_value(page, "inside_maps.js", "m.runCharts[1].series.length") == 3
     assert "learning_rate=0.001" in page.text_content("#runs-table")
     page.locator("#look-runs").screenshot(path=str(shots / "11-inside-runs.png"))

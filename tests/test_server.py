@@ -4,6 +4,7 @@ mistake. Training jobs run for real (tiny model, a few steps) in the server's wo
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -16,9 +17,13 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+from azr_trainer import TrainConfig
 from conftest import LOCAL_URL, ROOT, TINY
-from server import create_app
 from files import read_json, write_json
+from jobs import ACTIVE, RESUMABLE
+from model import ModelConfig
+from runs import first_line
+from server import SERVER_CHOOSES, create_app
 
 TRAIN = dict(batch_size=8, eval_every=10, warmup_steps=5, compile="off")  # a few fast steps of the tiny model
 
@@ -79,8 +84,34 @@ def test_page_has_six_tabs_and_only_local_assets(client):
     for tab in ("Create model", "Books", "Training", "Generation", "Models", "Look inside"):
         assert f">{tab}</button>" in html
     assert "http://" not in html and "https://" not in html  # works offline: no CDN
-    for asset in ("app.js", "chart.js", "style.css"):
+    assert '<script type="module" src="/static/main.js">' in html  # ES modules, no build step
+    for asset in ("main.js", "api.js", "chart.js", "style.css", "glossary.html", "favicon.svg"):
         assert client.get(f"/static/{asset}").status_code == 200
+    assert 'rel="icon" href="/static/favicon.svg"' in html  # no 404 for a favicon on every load
+
+
+def test_every_label_of_the_create_and_training_forms_links_the_glossary_and_it_answers(client):
+    html, glossary = client.get("/").text, client.get("/static/glossary.html").text
+    forms = re.findall(r'<form id="(?:create|train)-form".*?</form>', html, re.S)
+    labels = [label for form in forms for label in re.findall(r"<label.*?</label>", form, re.S)]
+    settings = [label for label in labels if "data-setting" in label]
+    # every field: the model's but dropout, every training field the API offers (self-play's count is
+    # its own input), LoRA's rank and alpha
+    offered = [f for f in TrainConfig.__dataclass_fields__ if f not in SERVER_CHOOSES | {"selfplay_every"}]
+    assert len(settings) == len(ModelConfig.__dataclass_fields__) - 1 + len(offered) + 2
+    assert [label for label in settings if 'class="term"' not in label] == []
+    anchors = set(re.findall(r'href="/static/glossary.html#(\w+)"', html))
+    assert {"d_model", "patience", "warmup_steps", "bits_per_byte", "selfplay"} <= anchors
+    assert sorted(a for a in anchors if f'id="{a}"' not in glossary) == []
+
+
+def test_the_page_derives_its_fields_and_job_states_from_the_code(client):
+    page = json.loads(re.search(r'<script id="page-data" type="application/json">(.*?)</script>',
+                                client.get("/").text, re.S).group(1))
+    assert page["job_states"] == {"active": list(ACTIVE), "resumable": list(RESUMABLE)}
+    assert "device" not in page["train_offered"] and "patience" in page["train_offered"]
+    assert page["train"]["precision"]["choices"] and page["train"]["keep_best"]["kind"] == "bool"
+    assert page["languages"]["pl"] == "Polish"
 
 
 def test_docs_describe_every_endpoint(client):
@@ -190,7 +221,9 @@ def test_upload_book_reports_encoding_language_and_preview(client):
     assert r.status_code == 201 and b["name"] == "kapitan"
     assert b["encoding"] == "cp1251" and b["language"] == "ru" and b["characters"] == len(text)
     assert b["preview"].startswith("Капитанская дочка")
-    assert [x["name"] for x in client.get("/books").json()] == ["kapitan"]
+    # the page's default prompt for a model of this book: its first line, as the training samples use
+    listed = [(x["name"], x["first_line"]) for x in client.get("/books").json()]
+    assert listed == [("kapitan", first_line(text))]
     assert client.get("/books/kapitan").json()["preview"] == b["preview"]
 
 
@@ -242,6 +275,7 @@ def test_train_runs_in_the_background_and_reports_progress(client, book):
     done = wait_for(client)
     assert done["state"] == "done" and done["step"] == 20 and done["error"] is None
     assert done["val_bpb"] > 0 and done["tokens_per_s"] > 0 and done["eta_s"] == 0
+    assert done["end_reason"] == "steps"  # why it ended, for the page: all its steps done
     events = client.get("/training_status").json()["events"]
     assert events[0]["type"] == "start" and events[-1]["type"] == "done" and "step" in {e["type"] for e in events}
     last = events[-1]["seq"]  # the log can be read incrementally
@@ -291,7 +325,7 @@ def test_stop_and_resume(client, book):
     wait_for(client, states=(), step=5)
     assert client.post("/stop_training").status_code == 200
     stopped = wait_for(client)
-    assert stopped["state"] == "stopped" and 5 <= stopped["step"] < 30
+    assert stopped["state"] == "stopped" and 5 <= stopped["step"] < 30 and stopped["end_reason"] == "stopped"
     assert client.post("/resume_training").status_code == 200
     done = wait_for(client)
     assert done["state"] == "done" and done["step"] == 30 and done["id"] == stopped["id"]
@@ -441,6 +475,8 @@ def test_selfplay_every_is_passed_to_the_trainer(client, book):
     rows = client.get("/models/t/metrics", params={"run": job.get("run_id")}).json()["rows"]
     assert job["state"] == "done", job["error"]
     assert [r["step"] for r in rows if "selfplay" in r] == [2, 4] and job["repeat_rate"] is not None
+    logged = [e["step"] for e in client.get("/training_status").json()["events"] if e["type"] == "step"]
+    assert 2 not in logged  # a self-play step alone is no reason for a log line: one per evaluation
     x = client.get("/models/t/selfplay_example").json()  # the teaching view: the latest rollout, as text
     assert x["step"] == 4 and len(x["tokens"]) == 16  # the tiny model's context of 32: 16 prompt + 16 written
     assert all(set(t) == {"text", "pushed_down"} for t in x["tokens"]) and x["prompt"]
@@ -634,6 +670,7 @@ def test_arena_runs_both_models_with_one_seed_and_scores_the_book(trained):
     r = trained.post("/arena", json={"model_a": "tiny", "model_b": "tiny", "prompt": "The", "max_new_tokens": 20,
                                      "book": "book", "windows": 8}).json()
     assert r["a"]["text"] == r["b"]["text"]  # same model, same seed
+    assert 0 <= r["a"]["repeats"] == r["b"]["repeats"] <= 1  # how much each loops (seq-rep-4)
     assert r["a"]["bits_per_byte"] == r["b"]["bits_per_byte"] > 0
     assert r["a"]["bits_per_byte"] < 8  # trained: better than a byte per byte
     assert "no book named" in error_of(trained.post("/arena", json={"model_a": "tiny", "model_b": "tiny", "book": "x"}), 404)

@@ -164,6 +164,7 @@ def test_early_stopping_ends_a_run_that_stopped_improving(store, book, monkeypat
     events = []
     summary = train(store, "m", [book], quick_train_config(steps=100, patience=3), on_event=events.append)
     assert summary["status"] == "done" and summary["step"] == 50 and summary["best"] == [2.0, 20]
+    assert summary["end_reason"] == "early_stop" and events[-1]["end_reason"] == "early_stop"
     assert any(e["type"] == "info" and "early stop at step 50" in e["message"] for e in events)
     assert store.lineage("m")["runs"][-1]["steps"] == 50
 
@@ -187,5 +188,6 @@ def test_a_time_budget_fits_the_schedule_and_ends_on_time(store, book):
     rows = store.metrics("m")
     assert 0.9 * 15 <= wall <= 1.3 * 15, wall  # loosely: a behaviour, not a timing test
     assert summary["step"] == rows[-1]["step"] == summary["total"] < 10**6 and "val_bpb" in rows[-1]
+    assert summary["end_reason"] == "budget"
     tc = quick_train_config()
     assert rows[-1]["lr"] < tc.learning_rate * (tc.min_lr_ratio + 0.3)  # the cosine came down by the end
