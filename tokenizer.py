@@ -172,8 +172,9 @@ def _markup_text(markup):
 
 def _epub_text(data, max_bytes):
     """The chapters of an EPUB (a zip of XHTML files), in reading order, with bomb guards: the
-    sizes in the zip's directory are checked before anything is inflated (zipfile stops a member
-    that lies about its size at the size it declared)."""
+    sizes in the zip's directory are checked before anything is inflated, and then each file is
+    inflated a piece at a time, counting what really comes out (_Inflater): the sizes are only
+    the sender's word."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         infos = z.infolist()
@@ -188,23 +189,52 @@ def _epub_text(data, max_bytes):
     if total > max_bytes:
         raise BookError(f"this .epub's chapters inflate to {total / 2**20:.1f} MB, more than the "
                         f"{max_bytes / 2**20:.0f} MB a book may hold (the upload limit)")
+    if any(i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for i in read):
+        raise BookError("this .epub compresses its chapters with something other than deflate, "
+                        "which the EPUB format does not allow; save it again with an EPUB editor")
     names = [i.filename for i in read if not i.filename.lower().endswith(".opf")]
-    try:  # a member can still be encrypted, damaged or lie about its size: zipfile finds out on read
-        names = _spine_order(z, names)
+    inflate = _Inflater(z, max_bytes)
+    try:  # a member can still be encrypted, damaged or lie about its size: we find out on read
+        names = _spine_order(z, names, inflate)
         if not names:
             raise BookError("this .epub holds no XHTML chapters")
-        chapters = [_markup_text(z.read(n).decode("utf-8", errors="replace")) for n in names]
+        chapters = [_markup_text(inflate(n).decode("utf-8", errors="replace")) for n in names]
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
         raise BookError(f"this .epub cannot be read (damaged, encrypted or compressed oddly): {e}") from e
     return "\n\n".join(c for c in chapters if c.strip())
 
 
-def _spine_order(z, names):
+class _Inflater:
+    """Inflate members of a zip, all together at most `max_bytes`, whatever their headers say.
+
+    zipfile's read() of a whole member inflates each compressed chunk in one call, so a chapter
+    whose header claims 2 KB but whose megabyte of deflate data inflates to a gigabyte costs a
+    gigabyte before anything is checked. Reading INFLATE_PIECE bytes at a time bounds every call;
+    counting the pieces stops at the cap."""
+
+    INFLATE_PIECE = 2**16
+
+    def __init__(self, z, max_bytes):
+        self.z, self.max_bytes, self.used = z, max_bytes, 0
+
+    def __call__(self, name):
+        pieces = []
+        with self.z.open(name) as f:
+            while piece := f.read(self.INFLATE_PIECE):
+                self.used += len(piece)
+                if self.used > self.max_bytes:
+                    raise BookError(f"this .epub's chapters inflate to more than the {self.max_bytes / 2**20:.0f} MB "
+                                    f"a book may hold (the upload limit), more than its headers say (zip bomb?)")
+                pieces.append(piece)
+        return b"".join(pieces)
+
+
+def _spine_order(z, names, inflate):
     """Order chapters by the OPF spine when it can be read; else by file name."""
     opf = next((n for n in z.namelist() if n.lower().endswith(".opf")), None)
     if opf is None:
         return sorted(names)
-    src = z.read(opf).decode("utf-8", errors="replace")
+    src = inflate(opf).decode("utf-8", errors="replace")
     hrefs = dict(re.findall(r'<item[^>]*?id="([^"]+)"[^>]*?href="([^"]+)"', src))
     base = os.path.dirname(opf)
     order = [os.path.normpath(os.path.join(base, hrefs[i])) for i in re.findall(r'<itemref[^>]*?idref="([^"]+)"', src) if i in hrefs]
