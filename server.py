@@ -30,6 +30,7 @@ by name (the Host header) and refuses state-changing requests sent by another si
 """
 
 import argparse
+import asyncio
 import logging
 import os
 import re
@@ -40,6 +41,8 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -65,7 +68,7 @@ import inside
 import runs
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, hide_paths
-from generate import SamplingConfig, generate, stream
+from generate import SamplingConfig, joined, stream
 from hardware import pick_device
 from jobs import RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
@@ -86,6 +89,13 @@ ARENA_MAX_WINDOWS = 256
 # keeps the cores busy the threads stall waiting for each other. With torch's OpenMP backend the
 # setting is per thread, so the training thread keeps all of its threads.
 GENERATION_THREADS = 1
+# Generation has its own threads, so that /health and every other request never wait behind it:
+# half the cores (training keeps the rest), and at most GENERATION_QUEUE requests running or
+# waiting for one; beyond that, 429 with Retry-After instead of an ever longer queue
+GENERATION_WORKERS = max(2, (os.cpu_count() or 2) // 2)
+GENERATION_QUEUE = 32
+GENERATION_RETRY_AFTER_S = 5
+DISCONNECT_POLL_S = 0.1  # how often a waiting generation asks whether its client is still there
 SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 
 log = logging.getLogger("azr.server")
@@ -194,7 +204,9 @@ class ErrorBody(Answer):
 
 ERRORS = {400: "a value we cannot use", 404: "unknown model, book, version or adapter",
           409: "name taken, a job already running, or nothing to stop or resume",
-          413: "upload over the limit (--max-upload-mb)", 422: "a malformed request: wrong type, unknown field",
+          413: "upload over the limit (--max-upload-mb)",
+          422: "a malformed request: wrong type, unknown field",
+          429: "too many generations running or waiting: try again after Retry-After seconds",
           500: "a bug or a damaged file on disk; the server keeps running"}
 
 
@@ -208,6 +220,7 @@ class Health(Answer):
     models: int
     books: int
     job: str
+    generating: int
     max_upload_bytes: int
 
 
@@ -274,6 +287,7 @@ class App:
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")
         self.models = ModelCache(self.store, self.device)
+        self.generation = GenerationQueue()
         self.max_upload_bytes = int(max_upload_mb * 2**20)
 
 
@@ -282,6 +296,15 @@ def app_of(request: Request) -> App:
 
 
 Azr = Annotated[App, Depends(app_of)]
+
+
+async def generation_slot(azr: Azr):
+    """A slot in the generation queue for the whole request (a stream: until its last event)."""
+    with azr.generation.slot():
+        yield
+
+
+GenerationSlot = Annotated[None, Depends(generation_slot)]
 
 
 def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
@@ -335,14 +358,15 @@ def docs():
                                swagger_favicon_url="/docs-assets/favicon.png")
 
 
-@page.get("/health", summary="Server is up: device, counts, job state, models whose files are damaged",
+@page.get("/health", summary="Server is up: device, counts, job state, generations running or waiting, models whose "
+                               "files are damaged",
           response_model=Health)
 def health(azr: Azr):
     models_ = azr.store.list_models()
     return {"ok": True, "device": str(azr.device), "models": len(models_),
             "damaged": [m["name"] for m in models_ if "damaged" in m],
             "books": len(azr.store.list_books()), "job": azr.jobs.status()["state"],
-            "max_upload_bytes": azr.max_upload_bytes}
+            "generating": azr.generation.taken, "max_upload_bytes": azr.max_upload_bytes}
 
 
 # ----------------------------------------------------------------------------- models
@@ -584,13 +608,18 @@ def refuse_while_training(jobs, name, what):
 generation = APIRouter(tags=["generation"])
 
 
-@generation.post("/generate", summary="Continue a prompt; the whole text at once", response_model=Generated)
-def generate_text(req: GenerateRequest, azr: Azr):
+@generation.post("/generate", summary="Continue a prompt; the whole text at once (429 when too many wait)",
+                 response_model=Generated, responses=errors(429))
+async def generate_text(req: GenerateRequest, request: Request, azr: Azr, _: GenerationSlot):
+    return await azr.generation.run(request, generate_until, azr, req)
+
+
+def generate_until(cancelled, azr, req):
+    """The generation of one request, on a generation thread; Abandoned once `cancelled` is set."""
     model, tok = azr.models.get(req.model, req.adapter)
     sc = settings_from(req, SamplingConfig)
-    torch.set_num_threads(GENERATION_THREADS)
     t0 = time.perf_counter()
-    text = generate(model, tok, req.prompt, sc, azr.device)
+    text = joined(until(cancelled, stream(model, tok, req.prompt, sc, azr.device)), sc.stop)
     return {"text": text, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -604,13 +633,14 @@ def stream_request(req: GenerateRequest, azr: Azr):
                  response_class=EventSourceResponse,
                  responses={200: {"description": "data: {text, token, prob, top: [[text, prob] x5]} per token, then "
                                                  "event: done with {tokens, seconds, first_token_s}; `: ping` "
-                                                 "comments keep an idle connection open"}})
-def generate_stream(args: Annotated[tuple, Depends(stream_request)]):
+                                                 "comments keep an idle connection open"}, **errors(429)})
+async def generate_stream(args: Annotated[tuple, Depends(stream_request)], azr: Azr, _: GenerationSlot):
     """FastAPI frames each yielded event (fastapi.sse) and sends a keep-alive ping when none
-    comes for 15 s, e.g. while a long prompt is read."""
-    yield from sse_tokens(*args)
-
-
+    comes for 15 s, e.g. while a long prompt is read. Each token is made on a generation thread;
+    when the client leaves, FastAPI stops asking for the next one."""
+    events = sse_tokens(*args)
+    while (event := await azr.generation.next(events)) is not None:
+        yield event
 @generation.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
 def attention(req: AttentionRequest, azr: Azr):
     model, tok = azr.models.get(req.model, req.adapter)
@@ -618,8 +648,13 @@ def attention(req: AttentionRequest, azr: Azr):
     return inside.attention_map(model, tok, req.prompt, req.layer, req.head)
 
 
-@generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)")
-def arena(req: ArenaRequest, azr: Azr):
+@generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)",
+                 responses=errors(429))
+async def arena(req: ArenaRequest, request: Request, azr: Azr, _: GenerationSlot):
+    return await azr.generation.run(request, arena_sides, azr, req)
+
+
+def arena_sides(cancelled, azr, req):
     sc = settings_from(req, SamplingConfig)
     if not 1 <= req.windows <= ARENA_MAX_WINDOWS:
         raise ValueError(f"windows must be between 1 and {ARENA_MAX_WINDOWS}")
@@ -627,11 +662,11 @@ def arena(req: ArenaRequest, azr: Azr):
         sc.seed = secrets.randbelow(2**31)  # not torch's generator: training re-seeds it
     if req.book:
         azr.store.book_info(req.book)
-    torch.set_num_threads(GENERATION_THREADS)
     sides = {}
     for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
         model, tok = azr.models.get(name, adapter)
-        sides[side] = {"model": name, "adapter": adapter, "text": generate(model, tok, req.prompt, sc, azr.device)}
+        text = joined(until(cancelled, stream(model, tok, req.prompt, sc, azr.device)), sc.stop)
+        sides[side] = {"model": name, "adapter": adapter, "text": text}
         if req.book:
             sides[side]["bits_per_byte"] = runs.evaluate_on_book(azr.store, model, tok, req.book, req.windows,
                                                                  azr.device)["val_bpb"]
@@ -642,14 +677,12 @@ def sse_tokens(model, tok, prompt, sc, device):
     """Server-Sent Events: one `data:` event of JSON per token, then `event: done` (or `error`)."""
     t0, first, n = time.perf_counter(), None, 0
     try:
-        torch.set_num_threads(GENERATION_THREADS)
         for text, token, probs in stream(model, tok, prompt, sc, device):
             first = first or time.perf_counter() - t0
             n += 1
             piece = {"text": text, "token": token, "prob": None if probs is None else probs[token].item(),
                      "top": [] if probs is None else inside.top_alternatives(tok, probs)}
             yield ServerSentEvent(data=piece)
-            torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
         done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
         yield ServerSentEvent(event="done", data=done)
     except Exception as e:  # the 200 header is gone: report the error in the stream itself
@@ -738,7 +771,7 @@ def add_error_handlers(app, azr):
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
         detail = too_big(max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
-        return JSONResponse({"error": detail}, status_code=exc.status_code)
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def known_error(request, exc):
         body = {"error": said(str(exc))}
@@ -752,7 +785,7 @@ def add_error_handlers(app, azr):
         return JSONResponse({"error": said(f"internal error ({type(exc).__name__}): {exc}")}, status_code=500)
 
     # ValueError covers StoreError, BookError and every settings check
-    for cls in (ValueError, Busy):
+    for cls in (ValueError, Busy, Abandoned):
         app.add_exception_handler(cls, known_error)
     app.add_exception_handler(Exception, unexpected_error)
 
@@ -779,6 +812,8 @@ def error_status(exc):
         return 413
     if isinstance(exc, CorruptFile):
         return 500
+    if isinstance(exc, Abandoned):
+        return 499  # "client closed request" (nginx's code): nobody reads it
     return 400
 
 
@@ -801,6 +836,62 @@ def too_big(max_upload_bytes):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class Abandoned(Exception):
+    """The client of a generation left: its work stopped at the next token."""
+
+
+class GenerationQueue:
+    """Generation on threads of its own, a bounded number of requests at a time.
+
+    A request takes a slot (429 with Retry-After when all GENERATION_QUEUE are taken) and its work
+    runs on one of GENERATION_WORKERS threads, each decoding on GENERATION_THREADS CPU threads.
+    The event loop meanwhile asks every DISCONNECT_POLL_S whether the client is still there; once
+    it has gone, the work's `cancelled` flag is set and `until` ends it before the next token.
+    Slots are taken and given back on the event loop only, so `taken` needs no lock."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(GENERATION_WORKERS, thread_name_prefix="generate",
+                                       initializer=torch.set_num_threads, initargs=(GENERATION_THREADS,))
+        self.taken = 0
+
+    @contextmanager
+    def slot(self):
+        if self.taken >= GENERATION_QUEUE:
+            raise HTTPException(429, f"the server is busy: {self.taken} generations are running or waiting, the most it "
+                                     f"takes at once; try again in {GENERATION_RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(GENERATION_RETRY_AFTER_S)})
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
+
+    async def run(self, request, work, *args):
+        """work(cancelled, *args) on a generation thread -> its result; Abandoned if the client left."""
+        cancelled = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work, cancelled, *args)
+        try:
+            while not future.done():
+                await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+                if not future.done() and await request.is_disconnected():
+                    cancelled.set()  # the work raises Abandoned at its next token; we wait for that
+            return future.result()
+        finally:
+            cancelled.set()  # this request was cancelled itself (server shutting down)
+
+    async def next(self, events):
+        """The next item of a generator, made on a generation thread; None at its end."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, next, events, None)
+
+
+def until(cancelled, pieces):
+    """The pieces of a generation, until `cancelled` is set: then Abandoned."""
+    for piece in pieces:
+        if cancelled.is_set():
+            raise Abandoned("the client left; generation stopped")
+        yield piece
 
 
 class ModelCache:
