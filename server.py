@@ -570,6 +570,7 @@ def check_training_inputs(store, model, books_):
     store.model_dir(model)
     if not books_:
         raise ValueError("choose at least one book to train on")
+    runs.check_books(books_)
     for b in books_:
         store.book_info(b)
 

@@ -198,6 +198,25 @@ def test_a_crash_before_the_first_checkpoint_resumes_from_step_0_without_duplica
     assert losses(store, "crashy") == losses(store, "straight")
 
 
+@pytest.mark.parametrize("stop_at_call, where", [(14, "the 3rd micro-batch of step 5"), (15, "step 5's evaluation")])
+def test_a_stop_inside_a_step_or_an_evaluation_resumes_to_the_straight_run(store, book, stop_at_call, where):
+    """should_stop is asked before each step, before each micro-batch after the first (3 calls a
+    step here) and before each evaluation batch (one here, every 5 steps). A Stop inside a step
+    drops it and sets the RNGs back; inside an evaluation the step stands, unscored. Either way
+    the resumed run trains exactly as the uninterrupted one."""
+    tc = quick_train_config(steps=12, grad_accum=3, eval_every=5)
+    for name in ("straight", "stopped"):
+        store.create_model(name, tiny_config(dropout=0.1))  # dropout: the global RNG matters too
+    train(store, "straight", [book], tc)
+    calls = iter(range(10**6))
+    summary = train(store, "stopped", [book], tc, should_stop=lambda: next(calls) >= stop_at_call)
+    assert summary["status"] == "stopped" and summary["step"] == (4 if "micro" in where else 5), where
+    resume(store, "stopped")
+    assert [r["step"] for r in store.metrics("stopped")] == list(range(1, 13))
+    assert losses(store, "stopped") == losses(store, "straight")
+    assert same_weights(store, "stopped", "straight")
+
+
 def test_two_runs_encoding_the_same_book_at_once_do_not_collide(tmp_path, book_text):
     """A training run and an evaluation may build the same token cache at the same moment."""
     tok = Tokenizer.train([book_text], 400)
