@@ -95,7 +95,6 @@ GENERATION_THREADS = 1
 GENERATION_WORKERS = max(2, (os.cpu_count() or 2) // 2)
 GENERATION_QUEUE = 32
 GENERATION_RETRY_AFTER_S = 5
-DISCONNECT_POLL_S = 0.1  # how often a waiting generation asks whether its client is still there
 SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 
 log = logging.getLogger("azr.server")
@@ -848,9 +847,9 @@ class GenerationQueue:
 
     A request takes a slot (429 with Retry-After when all GENERATION_QUEUE are taken) and its work
     runs on one of GENERATION_WORKERS threads, each decoding on GENERATION_THREADS CPU threads.
-    The event loop meanwhile asks every DISCONNECT_POLL_S whether the client is still there; once
-    it has gone, the work's `cancelled` flag is set and `until` ends it before the next token.
-    Slots are taken and given back on the event loop only, so `taken` needs no lock."""
+    The event loop meanwhile waits for the client to hang up (client_gone); if it does, the work's
+    `cancelled` flag is set and `until` ends it before the next token. Slots are taken and given
+    back on the event loop only, so `taken` needs no lock."""
 
     def __init__(self):
         self.pool = ThreadPoolExecutor(GENERATION_WORKERS, thread_name_prefix="generate",
@@ -873,26 +872,39 @@ class GenerationQueue:
         """work(cancelled, *args) on a generation thread -> its result; Abandoned if the client left."""
         cancelled = threading.Event()
         future = asyncio.get_running_loop().run_in_executor(self.pool, work, cancelled, *args)
+        gone = asyncio.ensure_future(client_gone(request))
         try:
-            while not future.done():
-                await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
-                if not future.done() and await request.is_disconnected():
-                    cancelled.set()  # the work raises Abandoned at its next token; we wait for that
-            return future.result()
+            await asyncio.wait([future, gone], return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                cancelled.set()  # the work raises Abandoned at its next token; we wait for that
+            return await future
         finally:
-            cancelled.set()  # this request was cancelled itself (server shutting down)
+            gone.cancel()
+            cancelled.set()  # this request was cancelled itself (the server is shutting down)
 
     async def next(self, events):
         """The next item of a generator, made on a generation thread; None at its end."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, next, events, None)
 
 
+async def client_gone(request):
+    """Returns once the client has hung up. The body is read by now, so the server's next message
+    is the disconnect (Starlette's is_disconnected() peeks without waiting, which the
+    @app.middleware layers in between never answer in time)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 def until(cancelled, pieces):
-    """The pieces of a generation, until `cancelled` is set: then Abandoned."""
-    for piece in pieces:
-        if cancelled.is_set():
-            raise Abandoned("the client left; generation stopped")
+    """The pieces of a generation, each made only while `cancelled` is unset (a request whose
+    client left while it waited for a thread never starts): then Abandoned."""
+    pieces = iter(pieces)
+    while not cancelled.is_set():
+        piece = next(pieces, None)
+        if piece is None:
+            return
         yield piece
+    raise Abandoned("the client left; generation stopped")
 
 
 class ModelCache:
