@@ -112,13 +112,13 @@ def check_fits(store, name, tc):
     (grad_accum micro-batches count), or a step that needs more memory than there is."""
     tc.validate()
     cfg = store.config(name)
+    device = distributed.device_for_rank(tc.device)
+    check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
     tokens = tc.batch_size * tc.grad_accum * window_len(tc, cfg)
     if tokens > MAX_TOKENS_PER_STEP:
         raise StoreError(f"one step of batch_size {tc.batch_size} x grad_accum {tc.grad_accum} x seq_len "
                          f"{window_len(tc, cfg)} is {tokens:,} tokens, more than the {MAX_TOKENS_PER_STEP:,} a step may "
                          f"take; lower batch_size or grad_accum")
-    device = distributed.device_for_rank(tc.device)
-    check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
 
 
 def step_time(store, name, tc):

@@ -83,6 +83,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "metrics.jsonl")
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5, for OpenAPI 3.1
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
 MAX_ERROR_CHARS = 2000  # an error message is cut here: it never sends a huge request back
+# every request body but an upload: the longest prompt, each character escaped (\\uXXXX), fits
+MAX_JSON_BYTES = 6 * MAX_PROMPT_CHARS + 2**16
 ARENA_MAX_WINDOWS = 256
 # Generation runs on one CPU thread. Decoding one token is a chain of small matrix-vector products
 # where handing work between OpenMP threads costs more than it saves, and when a training job
@@ -315,10 +317,11 @@ def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None):
     app.state.azr = azr = App(home, max_upload_mb)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    # max_body_size counts the bytes as they arrive, before any parsing: a 100 MB JSON body is cut
+    # off at MAX_JSON_BYTES instead of becoming 400 MB of Python objects, and a chunked upload (no
+    # Content-Length) at the upload limit instead of being spooled to a temp file in full
     for router in (page, models, training, generation, look_inside):
-        app.include_router(router)
-    # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
-    # at the limit instead of being spooled to a temp file in full before read_upload sees it
+        app.include_router(router, max_body_size=MAX_JSON_BYTES, responses=errors(413))
     app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16,  # + room for the multipart headers
                        responses=errors(413))
     add_error_handlers(app, azr)
@@ -770,7 +773,7 @@ def add_error_handlers(app, azr):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        detail = too_big(max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
+        detail = too_big(request.url.path, max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
         return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def known_error(request, exc):
@@ -790,11 +793,12 @@ def add_error_handlers(app, azr):
     app.add_exception_handler(Exception, unexpected_error)
 
     @app.middleware("http")
-    async def refuse_big_uploads(request, call_next):
-        """Refuse an oversized upload from its Content-Length, before reading the body."""
-        length = request.headers.get("content-length", "")
-        if request.url.path == "/upload_book" and length.isdigit() and int(length) > max_upload_bytes + 2**16:
-            return JSONResponse({"error": too_big(max_upload_bytes)}, status_code=413)
+    async def refuse_big_bodies(request, call_next):
+        """Refuse an oversized body from its Content-Length, before reading it."""
+        length, path = request.headers.get("content-length", ""), request.url.path
+        limit = max_upload_bytes + 2**16 if path == "/upload_book" else MAX_JSON_BYTES
+        if length.isdigit() and int(length) > limit:
+            return JSONResponse({"error": too_big(path, max_upload_bytes)}, status_code=413)
         return await call_next(request)
 
 
@@ -831,7 +835,9 @@ def config_field(message):
     return name if name in FORM_FIELDS else "lora_" + name if "lora_" + name in FORM_FIELDS else None
 
 
-def too_big(max_upload_bytes):
+def too_big(path, max_upload_bytes):
+    if path != "/upload_book":
+        return f"the request body is larger than the {MAX_JSON_BYTES // 1024:,} KB a request may send"
     return f"the file is larger than the upload limit of {max_upload_bytes / 2**20:.0f} MB (server option --max-upload-mb)"
 
 
@@ -965,7 +971,7 @@ def read_upload(file, max_upload_bytes):
     while chunk := file.file.read(2**20):
         total += len(chunk)
         if total > max_upload_bytes:
-            raise TooLarge(too_big(max_upload_bytes))
+            raise TooLarge(too_big("/upload_book", max_upload_bytes))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -1064,6 +1070,7 @@ def send_file(path, filename, cleanup=None):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::")
 CHANGES_STATE = {"POST", "PUT", "PATCH", "DELETE"}
+ENTRY_PAGES = {"/", "/docs"}  # what a link on another site may open: the pages, never the API behind them
 
 
 def allowed_hosts(host, port, extra=()):
@@ -1089,9 +1096,11 @@ def is_ours(netloc, hosts, default_port=80):
 
 def guard_site(app, hosts):
     """Refuse what another web page can make the user's browser send: a request whose Host header
-    is not one of `hosts` (DNS rebinding: evil.example resolved to 127.0.0.1), and a
-    state-changing request whose Origin (or Referer) is another site (cross-site request
-    forgery): 403 both. A request without either header (curl, a script) comes from no site: allowed."""
+    is not one of `hosts` (DNS rebinding: evil.example resolved to 127.0.0.1), and a request from
+    another site's page (cross-site request forgery): 403 both. Another site is told by Origin,
+    else Referer, else the browser's Sec-Fetch-Site. Reads count too (a GET of step_time runs a
+    training probe), except opening ENTRY_PAGES from a link. A request without any of those
+    headers (curl, a script) comes from no site: allowed."""
 
     @app.middleware("http")
     async def same_site_only(request, call_next):
@@ -1100,12 +1109,20 @@ def guard_site(app, hosts):
             return JSONResponse({"error": f"this server does not answer to the name {host[:100]!r}; if that is "
                                           f"how you reach it, start it with --allowed-host NAME"}, status_code=403)
         sender = request.headers.get("origin") or request.headers.get("referer")
-        if request.method in CHANGES_STATE and sender is not None:
-            u = urlsplit(sender)
-            if not is_ours(u.netloc, hosts, {"https": 443}.get(u.scheme, 80)):
-                return JSONResponse({"error": f"refused a cross-site request: a page from {sender[:100]!r} may not "
-                                              f"change anything here; use this server's own page"}, status_code=403)
+        guarded = request.method in CHANGES_STATE or request.url.path not in ENTRY_PAGES
+        if guarded and from_another_site(sender, request.headers.get("sec-fetch-site"), hosts):
+            return JSONResponse({"error": f"refused a cross-site request: a page from {(sender or 'another site')[:100]!r} "
+                                          f"may not use this server; use this server's own page"}, status_code=403)
         return await call_next(request)
+
+
+def from_another_site(sender, fetch_site, hosts):
+    """Was the request sent by a page of another site? `sender` is its Origin or Referer URL;
+    without one, a browser's Sec-Fetch-Site says (a page may send no Referer, never a wrong one)."""
+    if sender is not None:
+        u = urlsplit(sender)
+        return not is_ours(u.netloc, hosts, {"https": 443}.get(u.scheme, 80))
+    return fetch_site in ("cross-site", "same-site")
 
 
 # ----------------------------------------------------------------------------- command

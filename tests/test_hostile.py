@@ -77,6 +77,19 @@ def test_another_sites_page_cannot_stop_a_training_job(live, book_text):
     assert httpx.post(f"{url}/stop_training", headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
 
 
+def test_another_sites_page_cannot_run_a_heavy_read(live):
+    """A GET of step_time runs a training probe: reads are guarded too; a link to the page is not."""
+    url, port = live
+    httpx.post(f"{url}/create_model", json={"name": "probe", **TINY}).raise_for_status()
+    for headers in ({"Origin": EVIL}, {"Referer": f"{EVIL}/page.html"}, {"Sec-Fetch-Site": "cross-site"}):
+        r = sent(f"GET /models/probe/step_time {headers}",
+                 httpx.get(f"{url}/models/probe/step_time", params={"batch_size": 256}, headers=headers))
+        assert r.status_code == 403 and "cross-site" in r.json()["error"], headers
+    assert httpx.get(f"{url}/", headers={"Referer": f"{EVIL}/link.html", "Sec-Fetch-Site": "cross-site"}).status_code == 200
+    own_page = {"Referer": f"http://127.0.0.1:{port}/", "Sec-Fetch-Site": "same-origin"}
+    assert httpx.get(f"{url}/models/probe/step_time", params={"batch_size": 2}, headers=own_page).status_code == 200
+
+
 def test_a_cross_site_form_upload_or_delete_is_refused(live, book_text):
     url, _ = live
     form = {"files": {"file": ("evil.txt", book_text[:3000].encode())}, "data": {"name": "evil"}}
@@ -166,6 +179,15 @@ def test_an_epub_whose_headers_lie_about_its_size_is_refused_without_inflating_i
         assert r.status_code == 400 and "cannot be read" in r.json()["error"], r.text
         assert grew < 100, f"peak memory grew by {grew:.0f} MiB"
         assert c.get("/books").json() == []
+
+
+def test_a_huge_json_body_is_refused_before_it_is_parsed(tmp_path):
+    body = b'{"model": "m", "prompt": "' + b"a" * 100 * 2**20 + b'"}'
+    with TestClient(create_app(tmp_path / "home"), base_url=LOCAL_URL) as c:
+        for sent_as in (body, (body[i:i + 2**20] for i in range(0, len(body), 2**20))):  # with and without Content-Length
+            r = c.post("/generate", content=sent_as, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "a request may send" in r.json()["error"], r.text
+        assert c.post("/generate", json={"model": "m", "prompt": "é" * 100_000}).status_code == 404  # the longest prompt fits
 
 
 def test_train_refuses_a_step_too_big_for_this_machines_memory(tmp_path, book_text, capsys):
