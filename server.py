@@ -205,7 +205,7 @@ class ErrorBody(Answer):
 
 ERRORS = {400: "a value we cannot use", 404: "unknown model, book, version or adapter",
           409: "name taken, a job already running, or nothing to stop or resume",
-          413: "upload over the limit (--max-upload-mb)",
+          413: "upload over the limit (--max-upload-mb), or a request body over MAX_JSON_BYTES",
           422: "a malformed request: wrong type, unknown field",
           429: "too many generations running or waiting: try again after Retry-After seconds",
           500: "a bug or a damaged file on disk; the server keeps running"}
