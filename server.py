@@ -25,8 +25,8 @@ files `cli.py export` writes.
 Binding 127.0.0.1 keeps other machines out, but not a web page in the user's own browser: any
 site can send requests to http://127.0.0.1:8000, and a DNS-rebinding site can even read the
 answers. `guard_site` (at the end of this file) answers only requests addressed to this server
-by name (the Host header) and refuses state-changing requests sent by another site's page
-(the Origin header), so only this server's own page, curl and scripts can drive it.
+by name (the Host header) and refuses requests sent by another site's page (the Origin
+header), so only this server's own page, curl and scripts can drive it.
 """
 
 import argparse
@@ -644,6 +644,8 @@ async def generate_stream(args: Annotated[tuple, Depends(stream_request)], azr: 
     events = sse_tokens(*args)
     while (event := await azr.generation.next(events)) is not None:
         yield event
+
+
 @generation.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
 def attention(req: AttentionRequest, azr: Azr):
     model, tok = azr.models.get(req.model, req.adapter)
