@@ -113,6 +113,10 @@ class TrainConfig:
         return config.from_dict(cls, d, "training options")
 
 
+class StepAbandoned(Exception):
+    """Stop came before or in the middle of a step: the step is not taken."""
+
+
 class Trainer:
     """Trains `model` (already on its device) on data {"train", "val"} (token arrays), with
     checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step.
@@ -142,6 +146,7 @@ class Trainer:
         self.compiled = self.warmed = False
         self.compile_reason = None
         self.step = 0
+        self.should_stop = lambda: False  # run() takes the caller's
         torch.manual_seed(tc.seed + distributed.rank())  # DDP: dropout noise, each rank its own; saved in checkpoints
         self.batch_gen = torch.Generator().manual_seed(tc.seed)
         self.selfplay = None
@@ -177,6 +182,7 @@ class Trainer:
         before run.json says the run is over, so a failure there fails the run. -> a summary.
         `should_stop` (the web app's Stop) must answer alike on every rank; the CLI passes none."""
         emit = on_event or (lambda e: None)
+        self.should_stop = should_stop or self.should_stop
         main = distributed.is_main()  # DDP: rank 0 writes; the others only train
         tc = self.tc
         self._write_run("running", world_size=distributed.world_size())
@@ -194,17 +200,21 @@ class Trainer:
         end_reason = "budget" if budget else "steps"  # why the run ended, for the page: or early_stop, stopped
         try:
             while self.step < self.tc.steps:
-                if should_stop and should_stop():
+                try:
+                    if self.should_stop():
+                        raise StepAbandoned
+                    row = self._one_step()
+                except StepAbandoned:  # Stop, before or in the middle of a step: resume redoes it
                     status = end_reason = "stopped"
                     if self.claimed:  # stopped before its first step: the last run stays the one to resume
                         self.save_checkpoint()
                     break
-                row = self._one_step()
                 if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): end evaluated
                     self.tc = replace(self.tc, steps=self.step)
                     if "val_bpb" not in row and distributed.is_main():
                         row.update(self.evaluate())
-                        self._track_best(row["val_bpb"], row.get("greedy_repeats"))
+                        if "val_bpb" in row:
+                            self._track_best(row["val_bpb"], row.get("greedy_repeats"))
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 if budget:
@@ -262,9 +272,10 @@ class Trainer:
             row["selfplay"] = self.selfplay.step()
         if self._evaluated(self.step) and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
             row.update(self.evaluate())
-            if self.sample:
-                row["sample"] = self.sample(self.model)
-            self._track_best(row["val_bpb"], row.get("greedy_repeats"))
+            if "val_bpb" in row:  # else Stop cut the evaluation short: the step stands, unscored
+                if self.sample:
+                    row["sample"] = self.sample(self.model)
+                self._track_best(row["val_bpb"], row.get("greedy_repeats"))
         return row
 
     def switch_to_selfplay(self):
@@ -281,12 +292,19 @@ class Trainer:
         return step % self.tc.eval_every == 0 or step == self.tc.steps
 
     def train_step(self):
-        """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
+        """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}.
+        Stop is checked before each micro-batch: a step of many can take minutes. A step stopped
+        half-way is dropped (StepAbandoned) as if it never began: its gradients are zeroed and the
+        RNGs set back, so the resumed run draws the same batches the whole step would have."""
         tc = self.tc
         self.model.train()
         lr = self._set_lr()
-        total = 0.0
+        total, rngs = 0.0, self._rng_state()
         for i in range(tc.grad_accum):
+            if i and self.should_stop():
+                self.optimizer.zero_grad(set_to_none=True)
+                self._set_rng_state(rngs)
+                raise StepAbandoned
             x, y = self.get_batch("train")
             with distributed.no_sync(self.loss, skip=i < tc.grad_accum - 1):  # DDP: all-reduce at the last one
                 with autocast(self.device, self.precision):
@@ -344,10 +362,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, max_windows=None):
         """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split: as many
-        as eval_batches global batches (DDP: rank 0 scores them all)."""
+        as eval_batches global batches (DDP: rank 0 scores them all). {} if Stop came first."""
         n = max_windows or self.tc.eval_batches * self.tc.batch_size * distributed.world_size()
-        out = evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision)
-        if self.selfplay:  # what keep-best weighs against val bits/byte
+        out = evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision,
+                           should_stop=self.should_stop) or {}
+        if out and self.selfplay:  # what keep-best weighs against val bits/byte
             out["greedy_repeats"] = self.selfplay.greedy_repeats(self.data["val"])
         return out
 
@@ -414,6 +433,12 @@ class Trainer:
             state["cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
+    def _set_rng_state(self, state):
+        self.batch_gen.set_state(state["batch"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
+
     def _restore(self, tensors, meta):
         """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
         load_trained_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -442,10 +467,9 @@ class Trainer:
         saved = {k: v.reshape(-1, v.shape[-1]) for k, v in saved.items()}  # (world_size, bytes); 1-D before DDP
         n, world, r = len(saved["torch"]), distributed.world_size(), distributed.rank()
         own = {k: v[r if n == world else 0].clone() for k, v in saved.items()}  # a row of its own: set_state wants one
-        self.batch_gen.set_state(own["batch"])
-        torch.set_rng_state(own["torch"])
-        if "cuda" in own and self.device.type == "cuda":
-            torch.cuda.set_rng_state(own["cuda"], self.device)
+        if self.device.type != "cuda":
+            own.pop("cuda", None)
+        self._set_rng_state(own)
         if n == world:
             return None
         if r > 0:
@@ -664,16 +688,20 @@ def make_optimizer(model, tc):
 
 
 @torch.no_grad()
-def evaluate_bpb(model, data, byte_len, T, n_windows, device, precision="fp32", batch_size=16):
+def evaluate_bpb(model, data, byte_len, T, n_windows, device, precision="fp32", batch_size=16, should_stop=None):
     """Cross-entropy over up to n_windows evenly spaced, non-overlapping windows of `data`.
     bits/byte = (sum of losses in nats) / ln 2 / (bytes of text those target tokens spell).
-    Leaves the model in the mode (train or eval) it found it in."""
+    Leaves the model in the mode (train or eval) it found it in. None if `should_stop()` turns
+    True between two batches (a Stop during a long evaluation)."""
     was_training = model.training
     model.eval()
     n_windows = max(1, min(n_windows, (len(data) - 1) // T))
     starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
     nats, n_tokens, n_bytes = 0.0, 0, 0
     for i in range(0, n_windows, batch_size):
+        if should_stop and should_stop():
+            model.train(was_training)
+            return None
         s = starts[i:i + batch_size]
         rows = torch.from_numpy(data[s[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
         x, y = rows[:, :-1], rows[:, 1:]

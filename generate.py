@@ -240,7 +240,10 @@ def stream(model, tokenizer, prompt, sc, device="cpu"):
 
 def generate(model, tokenizer, prompt, sc, device="cpu"):
     """The whole continuation as one string (cut at the stop string, if one is set)."""
-    text = "".join(piece for piece, _, _ in stream(model, tokenizer, prompt, sc, device))
-    if sc.stop and sc.stop in text:
-        text = text[: text.index(sc.stop)]
-    return text
+    return joined(stream(model, tokenizer, prompt, sc, device), sc.stop)
+
+
+def joined(pieces, stop=None):
+    """The (text, token_id, probs) pieces of `stream` as one string, cut at `stop`."""
+    text = "".join(piece for piece, _, _ in pieces)
+    return text[: text.index(stop)] if stop and stop in text else text

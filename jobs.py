@@ -12,7 +12,7 @@ which restores weights, AdamW moments and RNGs, so nothing but the steps since i
 
 A job is any function `fn(on_event, should_stop)`: the runner does not care whether it trains,
 resumes or fine-tunes. Stop is cooperative: should_stop() turns True, the trainer notices before
-its next step, saves a checkpoint and returns.
+its next micro-batch (or evaluation batch), saves a checkpoint and returns.
 """
 
 import logging

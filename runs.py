@@ -28,6 +28,7 @@ whose text changed since is refused unless the user says to go on with the new t
 import contextlib
 import threading
 import time
+from collections import Counter
 
 import torch
 
@@ -97,13 +98,24 @@ def lease(store, name):
     return store.training(name) if distributed.is_main() else contextlib.nullcontext()
 
 
+# GPT-3's largest batch was 3.2 M tokens (Brown et al. 2020, Table 2.1); a bigger step here is a
+# typo, and it would take hours on a CPU before Stop or a first number could show
+MAX_TOKENS_PER_STEP = 2**22
+
+
 def check_fits(store, name, tc):
     """Refuse, before anything is allocated, a run that model `name` or this machine cannot take:
-    windows longer than the model's context, or a step that needs more memory than there is."""
+    windows longer than the model's context, a step of more than MAX_TOKENS_PER_STEP tokens
+    (grad_accum micro-batches count), or a step that needs more memory than there is."""
     tc.validate()
     cfg = store.config(name)
     device = distributed.device_for_rank(tc.device)
     check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
+    tokens = tc.batch_size * tc.grad_accum * window_len(tc, cfg)
+    if tokens > MAX_TOKENS_PER_STEP:
+        raise StoreError(f"one step of batch_size {tc.batch_size} x grad_accum {tc.grad_accum} x seq_len "
+                         f"{window_len(tc, cfg)} is {tokens:,} tokens, more than the {MAX_TOKENS_PER_STEP:,} a step may "
+                         f"take; lower batch_size or grad_accum")
 
 
 def step_time(store, name, tc):
@@ -242,13 +254,21 @@ def run_and_record(store, name, trainer, on_event, should_stop):
 def prepare_data(store, name, books, val_fraction=0.1, allow_paths=False):
     """Books -> (tokenizer, {train, val} token arrays, [{name, sha256}], [text of each book]). The
     first run of a model trains its tokenizer on its books; later runs reuse it."""
-    if not books:
-        raise StoreError("give at least one book to train on")
+    check_books(books)
     resolved = [store.resolve_book(b, allow_paths) for b in books]
     texts = {f"{n}-{sha[:8]}": text for n, text, sha in resolved}
     tok = store.tokenizer(name) or train_tokenizer(store, name, texts.values())
     data = prepare_tokens(tok, texts, store.home / "cache" / "tokens", val_fraction)
     return tok, data, [{"name": n, "sha256": sha} for n, _, sha in resolved], [text for _, text, _ in resolved]
+
+
+def check_books(books):
+    """At least one book, each named once: a run reads every book it is given into memory."""
+    if not books:
+        raise StoreError("give at least one book to train on")
+    twice = sorted(b for b, n in Counter(books).items() if n > 1)
+    if twice:
+        raise StoreError(f"book {twice[0]!r} is named more than once; name each book once")
 
 
 def train_tokenizer(store, name, texts):

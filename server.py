@@ -26,11 +26,12 @@ files `cli.py export` writes.
 Binding 127.0.0.1 keeps other machines out, but not a web page in the user's own browser: any
 site can send requests to http://127.0.0.1:8000, and a DNS-rebinding site can even read the
 answers. `guard_site` (at the end of this file) answers only requests addressed to this server
-by name (the Host header) and refuses state-changing requests sent by another site's page
-(the Origin header), so only this server's own page, curl and scripts can drive it.
+by name (the Host header) and refuses requests sent by another site's page (the Origin
+header), so only this server's own page, curl and scripts can drive it.
 """
 
 import argparse
+import asyncio
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ import threading
 import time
 import zipfile
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -70,7 +72,7 @@ import openai_api
 import runs
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, StoreError, hide_paths
-from generate import SamplingConfig, generate, stream
+from generate import SamplingConfig, joined, stream
 from hardware import pick_device
 from jobs import ACTIVE, RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
@@ -86,12 +88,20 @@ ADAPTER_FILES = ("adapter_config.json", "adapter.safetensors", "metrics.jsonl")
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5, for OpenAPI 3.1
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
 MAX_ERROR_CHARS = 2000  # an error message is cut here: it never sends a huge request back
+# every request body but an upload: the longest prompt, each character escaped (\\uXXXX), fits
+MAX_JSON_BYTES = 6 * MAX_PROMPT_CHARS + 2**16
 ARENA_MAX_WINDOWS = 256
 # Generation runs on one CPU thread. Decoding one token is a chain of small matrix-vector products
 # where handing work between OpenMP threads costs more than it saves, and when a training job
 # keeps the cores busy the threads stall waiting for each other. With torch's OpenMP backend the
 # setting is per thread, so the training thread keeps all of its threads.
 GENERATION_THREADS = 1
+# Generation has its own threads, so that /health and every other request never wait behind it:
+# half the cores (training keeps the rest), and at most GENERATION_QUEUE requests running or
+# waiting for one; beyond that, 429 with Retry-After instead of an ever longer queue
+GENERATION_WORKERS = max(2, (os.cpu_count() or 2) // 2)
+GENERATION_QUEUE = 32
+GENERATION_RETRY_AFTER_S = 5
 SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 
 log = logging.getLogger("azr.server")
@@ -200,7 +210,9 @@ class ErrorBody(Answer):
 
 ERRORS = {400: "a value we cannot use", 404: "unknown model, book, version or adapter",
           409: "name taken, a job already running, or nothing to stop or resume",
-          413: "upload over the limit (--max-upload-mb)", 422: "a malformed request: wrong type, unknown field",
+          413: "upload over the limit (--max-upload-mb), or a request body over MAX_JSON_BYTES",
+          422: "a malformed request: wrong type, unknown field",
+          429: "too many generations running or waiting: try again after Retry-After seconds",
           500: "a bug or a damaged file on disk; the server keeps running"}
 
 
@@ -214,6 +226,7 @@ class Health(Answer):
     models: int
     books: int
     job: str
+    generating: int
     max_upload_bytes: int
     damaged: list[str]  # models, books and job files that cannot be read (names)
     damaged_books: list[str]
@@ -285,6 +298,7 @@ class App:
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")
         self.models = ModelCache(self.store, self.device)
+        self.generation = GenerationQueue()
         self.max_upload_bytes = int(max_upload_mb * 2**20)
         self.max_prompt_chars, self.generation_threads = MAX_PROMPT_CHARS, GENERATION_THREADS
         self.api_key = api_key
@@ -297,6 +311,15 @@ def app_of(request: Request) -> App:
 Azr = Annotated[App, Depends(app_of)]
 
 
+async def generation_slot(azr: Azr):
+    """A slot in the generation queue for the whole request (a stream: until its last event)."""
+    with azr.generation.slot():
+        yield
+
+
+GenerationSlot = Annotated[None, Depends(generation_slot)]
+
+
 def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None, api_key=None):
     """A new app over the store at `home`, answering to `hosts` (see allowed_hosts; default: this
     machine's loopback names on any port), its /v1 guarded by `api_key` (openai_api.py). Tests
@@ -307,10 +330,11 @@ def create_app(home=None, max_upload_mb=MAX_UPLOAD_MB, hosts=None, api_key=None)
     app.state.azr = azr = App(home, max_upload_mb, api_key)
     app.mount("/static", StaticFiles(directory=ROOT / "static"), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+    # max_body_size counts the bytes as they arrive, before any parsing: a 100 MB JSON body is cut
+    # off at MAX_JSON_BYTES instead of becoming 400 MB of Python objects, and a chunked upload (no
+    # Content-Length) at the upload limit instead of being spooled to a temp file in full
     for router in (page, models, training, generation, look_inside, openai_api.router):
-        app.include_router(router)
-    # max_body_size counts the bytes as they arrive: a chunked upload (no Content-Length) is cut off
-    # at the limit instead of being spooled to a temp file in full before read_upload sees it
+        app.include_router(router, max_body_size=MAX_JSON_BYTES, responses=errors(413))
     app.include_router(books, max_body_size=azr.max_upload_bytes + 2**16,  # + room for the multipart headers
                        responses=errors(413))
     add_error_handlers(app, azr)
@@ -353,15 +377,15 @@ def docs():
                                swagger_favicon_url="/docs-assets/favicon.png")
 
 
-@page.get("/health", summary="Server is up: device, counts, job state; the models, books and job files that are "
-                             "damaged", response_model=Health)
+@page.get("/health", summary="Server is up: device, counts, job state, generations running or waiting; the "
+                             "models, books and job files that are damaged", response_model=Health)
 def health(azr: Azr):
     models_, books_ = azr.store.list_models(), azr.store.list_books()
     return {"ok": True, "device": str(azr.device), "models": len(models_),
             "damaged": [m["name"] for m in models_ if "damaged" in m],
             "books": len(books_), "damaged_books": [b["name"] for b in books_ if "damaged" in b],
             "damaged_jobs": [j["name"] for j in azr.jobs.damaged], "job": azr.jobs.status()["state"],
-            "max_upload_bytes": azr.max_upload_bytes}
+            "generating": azr.generation.taken, "max_upload_bytes": azr.max_upload_bytes}
 
 
 # ----------------------------------------------------------------------------- models
@@ -589,6 +613,7 @@ def check_training_inputs(store, model, books_):
     store.model_dir(model)
     if not books_:
         raise ValueError("choose at least one book to train on")
+    runs.check_books(books_)
     for b in books_:
         store.book_info(b)
 
@@ -627,13 +652,18 @@ def refuse_while_training(jobs, name, what):
 generation = APIRouter(tags=["generation"])
 
 
-@generation.post("/generate", summary="Continue a prompt; the whole text at once", response_model=Generated)
-def generate_text(req: GenerateRequest, azr: Azr):
+@generation.post("/generate", summary="Continue a prompt; the whole text at once (429 when too many wait)",
+                 response_model=Generated, responses=errors(429))
+async def generate_text(req: GenerateRequest, request: Request, azr: Azr, _: GenerationSlot):
+    return await azr.generation.run(request, generate_until, azr, req)
+
+
+def generate_until(cancelled, azr, req):
+    """The generation of one request, on a generation thread; Abandoned once `cancelled` is set."""
     model, tok = azr.models.get(req.model, req.adapter)
     sc = settings_from(req, SamplingConfig)
-    torch.set_num_threads(GENERATION_THREADS)
     t0 = time.perf_counter()
-    text = generate(model, tok, req.prompt, sc, azr.device)
+    text = joined(until(cancelled, stream(model, tok, req.prompt, sc, azr.device)), sc.stop)
     return {"text": text, "seconds": round(time.perf_counter() - t0, 3)}
 
 
@@ -647,11 +677,14 @@ def stream_request(req: GenerateRequest, azr: Azr):
                  response_class=EventSourceResponse,
                  responses={200: {"description": "data: {text, token, prob, top: [[text, prob] x5]} per token, then "
                                                  "event: done with {tokens, seconds, first_token_s}; `: ping` "
-                                                 "comments keep an idle connection open"}})
-def generate_stream(args: Annotated[tuple, Depends(stream_request)]):
+                                                 "comments keep an idle connection open"}, **errors(429)})
+async def generate_stream(args: Annotated[tuple, Depends(stream_request)], azr: Azr, _: GenerationSlot):
     """FastAPI frames each yielded event (fastapi.sse) and sends a keep-alive ping when none
-    comes for 15 s, e.g. while a long prompt is read."""
-    yield from sse_tokens(*args)
+    comes for 15 s, e.g. while a long prompt is read. Each token is made on a generation thread;
+    when the client leaves, FastAPI stops asking for the next one."""
+    events = sse_tokens(*args)
+    while (event := await azr.generation.next(events)) is not None:
+        yield event
 
 
 @generation.post("/attention", summary="Attention weights (T x T) of one layer/head over the prompt")
@@ -661,8 +694,13 @@ def attention(req: AttentionRequest, azr: Azr):
     return inside.attention_map(model, tok, req.prompt, req.layer, req.head)
 
 
-@generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)")
-def arena(req: ArenaRequest, azr: Azr):
+@generation.post("/arena", summary="Two models, one prompt and seed, side by side (+ bits/byte on a book)",
+                 responses=errors(429))
+async def arena(req: ArenaRequest, request: Request, azr: Azr, _: GenerationSlot):
+    return await azr.generation.run(request, arena_sides, azr, req)
+
+
+def arena_sides(cancelled, azr, req):
     sc = settings_from(req, SamplingConfig)
     if not 1 <= req.windows <= ARENA_MAX_WINDOWS:
         raise ValueError(f"windows must be between 1 and {ARENA_MAX_WINDOWS}")
@@ -670,11 +708,10 @@ def arena(req: ArenaRequest, azr: Azr):
         sc.seed = secrets.randbelow(2**31)  # not torch's generator: training re-seeds it
     if req.book:
         azr.store.book_info(req.book)
-    torch.set_num_threads(GENERATION_THREADS)
     sides = {}
     for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
         model, tok = azr.models.get(name, adapter)
-        text = generate(model, tok, req.prompt, sc, azr.device)
+        text = joined(until(cancelled, stream(model, tok, req.prompt, sc, azr.device)), sc.stop)
         # how much it loops: the share of its 4-token pieces that repeat an earlier one (seq-rep-4)
         sides[side] = {"model": name, "adapter": adapter, "text": text, "repeats": inside.seq_rep_n(tok.encode(text), 4)}
         if req.book:
@@ -687,14 +724,12 @@ def sse_tokens(model, tok, prompt, sc, device):
     """Server-Sent Events: one `data:` event of JSON per token, then `event: done` (or `error`)."""
     t0, first, n = time.perf_counter(), None, 0
     try:
-        torch.set_num_threads(GENERATION_THREADS)
         for text, token, probs in stream(model, tok, prompt, sc, device):
             first = first or time.perf_counter() - t0
             n += 1
             piece = {"text": text, "token": token, "prob": None if probs is None else probs[token].item(),
                      "top": [] if probs is None else inside.top_alternatives(tok, probs)}
             yield ServerSentEvent(data=piece)
-            torch.set_num_threads(GENERATION_THREADS)  # resumed on any worker thread: set it there too
         done = {"tokens": n, "seconds": round(time.perf_counter() - t0, 4), "first_token_s": round(first or 0, 4)}
         yield ServerSentEvent(event="done", data=done)
     except Exception as e:  # the 200 header is gone: report the error in the stream itself
@@ -782,8 +817,8 @@ def add_error_handlers(app, azr):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc):
-        detail = too_big(max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
-        return JSONResponse({"error": detail}, status_code=exc.status_code)
+        detail = too_big(request.url.path, max_upload_bytes) if exc.status_code == 413 else said(str(exc.detail))
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=exc.headers)
 
     async def known_error(request, exc):
         body = {"error": said(str(exc))}
@@ -797,16 +832,17 @@ def add_error_handlers(app, azr):
         return JSONResponse({"error": said(f"internal error ({type(exc).__name__}): {exc}")}, status_code=500)
 
     # ValueError covers StoreError, BookError and every settings check
-    for cls in (ValueError, Busy):
+    for cls in (ValueError, Busy, Abandoned):
         app.add_exception_handler(cls, known_error)
     app.add_exception_handler(Exception, unexpected_error)
 
     @app.middleware("http")
-    async def refuse_big_uploads(request, call_next):
-        """Refuse an oversized upload from its Content-Length, before reading the body."""
-        length = request.headers.get("content-length", "")
-        if request.url.path == "/upload_book" and length.isdigit() and int(length) > max_upload_bytes + 2**16:
-            return JSONResponse({"error": too_big(max_upload_bytes)}, status_code=413)
+    async def refuse_big_bodies(request, call_next):
+        """Refuse an oversized body from its Content-Length, before reading it."""
+        length, path = request.headers.get("content-length", ""), request.url.path
+        limit = max_upload_bytes + 2**16 if path == "/upload_book" else MAX_JSON_BYTES
+        if length.isdigit() and int(length) > limit:
+            return JSONResponse({"error": too_big(path, max_upload_bytes)}, status_code=413)
         return await call_next(request)
 
 
@@ -824,6 +860,8 @@ def error_status(exc):
         return 413
     if isinstance(exc, CorruptFile):
         return 500
+    if isinstance(exc, Abandoned):
+        return 499  # "client closed request" (nginx's code): nobody reads it
     return 400
 
 
@@ -841,11 +879,82 @@ def config_field(message):
     return name if name in FORM_FIELDS else "lora_" + name if "lora_" + name in FORM_FIELDS else None
 
 
-def too_big(max_upload_bytes):
+def too_big(path, max_upload_bytes):
+    if path != "/upload_book":
+        return f"the request body is larger than the {MAX_JSON_BYTES // 1024:,} KB a request may send"
     return f"the file is larger than the upload limit of {max_upload_bytes / 2**20:.0f} MB (server option --max-upload-mb)"
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class Abandoned(Exception):
+    """The client of a generation left: its work stopped at the next token."""
+
+
+class GenerationQueue:
+    """Generation on threads of its own, a bounded number of requests at a time.
+
+    A request takes a slot (429 with Retry-After when all GENERATION_QUEUE are taken) and its work
+    runs on one of GENERATION_WORKERS threads, each decoding on GENERATION_THREADS CPU threads.
+    The event loop meanwhile waits for the client to hang up (client_gone); if it does, the work's
+    `cancelled` flag is set and `until` ends it before the next token. Slots are taken and given
+    back on the event loop only, so `taken` needs no lock."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(GENERATION_WORKERS, thread_name_prefix="generate",
+                                       initializer=torch.set_num_threads, initargs=(GENERATION_THREADS,))
+        self.taken = 0
+
+    @contextmanager
+    def slot(self):
+        if self.taken >= GENERATION_QUEUE:
+            raise HTTPException(429, f"the server is busy: {self.taken} generations are running or waiting, the most it "
+                                     f"takes at once; try again in {GENERATION_RETRY_AFTER_S} s",
+                                headers={"Retry-After": str(GENERATION_RETRY_AFTER_S)})
+        self.taken += 1
+        try:
+            yield
+        finally:
+            self.taken -= 1
+
+    async def run(self, request, work, *args):
+        """work(cancelled, *args) on a generation thread -> its result; Abandoned if the client left."""
+        cancelled = threading.Event()
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work, cancelled, *args)
+        gone = asyncio.ensure_future(client_gone(request))
+        try:
+            await asyncio.wait([future, gone], return_when=asyncio.FIRST_COMPLETED)
+            if gone.done():
+                cancelled.set()  # the work raises Abandoned at its next token; we wait for that
+            return await future
+        finally:
+            gone.cancel()
+            cancelled.set()  # this request was cancelled itself (the server is shutting down)
+
+    async def next(self, events):
+        """The next item of a generator, made on a generation thread; None at its end."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, next, events, None)
+
+
+async def client_gone(request):
+    """Returns once the client has hung up. The body is read by now, so the server's next message
+    is the disconnect (Starlette's is_disconnected() peeks without waiting, which the
+    @app.middleware layers in between never answer in time)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def until(cancelled, pieces):
+    """The pieces of a generation, each made only while `cancelled` is unset (a request whose
+    client left while it waited for a thread never starts): then Abandoned."""
+    pieces = iter(pieces)
+    while not cancelled.is_set():
+        piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
+    raise Abandoned("the client left; generation stopped")
 
 
 class ModelCache:
@@ -919,7 +1028,7 @@ def read_upload(file, max_upload_bytes):
     while chunk := file.file.read(2**20):
         total += len(chunk)
         if total > max_upload_bytes:
-            raise TooLarge(too_big(max_upload_bytes))
+            raise TooLarge(too_big("/upload_book", max_upload_bytes))
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -1045,6 +1154,7 @@ def zip_folder(folder, names, prefix, path, extra=None):
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 WILDCARD = ("0.0.0.0", "::")
 CHANGES_STATE = {"POST", "PUT", "PATCH", "DELETE"}
+ENTRY_PAGES = {"/", "/docs"}  # what a link on another site may open: the pages, never the API behind them
 
 
 def allowed_hosts(host, port, extra=()):
@@ -1070,9 +1180,11 @@ def is_ours(netloc, hosts, default_port=80):
 
 def guard_site(app, hosts):
     """Refuse what another web page can make the user's browser send: a request whose Host header
-    is not one of `hosts` (DNS rebinding: evil.example resolved to 127.0.0.1), and a
-    state-changing request whose Origin (or Referer) is another site (cross-site request
-    forgery): 403 both. A request without either header (curl, a script) comes from no site: allowed."""
+    is not one of `hosts` (DNS rebinding: evil.example resolved to 127.0.0.1), and a request from
+    another site's page (cross-site request forgery): 403 both. Another site is told by Origin,
+    else Referer, else the browser's Sec-Fetch-Site. Reads count too (a GET of step_time runs a
+    training probe), except opening ENTRY_PAGES from a link. A request without any of those
+    headers (curl, a script) comes from no site: allowed."""
 
     @app.middleware("http")
     async def same_site_only(request, call_next):
@@ -1081,12 +1193,20 @@ def guard_site(app, hosts):
             return JSONResponse({"error": f"this server does not answer to the name {host[:100]!r}; if that is "
                                           f"how you reach it, start it with --allowed-host NAME"}, status_code=403)
         sender = request.headers.get("origin") or request.headers.get("referer")
-        if request.method in CHANGES_STATE and sender is not None:
-            u = urlsplit(sender)
-            if not is_ours(u.netloc, hosts, {"https": 443}.get(u.scheme, 80)):
-                return JSONResponse({"error": f"refused a cross-site request: a page from {sender[:100]!r} may not "
-                                              f"change anything here; use this server's own page"}, status_code=403)
+        guarded = request.method in CHANGES_STATE or request.url.path not in ENTRY_PAGES
+        if guarded and from_another_site(sender, request.headers.get("sec-fetch-site"), hosts):
+            return JSONResponse({"error": f"refused a cross-site request: a page from {(sender or 'another site')[:100]!r} "
+                                          f"may not use this server; use this server's own page"}, status_code=403)
         return await call_next(request)
+
+
+def from_another_site(sender, fetch_site, hosts):
+    """Was the request sent by a page of another site? `sender` is its Origin or Referer URL;
+    without one, a browser's Sec-Fetch-Site says (a page may send no Referer, never a wrong one)."""
+    if sender is not None:
+        u = urlsplit(sender)
+        return not is_ours(u.netloc, hosts, {"https": 443}.get(u.scheme, 80))
+    return fetch_site in ("cross-site", "same-site")
 
 
 # ----------------------------------------------------------------------------- command

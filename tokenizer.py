@@ -21,8 +21,10 @@ import os
 import re
 import shutil
 import tempfile
+import unicodedata
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
@@ -55,10 +57,11 @@ class BookText:
     format: str
     language: str
     notes: list = field(default_factory=list)  # what was done to the raw bytes, for the user
+    replaced: int = 0  # bytes that fit no encoding and became U+FFFD
 
     def report(self):
         return {"encoding": self.encoding, "format": self.format, "language": self.language,
-                "characters": len(self.text), "notes": self.notes}
+                "characters": len(self.text), "replaced": self.replaced, "notes": self.notes}
 
 
 def read_book(data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
@@ -69,13 +72,15 @@ def read_book(data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
     if not data:
         raise BookError("the file is empty")
     ext = Path(filename).suffix.lower()
-    notes = []
+    notes, replaced = [], 0
     if ext == ".epub" or data[:4] == b"PK\x03\x04":
         raw, fmt = _epub_text(data, max_bytes), "epub"
         text, encoding = raw, "utf-8"
         notes.append("extracted text from the EPUB's XHTML chapters")
     else:
-        text, encoding = decode_bytes(data)
+        text, encoding, replaced = decode_bytes(data)
+        if replaced:
+            notes.append(f"bytes that are not {encoding}, each now \ufffd (U+FFFD): {replaced:,}")
         fmt = "txt"
         if ext == ".fb2" or text.lstrip().startswith("<?xml") and "<FictionBook" in text[:2000]:
             text, fmt = _markup_text(text), "fb2"
@@ -85,23 +90,33 @@ def read_book(data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
     notes += more
     if len(text.strip()) < 20:
         raise BookError("the file holds almost no text after cleaning (under 20 characters)")
-    return BookText(text, encoding, fmt, guess_language(text), notes)
+    return BookText(text, encoding, fmt, guess_language(text), notes, replaced)
 
 
 def decode_bytes(data):
-    """bytes -> (str, encoding name). Rejects binary files."""
+    """bytes -> (str, encoding name, bytes replaced by U+FFFD). Rejects binary files, and guesses
+    that give text no book holds.
+
+    A UTF-8 book with a few stray bytes (a cut character, a 0xFF from a bad copy) stays UTF-8:
+    up to MAX_STRAY_SHARE of its bytes become U+FFFD, and the answer says how many. A UTF-8 file
+    with a longer stretch in an old code page (a cp1251 chapter pasted into a UTF-8 book) is
+    read as both: UTF-8 where it is valid, the rest in the code page its stray bytes look like."""
     if data.startswith(b"\xef\xbb\xbf"):
-        return data[3:].decode("utf-8", errors="replace"), "utf-8-sig"
+        return data[3:].decode("utf-8", errors="replace"), "utf-8-sig", 0
     if data[:4] in (b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff"):  # checked first: it starts like UTF-16's
-        return data.decode("utf-32", errors="replace"), "utf-32"
+        return data.decode("utf-32", errors="replace"), "utf-32", 0
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
-        return data.decode("utf-16", errors="replace"), "utf-16"  # an odd last byte becomes U+FFFD
-    try:  # most books are UTF-8: strict decoding is exact and instant
-        text = data.decode("utf-8")
-        if _mostly_printable(text):
-            return text, "utf-8"
-    except UnicodeDecodeError:
-        pass
+        return data.decode("utf-16", errors="replace"), "utf-16", 0  # an odd last byte becomes U+FFFD
+    # most books are UTF-8: decoding is exact and instant; each byte that is not part of a valid
+    # UTF-8 character becomes a lone surrogate U+DC80..U+DCFF, so the strays can be counted
+    text = data.decode("utf-8", errors="surrogateescape")
+    stray = len(_STRAY_BYTE.findall(text))
+    if not stray and _mostly_printable(text):
+        return text, "utf-8", 0
+    if stray and len(_STRAY.findall(text)) <= UTF8_EVIDENCE * _utf8_words(text) and _mostly_printable(text):
+        if stray <= MAX_STRAY_SHARE * len(data):
+            return _STRAY_BYTE.sub("\ufffd", text), "utf-8", stray
+        return _utf8_and_code_page(text)
     if data[:8192].count(b"\x00") > 8:  # NULs: UTF-16 without a BOM, or binary
         texts = {enc: data.decode(enc, errors="replace") for enc in ("utf-16-le", "utf-16-be")}
         # the wrong byte order turns letters into CJK-range code points: keep the one whose
@@ -109,16 +124,80 @@ def decode_bytes(data):
         share = {e: sum(ord(ch) < 0x530 for ch in t[:10_000]) / max(1, len(t[:10_000])) for e, t in texts.items()}
         enc = max(share, key=share.get)
         if share[enc] > 0.6 and _mostly_printable(texts[enc]):  # random bytes land all over Unicode
-            return texts[enc], enc
+            return texts[enc], enc, 0
         raise BookError("this looks like a binary file, not text; upload a .txt, .fb2 or .epub book")
-    matches = list(from_bytes(data[:2_000_000]))
-    if not matches:
-        raise BookError("could not detect a text encoding; this does not look like a book (binary file?)")
-    encoding = _pick_encoding(matches)
+    encoding = _guess_encoding(data[:2_000_000])
     text = data.decode(encoding, errors="replace")
+    _check_likely(text, encoding)
+    # a byte the code page leaves undefined becomes U+FFFD, or a private-use character (cp932 reads
+    # a stray 0xFF as U+F8F3): both are bytes that mean nothing here
+    text, replaced = _MEANS_NOTHING.subn("\ufffd", text)
+    if replaced > MAX_STRAY_SHARE * len(data):
+        raise BookError(f"this file is not in one encoding: read as {encoding}, the best guess, {replaced:,} of its "
+                        f"bytes mean nothing; save it as UTF-8 and upload it again")
+    return text, encoding, replaced
+
+
+MAX_STRAY_SHARE = 0.001  # a book that is 99.9 % valid UTF-8 is UTF-8, the rest U+FFFD
+MAX_ODD_SHARE = 0.01  # private-use or unassigned characters: a wrong guess, not a book
+# A file is UTF-8 with strays when it has at least a tenth as many words spelt with valid
+# multi-byte UTF-8 letters as runs of stray bytes: text in an old code page (cp1251, Shift-JIS,
+# GBK) forms a valid UTF-8 letter only by chance, and almost never three in a word
+UTF8_EVIDENCE = 10
+_STRAY = re.compile("[\udc80-\udcff]+")  # bytes that were not UTF-8 (surrogateescape), a run at a time
+_STRAY_BYTE = re.compile("[\udc80-\udcff]")
+_MEANS_NOTHING = re.compile("[\ue000-\uf8ff\ufffd]")  # private use, or a decoder's replacement
+_UTF8_WORD = re.compile(r"[^\W\d_]*[^\x00-\x7f\W\d_][^\W\d_]*")  # letters, one of them not ASCII
+
+
+def _utf8_words(text):
+    return sum(1 for w in _UTF8_WORD.findall(text) if len(w) >= 3)
+
+
+def _utf8_and_code_page(text):
+    """A UTF-8 text (surrogateescape) with many stray bytes: decode the strays in the code page
+    their runs look like, joined by spaces as the words they were."""
+    runs = [bytes(ord(ch) - 0xDC00 for ch in run) for run in _STRAY.findall(text)]
+    encoding = _guess_encoding(b" ".join(runs))
+    text = _STRAY.sub(lambda m: bytes(ord(ch) - 0xDC00 for ch in m.group()).decode(encoding, errors="replace"), text)
+    _check_likely(text, f"utf-8+{encoding}")
+    return text, f"utf-8+{encoding}", text.count("\ufffd")
+
+
+def _guess_encoding(data):
+    """charset-normalizer's pick. It only offers encodings that decode every byte, so one bad
+    byte rules them all out: then the pick that most pieces of the file (cut at newlines) agree on."""
+    matches = list(from_bytes(data))
+    if matches:
+        return _pick_encoding(matches)
+    votes = Counter(_pick_encoding(m) for piece in _pieces(data) if (m := list(from_bytes(piece))))
+    if not votes:
+        raise BookError("could not detect a text encoding; this does not look like a book (binary file?)")
+    return votes.most_common(1)[0][0]
+
+
+def _pieces(data, n=8):
+    """`data` cut into about n pieces, each cut after a newline (never inside a character)."""
+    cuts = [0]
+    for k in range(1, n):
+        at = data.find(b"\n", k * len(data) // n)
+        if at >= cuts[-1]:
+            cuts.append(at + 1)
+    return [data[a:b] for a, b in zip(cuts, cuts[1:] + [len(data)]) if b > a]
+
+
+def _check_likely(text, encoding):
+    """Refuse a decoding that is mostly control characters (binary) or gives characters no book
+    uses: private-use and unassigned code points are what a wrong multi-byte guess (UTF-16 read
+    from Shift-JIS, say) produces."""
     if not _mostly_printable(text):
         raise BookError("the file is mostly control characters; it looks binary, not text")
-    return text, encoding
+    sample = text[:100_000]
+    odd = sum(1 for ch in sample if unicodedata.category(ch) in ("Co", "Cn", "Cs"))
+    if odd > MAX_ODD_SHARE * len(sample):
+        raise BookError(f"read as {encoding}, the best guess, {odd / len(sample):.0%} of the characters are ones no "
+                        f"book uses (private-use or unassigned): the encoding is not one we can tell; "
+                        f"save it as UTF-8 and upload it again")
 
 
 # Single-byte code pages are often indistinguishable on a short text (cp1250 and cp1252 agree on
@@ -172,8 +251,9 @@ def _markup_text(markup):
 
 def _epub_text(data, max_bytes):
     """The chapters of an EPUB (a zip of XHTML files), in reading order, with bomb guards: the
-    sizes in the zip's directory are checked before anything is inflated (zipfile stops a member
-    that lies about its size at the size it declared)."""
+    sizes in the zip's directory are checked before anything is inflated, and then each file is
+    inflated a piece at a time, counting what really comes out (_Inflater): the sizes are only
+    the sender's word."""
     try:
         z = zipfile.ZipFile(io.BytesIO(data))
         infos = z.infolist()
@@ -188,23 +268,52 @@ def _epub_text(data, max_bytes):
     if total > max_bytes:
         raise BookError(f"this .epub's chapters inflate to {total / 2**20:.1f} MB, more than the "
                         f"{max_bytes / 2**20:.0f} MB a book may hold (the upload limit)")
+    if any(i.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED) for i in read):
+        raise BookError("this .epub compresses its chapters with something other than deflate, "
+                        "which the EPUB format does not allow; save it again with an EPUB editor")
     names = [i.filename for i in read if not i.filename.lower().endswith(".opf")]
-    try:  # a member can still be encrypted, damaged or lie about its size: zipfile finds out on read
-        names = _spine_order(z, names)
+    inflate = _Inflater(z, max_bytes)
+    try:  # a member can still be encrypted, damaged or lie about its size: we find out on read
+        names = _spine_order(z, names, inflate)
         if not names:
             raise BookError("this .epub holds no XHTML chapters")
-        chapters = [_markup_text(z.read(n).decode("utf-8", errors="replace")) for n in names]
+        chapters = [_markup_text(inflate(n).decode("utf-8", errors="replace")) for n in names]
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, zlib.error) as e:
         raise BookError(f"this .epub cannot be read (damaged, encrypted or compressed oddly): {e}") from e
     return "\n\n".join(c for c in chapters if c.strip())
 
 
-def _spine_order(z, names):
+class _Inflater:
+    """Inflate members of a zip, all together at most `max_bytes`, whatever their headers say.
+
+    zipfile's read() of a whole member inflates each compressed chunk in one call, so a chapter
+    whose header claims 2 KB but whose megabyte of deflate data inflates to a gigabyte costs a
+    gigabyte before anything is checked. Reading INFLATE_PIECE bytes at a time bounds every call;
+    counting the pieces stops at the cap."""
+
+    INFLATE_PIECE = 2**16
+
+    def __init__(self, z, max_bytes):
+        self.z, self.max_bytes, self.used = z, max_bytes, 0
+
+    def __call__(self, name):
+        pieces = []
+        with self.z.open(name) as f:
+            while piece := f.read(self.INFLATE_PIECE):
+                self.used += len(piece)
+                if self.used > self.max_bytes:
+                    raise BookError(f"this .epub's chapters inflate to more than the {self.max_bytes / 2**20:.0f} MB "
+                                    f"a book may hold (the upload limit), more than its headers say (zip bomb?)")
+                pieces.append(piece)
+        return b"".join(pieces)
+
+
+def _spine_order(z, names, inflate):
     """Order chapters by the OPF spine when it can be read; else by file name."""
     opf = next((n for n in z.namelist() if n.lower().endswith(".opf")), None)
     if opf is None:
         return sorted(names)
-    src = z.read(opf).decode("utf-8", errors="replace")
+    src = inflate(opf).decode("utf-8", errors="replace")
     hrefs = dict(re.findall(r'<item[^>]*?id="([^"]+)"[^>]*?href="([^"]+)"', src))
     base = os.path.dirname(opf)
     order = [os.path.normpath(os.path.join(base, hrefs[i])) for i in re.findall(r'<itemref[^>]*?idref="([^"]+)"', src) if i in hrefs]

@@ -6,8 +6,11 @@ quotes the FIGURES line (-s)."""
 
 import io
 import os
+import re
+import struct
 import time
 import zipfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -74,6 +77,19 @@ def test_another_sites_page_cannot_stop_a_training_job(live, book_text):
     assert httpx.post(f"{url}/stop_training", headers={"Origin": f"http://127.0.0.1:{port}"}).status_code == 200
 
 
+def test_another_sites_page_cannot_run_a_heavy_read(live):
+    """A GET of step_time runs a training probe: reads are guarded too; a link to the page is not."""
+    url, port = live
+    httpx.post(f"{url}/create_model", json={"name": "probe", **TINY}).raise_for_status()
+    for headers in ({"Origin": EVIL}, {"Referer": f"{EVIL}/page.html"}, {"Sec-Fetch-Site": "cross-site"}):
+        r = sent(f"GET /models/probe/step_time {headers}",
+                 httpx.get(f"{url}/models/probe/step_time", params={"batch_size": 256}, headers=headers))
+        assert r.status_code == 403 and "cross-site" in r.json()["error"], headers
+    assert httpx.get(f"{url}/", headers={"Referer": f"{EVIL}/link.html", "Sec-Fetch-Site": "cross-site"}).status_code == 200
+    own_page = {"Referer": f"http://127.0.0.1:{port}/", "Sec-Fetch-Site": "same-origin"}
+    assert httpx.get(f"{url}/models/probe/step_time", params={"batch_size": 2}, headers=own_page).status_code == 200
+
+
 def test_a_cross_site_form_upload_or_delete_is_refused(live, book_text):
     url, _ = live
     form = {"files": {"file": ("evil.txt", book_text[:3000].encode())}, "data": {"name": "evil"}}
@@ -129,6 +145,49 @@ def test_an_epub_is_capped_in_total_not_only_per_member(tmp_path):
         r = c.post("/upload_book", files={"file": ("m.epub", many_files)})
         assert r.status_code == 400 and "5,001 files" in r.json()["error"]
         assert c.get("/books").json() == [] and c.post("/upload_book", files={"file": ("ok.epub", epub(2, 2**18))}).status_code == 201
+
+
+def lying_epub(real_mib, claimed_bytes):
+    """An .epub whose one chapter inflates to `real_mib` MiB while its zip headers (local and
+    central) say it holds `claimed_bytes`: the file_size fields are patched after writing."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z, z.open("c.xhtml", "w") as f:
+        for _ in range(real_mib):
+            f.write(b"<p>" + b"a" * (2**20 - 3))
+    data = bytearray(buf.getvalue())
+    for signature, offset in ((b"PK\x03\x04", 22), (b"PK\x01\x02", 24)):  # where each header keeps file_size
+        at = data.index(signature)
+        data[at + offset:at + offset + 4] = struct.pack("<I", claimed_bytes)
+    return bytes(data)
+
+
+def peak_rss_mib():
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def test_an_epub_whose_headers_lie_about_its_size_is_refused_without_inflating_it(tmp_path):
+    """A chapter that says 2,000 bytes but inflates to 256 MiB: refused, and the server's peak
+    memory grows by far less than what the chapter would inflate to."""
+    bomb = lying_epub(256, 2000)
+    assert len(bomb) < 2**20 and zipfile.ZipFile(io.BytesIO(bomb)).getinfo("c.xhtml").file_size == 2000
+    with TestClient(create_app(tmp_path / "home"), base_url=LOCAL_URL) as c:
+        c.get("/health")
+        Path("/proc/self/clear_refs").write_text("5")  # start the peak (VmHWM) over from the memory in use now
+        before = peak_rss_mib()
+        r = c.post("/upload_book", files={"file": ("bomb.epub", bomb)})
+        grew = peak_rss_mib() - before
+        assert r.status_code == 400 and "cannot be read" in r.json()["error"], r.text
+        assert grew < 100, f"peak memory grew by {grew:.0f} MiB"
+        assert c.get("/books").json() == []
+
+
+def test_a_huge_json_body_is_refused_before_it_is_parsed(tmp_path):
+    body = b'{"model": "m", "prompt": "' + b"a" * 100 * 2**20 + b'"}'
+    with TestClient(create_app(tmp_path / "home"), base_url=LOCAL_URL) as c:
+        for sent_as in (body, (body[i:i + 2**20] for i in range(0, len(body), 2**20))):  # with and without Content-Length
+            r = c.post("/generate", content=sent_as, headers={"content-type": "application/json"})
+            assert r.status_code == 413 and "a request may send" in r.json()["error"], r.text
+        assert c.post("/generate", json={"model": "m", "prompt": "é" * 100_000}).status_code == 404  # the longest prompt fits
 
 
 def test_train_refuses_a_step_too_big_for_this_machines_memory(tmp_path, book_text, capsys):

@@ -6,6 +6,7 @@ saved is lost, the user is told what happened, and resuming gives the run an uni
 would have given, bit for bit. RELIABILITY.md lists the figures these tests measure.
 """
 
+import asyncio
 import errno
 import io
 import json
@@ -28,6 +29,7 @@ import torch
 
 import cli
 import files as F
+import server
 import store as S
 from runs import resume, train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
@@ -196,6 +198,25 @@ def test_a_crash_before_the_first_checkpoint_resumes_from_step_0_without_duplica
     resume(store, "crashy")
     assert [r["step"] for r in store.metrics("crashy")] == list(range(1, 9))
     assert losses(store, "crashy") == losses(store, "straight")
+
+
+@pytest.mark.parametrize("stop_at_call, where", [(14, "the 3rd micro-batch of step 5"), (15, "step 5's evaluation")])
+def test_a_stop_inside_a_step_or_an_evaluation_resumes_to_the_straight_run(store, book, stop_at_call, where):
+    """should_stop is asked before each step, before each micro-batch after the first (3 calls a
+    step here) and before each evaluation batch (one here, every 5 steps). A Stop inside a step
+    drops it and sets the RNGs back; inside an evaluation the step stands, unscored. Either way
+    the resumed run trains exactly as the uninterrupted one."""
+    tc = quick_train_config(steps=12, grad_accum=3, eval_every=5)
+    for name in ("straight", "stopped"):
+        store.create_model(name, tiny_config(dropout=0.1))  # dropout: the global RNG matters too
+    train(store, "straight", [book], tc)
+    calls = iter(range(10**6))
+    summary = train(store, "stopped", [book], tc, should_stop=lambda: next(calls) >= stop_at_call)
+    assert summary["status"] == "stopped" and summary["step"] == (4 if "micro" in where else 5), where
+    resume(store, "stopped")
+    assert [r["step"] for r in store.metrics("stopped")] == list(range(1, 13))
+    assert losses(store, "stopped") == losses(store, "straight")
+    assert same_weights(store, "stopped", "straight")
 
 
 def test_two_runs_encoding_the_same_book_at_once_do_not_collide(tmp_path, book_text):
@@ -533,6 +554,70 @@ def test_20_clients_generate_while_a_job_trains(tmp_path, book_text):
     print(f"\nFIGURES load: {len(results)} requests, {sum(r['ok'] for r in results)} answered 200, "
           f"wall {wall:.1f} s, p50 {p50:.3f} s, p95 {p95:.3f} s, "
           f"training steps during the load {step_before} -> {job['step']}, second /train: {second.status_code}")
+
+
+async def leave_after(seconds, url, body, n):
+    """n clients POST /generate at once and hang up after `seconds`, as closed tabs do; meanwhile
+    /health is asked every 50 ms. -> ([(status or "left", Retry-After)], [/health seconds], most in flight)."""
+    async with httpx.AsyncClient(base_url=url, timeout=seconds, limits=httpx.Limits(max_connections=n + 1)) as http:
+        async def one():
+            try:
+                r = await http.post("/generate", json=body)
+                return r.status_code, r.headers.get("retry-after")
+            except httpx.TimeoutException:
+                return "left", None
+
+        clients = [asyncio.create_task(one()) for _ in range(n)]
+        health_s, in_flight = [], 0
+        while not all(c.done() for c in clients):
+            t0 = time.perf_counter()
+            in_flight = max(in_flight, (await http.get("/health", timeout=10)).json()["generating"])
+            health_s.append(time.perf_counter() - t0)
+            await asyncio.sleep(0.05)
+        return [c.result() for c in clients], health_s, in_flight
+
+
+def generating(url):
+    return httpx.get(f"{url}/health", timeout=5).json()["generating"]
+
+
+def seconds_until_idle(url, since, limit_s=30):
+    while generating(url):
+        assert time.perf_counter() - since < limit_s, "generations went on after their clients left"
+        time.sleep(0.05)
+    return time.perf_counter() - since
+
+
+@pytest.mark.slow
+def test_generations_whose_clients_left_stop_and_health_never_waits_for_them(tmp_path, book_text):
+    """Work nobody waits for (RELIABILITY.md): one client asks for 10,000 tokens and leaves after a
+    second, then 45 at once leave after 3 s (time for all 45 to arrive on a busy machine). Each
+    generation stops at its next token; the requests past the generation queue get 429 with
+    Retry-After; /health answers within a second throughout."""
+    home = tmp_path / "home"
+    store = S.Store(home)
+    store.add_book("book", book_text.encode(), "book.txt")
+    store.create_model("g", tiny_config(d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_seq_len=256))
+    train(store, "g", ["book"], quick_train_config(steps=1, eval_every=1))  # slow enough to decode
+    body = {"model": "g", "prompt": "The keeper", "max_new_tokens": 10_000}
+    with live_server(home) as url:
+        t0 = time.perf_counter()
+        httpx.post(f"{url}/generate", json={**body, "max_new_tokens": 200}, timeout=60).raise_for_status()
+        whole_s = (time.perf_counter() - t0) * 10_000 / 200
+        assert whole_s > 10, "the test needs generations that would outlast it"
+        [(first, _)], _, _ = asyncio.run(leave_after(1, url, body, 1))
+        one_stop_s = seconds_until_idle(url, time.perf_counter())
+        results, health_s, in_flight = asyncio.run(leave_after(3, url, body, 45))
+        many_stop_s = seconds_until_idle(url, time.perf_counter())
+    refused = [r for r in results if r[0] == 429]
+    print(f"\nFIGURES abandoned: 1 + 45 clients of 10,000 tokens (~{whole_s:.0f} s each) left after 1 s / 3 s; "
+          f"at most {in_flight} in flight, {len(refused)} refused 429; stopped {one_stop_s:.2f} s / {many_stop_s:.2f} s "
+          f"after their clients left; /health: {len(health_s)} requests, max {max(health_s):.3f} s")
+    assert first == "left" and one_stop_s < 2 and many_stop_s < 3, (first, one_stop_s, many_stop_s)
+    assert max(health_s) < 1, health_s
+    assert in_flight == server.GENERATION_QUEUE and len(refused) == 45 - server.GENERATION_QUEUE
+    assert all(retry == str(server.GENERATION_RETRY_AFTER_S) for _, retry in refused)
+    assert [r for r in results if r[0] not in ("left", 429)] == []
 
 
 @pytest.mark.slow

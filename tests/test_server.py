@@ -139,7 +139,7 @@ def test_the_schema_documents_our_error_shape_ranges_and_answers(client):
     for code in ("400", "404", "409", "422"):
         assert paths["/train"]["post"]["responses"][code]["content"]["application/json"]["schema"] == {
             "$ref": "#/components/schemas/ErrorBody"}
-    assert "413" in paths["/upload_book"]["post"]["responses"] and "413" not in paths["/train"]["post"]["responses"]
+    assert "413" in paths["/upload_book"]["post"]["responses"] and "413" in paths["/train"]["post"]["responses"]
     temperature = schemas["GenerateRequest"]["properties"]["temperature"]
     assert (temperature["minimum"], temperature["maximum"]) == (0.0, 5.0)
     assert schemas["TrainRequest"]["properties"]["lora_r"]["minimum"] == 1
@@ -265,6 +265,14 @@ def test_delete_book(client, book):
     assert "no book named" in error_of(client.delete("/books/book"), 404)
 
 
+def test_upload_says_how_many_bytes_became_replacement_characters(client):
+    data = ("Береги честь смолоду.\n" * 200).encode()
+    at = data.index(b"\n") + 1
+    b = client.post("/upload_book", files={"file": ("b.txt", data[:at] + b"\xff" + data[at:])}).json()
+    assert b["encoding"] == "utf-8" and b["replaced"] == 1 and "U+FFFD): 1" in " ".join(b["notes"])
+    assert b["preview"].startswith("Береги честь смолоду.\n\ufffdБереги")
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -299,6 +307,8 @@ def test_train_runs_in_the_background_and_reports_progress(client, book):
     ({"model": "t", "book": "book", "seed": 2**63}, 400, "seed must be between 0 and 9223372036854775807"),
     ({"model": "t", "book": "book", "steps": "5"}, 422, "steps"),
     ({"model": "t", "book": "book", "steps": True}, 422, "steps"),
+    ({"model": "t", "books": ["book"] * 300}, 400, "named more than once"),
+    ({"model": "t", "book": "book", "batch_size": 1024, "grad_accum": 1024}, 400, "33,554,432 tokens, more than"),
 ])
 def test_train_rejects(client, book, body, status, words):
     client.post("/create_model", json={"name": "t", **TINY})
@@ -317,6 +327,23 @@ def test_one_job_at_a_time_and_generation_keeps_working(client, book):
     assert "while it is training" in error_of(client.post("/models/t/rollback", json={"version": "v001"}), 409)
     client.post("/stop_training")
     assert wait_for(client)["state"] == "stopped"
+
+
+def test_stop_ends_a_step_of_many_micro_batches_at_once(client, book):
+    """A step of 1024 micro-batches of 64 windows takes far longer than a few seconds; Stop drops
+    it half-way (the run stays at step 0) instead of waiting for it to end."""
+    client.post("/create_model", json={"name": "t", **TINY})
+    train(client, "t", book, steps=10, batch_size=64, grad_accum=1024)
+    deadline = time.time() + 60
+    while not any(e["type"] == "start" for e in client.get("/training_status").json()["events"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)  # inside the first step's micro-batches
+    t0 = time.perf_counter()
+    client.post("/stop_training")
+    stopped = wait_for(client)
+    assert stopped["state"] == "stopped" and stopped["step"] == 0, stopped
+    assert time.perf_counter() - t0 < 3, f"Stop took {time.perf_counter() - t0:.1f} s"
 
 
 def test_stop_and_resume(client, book):

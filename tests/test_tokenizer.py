@@ -7,6 +7,7 @@ import zipfile
 import numpy as np
 import pytest
 
+import tokenizer
 from tokenizer import BookError, Tokenizer, guess_language, prepare_tokens, read_book
 
 EN = "The keeper climbed the stairs at dusk and lit the lamp, as she had done for eleven winters.\n"
@@ -64,6 +65,47 @@ def test_latin1_french_decodes():
 def test_bad_input_gets_a_clear_error(data, message):
     with pytest.raises(BookError, match=message):
         read_book(data)
+
+
+def test_utf8_with_three_stray_bytes_is_utf8_with_three_replacement_characters():
+    lines = (RU * 40).encode().splitlines(keepends=True)
+    data = b"".join(line + (b"\xff" if i in (3, 17, 30) else b"") for i, line in enumerate(lines))
+    book = read_book(data)
+    assert book.encoding == "utf-8" and book.replaced == 3 and book.text.count("\ufffd") == 3
+    assert book.text.replace("\ufffd", "") == RU * 40 and "U+FFFD): 3" in " ".join(book.notes)
+
+
+def test_utf8_with_two_cut_characters_keeps_every_other_letter():
+    data = (PL * 40).encode()
+    for cut in (1000, 3000):  # drop the second byte of the two-byte letter after `cut`
+        at = next(i for i in range(cut, len(data)) if data[i] >= 0xC2)
+        data = data[:at + 1] + data[at + 2:]
+    book = read_book(data)
+    assert book.encoding == "utf-8" and book.replaced == 2 and book.language == "pl"
+    assert len(book.text) == len(PL * 40) and book.text.count("\ufffd") == 2
+
+
+def test_a_cp1251_chapter_in_a_utf8_book_is_read_in_both():
+    book = read_book((RU * 20).encode("cp1251") + (RU * 200).encode())
+    assert book.encoding == "utf-8+cp1251" and book.replaced == 0 and book.text == RU * 220
+
+
+JA = "灯台守は夕暮れに階段を上り、ランプに火をともした。\n十一回目の冬も、船は一隻も岩に乗り上げなかった。\n"
+
+
+def test_shift_jis_with_one_bad_byte_is_shift_jis_with_one_replacement():
+    data = (JA * 40).encode("shift_jis")
+    at = data.index(b"\n", 1000) + 1  # a byte no Shift-JIS character starts with, between two lines
+    book = read_book(data[:at] + b"\xff" + data[at:])
+    assert book.encoding in ("cp932", "shift_jis", "shift_jis_2004") and book.replaced == 1
+    assert book.text.replace("\ufffd", "") == JA * 40
+
+
+def test_a_guess_that_gives_characters_no_book_uses_is_refused(monkeypatch):
+    """Shift-JIS read as UTF-16-BE: lead bytes 0xE0..0xEF pair up into private-use code points."""
+    monkeypatch.setattr(tokenizer, "_guess_encoding", lambda data: "utf-16-be")
+    with pytest.raises(BookError, match="private-use or unassigned"):
+        read_book((JA * 40).encode("shift_jis"))
 
 
 def test_windows_newlines_and_gutenberg_boilerplate_are_cleaned():
