@@ -2,9 +2,11 @@
 checkpoints and exact resume.
 
 One supervised step: sample B random windows of T+1 tokens from the book, predict tokens 1..T
-from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, AdamW step. The learning rate
-warms up linearly (Adam's moment estimates are noisy in the first steps) and then follows a
-cosine down to a tenth of its peak (Loshchilov & Hutter 2017).
+from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, an optimizer step: AdamW, or
+Muon (muon.py) for the blocks' matrices with AdamW for the rest. The learning rate warms up
+linearly (Adam's moment estimates are noisy in the first steps) and then comes down to a tenth of
+its peak: along a cosine (Loshchilov & Hutter 2017), or flat until the run's last stretch and
+then in a straight line (warmup-stable-decay, `schedule`).
 
 Every `selfplay_every` supervised steps (from `selfplay_start` of the run on), one self-play step
 (selfplay.py) lets the model learn from its own greedy continuations where they loop. Every `eval_every` steps we measure the validation loss in **bits per
@@ -12,7 +14,7 @@ byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per
 does not depend on the tokenizer, so models with different vocabularies compare.
 
 Exact resume: a checkpoint holds everything the future depends on — the trained weights, AdamW
-moments, step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
+moments (or Muon's momentum), step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
 resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
@@ -42,12 +44,15 @@ import speed
 from config import SEED_MAX, setting
 from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
 from hardware import autocast, pick_precision
+from muon import Muon
 from sizing import flops_per_token
 
 
 SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, not a chapter
 # early stopping counts an evaluation only when val bits/byte is this share above its best (Trainer.early_stop)
 STOP_RISE = 0.01
+# warmup-stable-decay spends this share of the steps coming down from the peak (Hägele et al. 2024)
+WSD_DECAY = 0.2
 
 
 @dataclass
@@ -58,10 +63,17 @@ class TrainConfig:
     # minute against nanoGPT's CPU recipe")
     batch_size: int = setting(8, "windows of text per step", 1, 4096)
     seq_len: int = setting(0, "tokens per window (0 = the model's max_seq_len)", 0, 8192)
-    learning_rate: float = setting(2e-3, "peak learning rate of AdamW", 1e-8, 1.0)
-    min_lr_ratio: float = setting(0.1, "the cosine ends at this share of the peak", 0.0, 1.0)
+    learning_rate: float = setting(2e-3, "peak learning rate of AdamW (with muon: of the embeddings, gains and biases)",
+                                   1e-8, 1.0)
+    optimizer: str = setting("adamw", "adamw, or muon: an orthogonalised update for the blocks' weight matrices "
+                                      "(muon.py)", choices=("adamw", "muon"))
+    muon_lr: float = setting(2e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
+    schedule: str = setting("cosine", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
+                                      f"straight line down to the floor over the last {WSD_DECAY:.0%} of the steps",
+                            choices=("cosine", "wsd"))
+    min_lr_ratio: float = setting(0.1, "the schedule ends at this share of the peak", 0.0, 1.0)
     warmup_steps: int = setting(50, "steps of linear warm-up to the peak", 0, 10_000_000)
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", 0.0, 1.0)
+    weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's), on matrices only", 0.0, 1.0)
     grad_clip: float = setting(1.0, "clip the gradient norm to this", 1e-6, 1e6)
     grad_accum: int = setting(1, "micro-batches per optimizer step", 1, 1024)
     eval_every: int = setting(100, "steps between evaluations", 1, 10_000_000)
@@ -241,9 +253,9 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}."""
         tc = self.tc
         self.model.train()
-        lr = lr_at(self.step, tc)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        share = lr_share(self.step, tc)
+        for group in self.optimizer.param_groups:  # each group's own peak (Muon's matrices and AdamW's rest)
+            group["lr"] = group["peak_lr"] * share
         total = 0.0
         for i in range(tc.grad_accum):
             x, y = self.get_batch("train")
@@ -254,7 +266,7 @@ class Trainer:
             total += loss.item() / tc.grad_accum
         total = distributed.mean(total)  # DDP: the loss of the global batch
         norm = apply_gradients(self.model, self.optimizer, self.scaler, tc.grad_clip)
-        return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm, 4)}
+        return {"loss": round(total, 5), "lr": tc.learning_rate * share, "grad_norm": round(norm, 4)}
 
     def optimizer_step(self, loss):
         """Backward of `loss` and one optimizer step; -> the gradient norm before clipping."""
@@ -296,7 +308,7 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------
     def save_checkpoint(self):
-        """Trained weights + AdamW state + RNGs + step, in one safetensors file, written atomically.
+        """Trained weights + optimizer state + RNGs + step, in one safetensors file, written atomically.
         DDP: every rank calls it; rank 0 gathers their RNG states and writes the file."""
         rngs = distributed.gather(self._rng_state())
         if not distributed.is_main():
@@ -498,12 +510,25 @@ def load_trained_weights(model, tensors):
 
 
 def lr_at(step, tc):
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
-    peak, floor = tc.learning_rate, tc.learning_rate * tc.min_lr_ratio
+    """The learning rate of AdamW's groups at `step` (Muon's: muon_lr times the same share)."""
+    return tc.learning_rate * lr_share(step, tc)
+
+
+def lr_share(step, tc):
+    """The schedule, as a share of the peak: linear warm-up to 1, then down to min_lr_ratio at the
+    last step, along a cosine (Loshchilov & Hutter 2017) or warmup-stable-decay: flat at the peak,
+    then a straight line over the last WSD_DECAY of the steps. WSD's end is the only part that
+    depends on the run's length, so a budget run whose step count is re-fitted as it goes keeps
+    the same lr until its last stretch; a cosine is bent by every re-fit."""
+    floor = tc.min_lr_ratio
     if step < tc.warmup_steps:
-        return peak * (step + 1) / tc.warmup_steps
+        return (step + 1) / tc.warmup_steps
+    if tc.schedule == "wsd":
+        decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
+        progress = (step - decay_start) / max(1, tc.steps - decay_start)
+        return 1 - (1 - floor) * min(1.0, max(0.0, progress))
     progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def compile_choice(cfg, tc, T, device, precision):
@@ -513,7 +538,7 @@ def compile_choice(cfg, tc, T, device, precision):
 
 
 def seconds_per_step(model, tc, precision, steps=3):
-    """A probe: the wall time of one eager training step (forward, backward, clipping, AdamW) of
+    """A probe: the wall time of one eager training step (forward, backward, clipping, the optimizer's step) of
     `model` at tc's batch and window, the median of `steps` steps after a warm-up step. The work of
     a step does not depend on the tokens, so they are random, and the steps change `model`: give it
     a throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
@@ -538,7 +563,7 @@ def seconds_per_step(model, tc, precision, steps=3):
 
 
 def apply_gradients(model, optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the gradient norm, step AdamW, zero the gradients -> the norm before clipping."""
+    """Unscale (fp16), clip the gradient norm, step the optimizer, zero the gradients -> the norm before clipping."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
@@ -548,15 +573,36 @@ def apply_gradients(model, optimizer, scaler, grad_clip):
 
 
 def make_optimizer(model, tc):
-    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains pulls them
-    towards 0, which only hurts (they are few and do not overfit)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """tc.optimizer over the trained parameters. AdamW: weight decay on matrices only, since
+    decaying biases and LayerNorm gains pulls them towards 0, which only hurts (they are few and do
+    not overfit). Muon: muon_groups. Each group keeps its peak lr in `peak_lr` for the schedule."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if tc.optimizer == "muon":
+        return Muon(muon_groups(named, tc), betas=(0.9, 0.95), eps=1e-8)
+    params = list(named.values())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{**g, "peak_lr": tc.learning_rate} for g in groups]
     # fused: one kernel per tensor for the whole update instead of ~10 elementwise passes over memory
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def muon_groups(named, tc):
+    """Muon for the weight matrices of the blocks, c_attn's as three (q, k and v are three maps);
+    AdamW for the rest: embeddings (wte is also the head: tied), gains, biases, LoRA's A and B
+    (a fine-tune's only parameters: low-rank factors, not maps of their own)."""
+    hidden = {k: p for k, p in named.items() if k.startswith("transformer.h.") and k.endswith(".weight") and p.dim() == 2}
+    qkv = [p for k, p in hidden.items() if k.endswith("attn.c_attn.weight")]
+    other = [p for k, p in hidden.items() if not k.endswith("attn.c_attn.weight")]
+    tables = [p for k, p in named.items() if p.dim() >= 2 and k not in hidden]
+    vectors = [p for p in named.values() if p.dim() < 2]
+    groups = [dict(params=qkv, muon=True, blocks=3, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=other, muon=True, blocks=1, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=tables, peak_lr=tc.learning_rate, weight_decay=tc.weight_decay),
+              dict(params=vectors, peak_lr=tc.learning_rate, weight_decay=0.0)]
+    return [{**g, "lr": g["peak_lr"]} for g in groups if g["params"]]
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 import runs
-from azr_trainer import TrainConfig, lr_at, new_run
+from azr_trainer import TrainConfig, lr_share, new_run
 from generate import rollouts
 from hardware import autocast
 from model import PRESETS
@@ -206,7 +206,7 @@ def train_for_budget(arms, stages, ab, seed, start, schedule_minutes=None, sched
         if every and frac >= sp_start and steps[a] % every == every - 1:
             kind = "sp"
             for g in tr.optimizer.param_groups:
-                g["lr"] = lr_at(tr.step, tr.tc)
+                g["lr"] = g["peak_lr"] * lr_share(tr.step, tr.tc)
             sp_rows[a].append(stage.step())
             sp_time[a] += time.perf_counter() - t0
         else:

@@ -13,6 +13,7 @@ LAYERS = [
     {"generate", "speed", "quant"},  # running it, training it fast, storing it in 4 bits
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
+    {"muon"},  # the optimizer of the hidden matrices
     {"azr_trainer"},  # the loop
     {"store"},  # models, books, adapters on disk
     {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
