@@ -69,7 +69,7 @@ class TrainConfig:
                                       "(muon.py)", choices=("adamw", "muon"))
     muon_lr: float = setting(2e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
     schedule: str = setting("cosine", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
-                                      f"straight line down to the floor over the last {WSD_DECAY:.0%} of the steps",
+                                      f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
                             choices=("cosine", "wsd"))
     min_lr_ratio: float = setting(0.1, "the schedule ends at this share of the peak", 0.0, 1.0)
     warmup_steps: int = setting(50, "steps of linear warm-up to the peak", 0, 10_000_000)
