@@ -65,10 +65,12 @@ class TrainConfig:
     seq_len: int = setting(0, "tokens per window (0 = the model's max_seq_len)", 0, 8192)
     learning_rate: float = setting(2e-3, "peak learning rate of AdamW (with muon: of the embeddings, gains and biases)",
                                    1e-8, 1.0)
-    optimizer: str = setting("adamw", "adamw, or muon: an orthogonalised update for the blocks' weight matrices "
+    # muon at 5e-3 with wsd: the best of a 3-minute comparison with AdamW, cosine and muon_lr 1e-2 (BENCHMARKS.md,
+    # "Muon and warmup-stable-decay")
+    optimizer: str = setting("muon", "adamw, or muon: an orthogonalised update for the blocks' weight matrices "
                                       "(muon.py)", choices=("adamw", "muon"))
-    muon_lr: float = setting(2e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
-    schedule: str = setting("cosine", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
+    muon_lr: float = setting(5e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
+    schedule: str = setting("wsd", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
                                       f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
                             choices=("cosine", "wsd"))
     min_lr_ratio: float = setting(0.1, "the schedule ends at this share of the peak", 0.0, 1.0)

@@ -82,7 +82,7 @@ def test_a_flipped_byte_fails_the_checksum(store, book):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(0, tc) == pytest.approx(1e-4)
     assert lr_at(9, tc) == pytest.approx(1e-3)
     assert lr_at(55, tc) == pytest.approx(0.55e-3)  # halfway down the cosine
@@ -99,7 +99,7 @@ def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor():
 
 
 def test_weight_decay_only_on_matrices():
-    opt = make_optimizer(GPT(tiny_config()), TrainConfig())
+    opt = make_optimizer(GPT(tiny_config()), TrainConfig(optimizer="adamw"))
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
