@@ -28,6 +28,7 @@ The trainer knows a model, its token arrays and a folder for its checkpoints. Wh
 books live on disk is the store's business; runs.py connects the two.
 """
 
+import collections
 import json
 import math
 import os
@@ -53,6 +54,7 @@ SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, 
 STOP_RISE = 0.01
 # warmup-stable-decay spends this share of the steps coming down from the peak (Hägele et al. 2024)
 WSD_DECAY = 0.2
+PACE_STEPS = 100  # a time budget's steps are re-fitted from the time per step of this many recent steps (Budget)
 
 
 @dataclass
@@ -450,13 +452,15 @@ class Trainer:
 
 class Budget:
     """A wall-clock budget: the run's length in steps is re-fitted from the measured time per step,
-    so that the warm-up and cosine schedule end when the time does. The clock started when the run
+    so that the warm-up and the schedule end when the time does. The clock started when the run
     was created (tokenizer and token arrays count); a resumed run continues it from run.json."""
 
     def __init__(self, minutes, run_info, step):
         self.seconds, self.run_info = minutes * 60, run_info
         self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
-        self.start_step, self.first = step, None  # time per step is measured after the first 10 steps
+        self.start_step = step
+        # (step, time) every 10 steps from the 10th on, the last PACE_STEPS steps' worth: the pace
+        self.marks = collections.deque(maxlen=PACE_STEPS // 10 + 1)
 
     def elapsed(self):
         return time.time() - self.t0
@@ -465,18 +469,21 @@ class Budget:
         return self.elapsed() >= self.seconds
 
     def fit(self, step, steps):
-        """The schedule's length after `step`, re-fitted every 10 steps from the time per step
-        since the 10th (the first steps are slow: caches, allocations, compilation)."""
+        """The schedule's length after `step`, re-fitted every 10 steps from the time per step of
+        the last PACE_STEPS steps (never the first 10: caches, allocations, compilation). The
+        recent pace, not the run's average: on a machine that slows down (other work, a laptop's
+        heat) an average promises steps that never come, and WSD's decay would be cut off."""
         self.run_info["elapsed_s"] = round(self.elapsed(), 3)
         if self.over():
             return step
         done = step - self.start_step
-        if done == 10:
-            self.first = (step, time.time())
-        if done <= 10 or done % 10:
+        if done < 10 or done % 10:
             return steps
-        per_step = (time.time() - self.first[1]) / (step - self.first[0])
-        return step + max(1, int((self.seconds - self.elapsed()) / per_step))
+        self.marks.append((step, time.time()))
+        if len(self.marks) < 2:
+            return steps
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return step + max(1, int((self.seconds - self.elapsed()) / ((t1 - t0) / (s1 - s0))))
 
 
 def new_run(books, tc, **extra):
