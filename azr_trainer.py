@@ -13,9 +13,10 @@ Every `selfplay_every` supervised steps (from `selfplay_start` of the run on), o
 byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per-token loss it
 does not depend on the tokenizer, so models with different vocabularies compare.
 
-Exact resume: a checkpoint holds everything the future depends on — the trained weights, AdamW
-moments (or Muon's momentum), step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
-resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested).
+Exact resume: a checkpoint holds everything the future depends on — the trained weights, the
+optimizer's moments (AdamW's, Muon's momentum), step, the batch sampler's RNG, the global RNG
+(dropout) — so stopping at step k and resuming reproduces the uninterrupted run's loss at every
+later step, bit for bit (tested).
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
 and DistributedDataParallel averages the gradients, so one step trains on a global batch of
@@ -69,11 +70,11 @@ class TrainConfig:
                                    1e-8, 1.0)
     # muon at 5e-3 with wsd: the best of a 3-minute comparison with AdamW, cosine and muon_lr 1e-2 (BENCHMARKS.md,
     # "Muon and warmup-stable-decay")
-    optimizer: str = setting("muon", "adamw, or muon: an orthogonalised update for the blocks' weight matrices "
-                                      "(muon.py)", choices=("adamw", "muon"))
+    optimizer: str = setting("muon", "adamw, or muon: the blocks' weight matrices take orthogonalised steps, every "
+                                     "direction alike (Jordan et al. 2024); AdamW for the rest", choices=("adamw", "muon"))
     muon_lr: float = setting(5e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
     schedule: str = setting("wsd", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
-                                      f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
+                                   f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
                             choices=("cosine", "wsd"))
     min_lr_ratio: float = setting(0.1, "the schedule ends at this share of the peak", 0.0, 1.0)
     warmup_steps: int = setting(50, "steps of linear warm-up to the peak", 0, 10_000_000)
