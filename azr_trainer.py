@@ -2,9 +2,11 @@
 checkpoints and exact resume.
 
 One supervised step: sample B random windows of T+1 tokens from the book, predict tokens 1..T
-from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, AdamW step. The learning rate
-warms up linearly (Adam's moment estimates are noisy in the first steps) and then follows a
-cosine down to a tenth of its peak (Loshchilov & Hutter 2017).
+from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, an optimizer step: AdamW, or
+Muon (muon.py) for the blocks' matrices with AdamW for the rest. The learning rate warms up
+linearly (Adam's moment estimates are noisy in the first steps) and then comes down to a tenth of
+its peak: along a cosine (Loshchilov & Hutter 2017), or flat until the run's last stretch and
+then in a straight line (warmup-stable-decay, `schedule`).
 
 Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
 It begins when supervised learning stops paying: where early stopping would end the run, the run
@@ -14,11 +16,12 @@ supervised steps (selfplay.py's docstring says why). Every `eval_every` steps we
 byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per-token loss it
 does not depend on the tokenizer, so models with different vocabularies compare.
 
-Exact resume: a checkpoint holds everything the future depends on — the trained weights, AdamW
-moments, step, the batch sampler's RNG, the global RNG (dropout) — so stopping at step k and
-resuming reproduces the uninterrupted run's loss at every later step, bit for bit (tested). A new
-run leaves the last run's run.json and checkpoints in its folder until its own first step is done
-(`_claim`), so a start that fails, or is stopped at once, costs the last run nothing.
+Exact resume: a checkpoint holds everything the future depends on — the trained weights, the
+optimizer's moments (AdamW's, Muon's momentum), step, the batch sampler's RNG, the global RNG
+(dropout) — so stopping at step k and resuming reproduces the uninterrupted run's loss at every
+later step, bit for bit (tested). A new run leaves the last run's run.json and checkpoints in its
+folder until its own first step is done (`_claim`), so a start that fails, or is stopped at once,
+costs the last run nothing.
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
 and DistributedDataParallel averages the gradients, so one step trains on a global batch of
@@ -33,6 +36,7 @@ The trainer knows a model, its token arrays and a folder for its checkpoints. Wh
 books live on disk is the store's business; runs.py connects the two.
 """
 
+import collections
 import json
 import math
 import os
@@ -49,12 +53,16 @@ import speed
 from config import SEED_MAX, setting
 from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
 from hardware import autocast, pick_precision
+from muon import Muon
 from sizing import flops_per_token
 
 
 SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, not a chapter
 # early stopping counts an evaluation only when val bits/byte is this share above its best (Trainer.early_stop)
 STOP_RISE = 0.01
+# warmup-stable-decay spends this share of the steps coming down from the peak (Hägele et al. 2024)
+WSD_DECAY = 0.2
+PACE_STEPS = 100  # a time budget's steps are re-fitted from the time per step of this many recent steps (Budget)
 
 
 @dataclass
@@ -65,10 +73,19 @@ class TrainConfig:
     # minute against nanoGPT's CPU recipe")
     batch_size: int = setting(8, "windows of text per step", 1, 4096)
     seq_len: int = setting(0, "tokens per window (0 = the model's max_seq_len)", 0, 8192)
-    learning_rate: float = setting(2e-3, "peak learning rate of AdamW", 1e-8, 1.0)
-    min_lr_ratio: float = setting(0.1, "the cosine ends at this share of the peak", 0.0, 1.0)
+    learning_rate: float = setting(2e-3, "peak learning rate of AdamW (with muon: of the embeddings, gains and biases)",
+                                   1e-8, 1.0)
+    # muon at 5e-3 with wsd: the best of a 3-minute comparison with AdamW, cosine and muon_lr 1e-2 (BENCHMARKS.md,
+    # "Muon and warmup-stable-decay")
+    optimizer: str = setting("muon", "adamw, or muon: the blocks' weight matrices take orthogonalised steps, every "
+                                     "direction alike (Jordan et al. 2024); AdamW for the rest", choices=("adamw", "muon"))
+    muon_lr: float = setting(5e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
+    schedule: str = setting("wsd", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
+                                   f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
+                            choices=("cosine", "wsd"))
+    min_lr_ratio: float = setting(0.1, "the schedule ends at this share of the peak", 0.0, 1.0)
     warmup_steps: int = setting(50, "steps of linear warm-up to the peak", 0, 10_000_000)
-    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only", 0.0, 1.0)
+    weight_decay: float = setting(0.1, "weight decay (AdamW's and Muon's), on matrices only", 0.0, 1.0)
     grad_clip: float = setting(1.0, "clip the gradient norm to this", 1e-6, 1e6)
     grad_accum: int = setting(1, "micro-batches per optimizer step", 1, 1024)
     eval_every: int = setting(100, "steps between evaluations", 1, 10_000_000)
@@ -316,10 +333,12 @@ class Trainer:
         return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm, 4)}
 
     def _set_lr(self):
-        lr = lr_at(self.step, self.tc)
+        """Each group at its own peak (Muon's matrices, AdamW's rest) times the schedule's share
+        -> AdamW's learning rate, the one the metrics show."""
+        share = lr_share(self.step, self.tc)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = group["peak_lr"] * share
+        return lr_at(self.step, self.tc)
 
     def optimizer_step(self, loss):
         """Backward of `loss` and one optimizer step (self-play's); -> the gradient norm before
@@ -372,7 +391,7 @@ class Trainer:
 
     # checkpoints ---------------------------------------------------------------
     def save_checkpoint(self):
-        """Trained weights + AdamW state + RNGs + step, in one safetensors file, written atomically.
+        """Trained weights + optimizer state + RNGs + step, in one safetensors file, written atomically.
         DDP: every rank calls it; rank 0 gathers their RNG states and writes the file."""
         rngs = distributed.gather(self._rng_state())
         sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
@@ -564,13 +583,15 @@ def selfplay_key(rank):
 
 class Budget:
     """A wall-clock budget: the run's length in steps is re-fitted from the measured time per step,
-    so that the warm-up and cosine schedule end when the time does. The clock started when the run
+    so that the warm-up and the schedule end when the time does. The clock started when the run
     was created (tokenizer and token arrays count); a resumed run continues it from run.json."""
 
     def __init__(self, minutes, run_info, step):
         self.seconds, self.run_info = minutes * 60, run_info
         self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
-        self.start_step, self.first = step, None  # time per step is measured after the first 10 steps
+        self.start_step = step
+        # (step, time) every 10 steps from the 10th on, the last PACE_STEPS steps' worth: the pace
+        self.marks = collections.deque(maxlen=PACE_STEPS // 10 + 1)
 
     def elapsed(self):
         return time.time() - self.t0
@@ -579,18 +600,21 @@ class Budget:
         return self.elapsed() >= self.seconds
 
     def fit(self, step, steps):
-        """The schedule's length after `step`, re-fitted every 10 steps from the time per step
-        since the 10th (the first steps are slow: caches, allocations, compilation)."""
+        """The schedule's length after `step`, re-fitted every 10 steps from the time per step of
+        the last PACE_STEPS steps (never the first 10: caches, allocations, compilation). The
+        recent pace, not the run's average: on a machine that slows down (other work, a laptop's
+        heat) an average promises steps that never come, and WSD's decay would be cut off."""
         self.run_info["elapsed_s"] = round(self.elapsed(), 3)
         if self.over():
             return step
         done = step - self.start_step
-        if done == 10:
-            self.first = (step, time.time())
-        if done <= 10 or done % 10:
+        if done < 10 or done % 10:
             return steps
-        per_step = (time.time() - self.first[1]) / (step - self.first[0])
-        return step + max(1, int((self.seconds - self.elapsed()) / per_step))
+        self.marks.append((step, time.time()))
+        if len(self.marks) < 2:
+            return steps
+        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
+        return step + max(1, int((self.seconds - self.elapsed()) / ((t1 - t0) / (s1 - s0))))
 
 
 def new_run(books, tc, **extra):
@@ -626,12 +650,25 @@ def load_trained_weights(model, tensors):
 
 
 def lr_at(step, tc):
-    """Linear warmup to the peak, then cosine decay to min_lr_ratio * peak at the last step."""
-    peak, floor = tc.learning_rate, tc.learning_rate * tc.min_lr_ratio
+    """The learning rate of AdamW's groups at `step` (Muon's: muon_lr times the same share)."""
+    return tc.learning_rate * lr_share(step, tc)
+
+
+def lr_share(step, tc):
+    """The schedule, as a share of the peak: linear warm-up to 1, then down to min_lr_ratio at the
+    last step, along a cosine (Loshchilov & Hutter 2017) or warmup-stable-decay: flat at the peak,
+    then a straight line over the last WSD_DECAY of the steps. WSD's end is the only part that
+    depends on the run's length, so a budget run whose step count is re-fitted as it goes keeps
+    the same lr until its last stretch; a cosine is bent by every re-fit."""
+    floor = tc.min_lr_ratio
     if step < tc.warmup_steps:
-        return peak * (step + 1) / tc.warmup_steps
+        return (step + 1) / tc.warmup_steps
+    if tc.schedule == "wsd":
+        decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
+        progress = (step - decay_start) / max(1, tc.steps - decay_start)
+        return 1 - (1 - floor) * min(1.0, max(0.0, progress))
     progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def compile_choice(cfg, tc, T, device, precision):
@@ -641,7 +678,7 @@ def compile_choice(cfg, tc, T, device, precision):
 
 
 def seconds_per_step(model, tc, precision, steps=3):
-    """A probe: the wall time of one eager training step (forward, backward, clipping, AdamW) of
+    """A probe: the wall time of one eager training step (forward, backward, clipping, the optimizer's step) of
     `model` at tc's batch and window, the median of `steps` steps after a warm-up step. The work of
     a step does not depend on the tokens, so they are random, and the steps change `model`: give it
     a throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
@@ -666,7 +703,7 @@ def seconds_per_step(model, tc, precision, steps=3):
 
 
 def apply_gradients(model, optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the gradient norm, step AdamW, zero the gradients -> the norm before clipping."""
+    """Unscale (fp16), clip the gradient norm, step the optimizer, zero the gradients -> the norm before clipping."""
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     scaler.step(optimizer)
@@ -676,15 +713,36 @@ def apply_gradients(model, optimizer, scaler, grad_clip):
 
 
 def make_optimizer(model, tc):
-    """AdamW with weight decay on matrices only: decaying biases and LayerNorm gains pulls them
-    towards 0, which only hurts (they are few and do not overfit)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """tc.optimizer over the trained parameters. AdamW: weight decay on matrices only, since
+    decaying biases and LayerNorm gains pulls them towards 0, which only hurts (they are few and do
+    not overfit). Muon: muon_groups. Each group keeps its peak lr in `peak_lr` for the schedule."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if tc.optimizer == "muon":
+        return Muon(muon_groups(named, tc), betas=(0.9, 0.95), eps=1e-8)
+    params = list(named.values())
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{**g, "peak_lr": tc.learning_rate} for g in groups]
     # fused: one kernel per tensor for the whole update instead of ~10 elementwise passes over memory
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def muon_groups(named, tc):
+    """Muon for the weight matrices of the blocks, c_attn's as three (q, k and v are three maps);
+    AdamW for the rest: embeddings (wte is also the head: tied), gains, biases, LoRA's A and B
+    (a fine-tune's only parameters: low-rank factors, not maps of their own)."""
+    hidden = {k: p for k, p in named.items() if k.startswith("transformer.h.") and k.endswith(".weight") and p.dim() == 2}
+    qkv = [p for k, p in hidden.items() if k.endswith("attn.c_attn.weight")]
+    other = [p for k, p in hidden.items() if not k.endswith("attn.c_attn.weight")]
+    tables = [p for k, p in named.items() if p.dim() >= 2 and k not in hidden]
+    vectors = [p for p in named.values() if p.dim() < 2]
+    groups = [dict(params=qkv, muon=True, blocks=3, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=other, muon=True, blocks=1, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=tables, peak_lr=tc.learning_rate, weight_decay=tc.weight_decay),
+              dict(params=vectors, peak_lr=tc.learning_rate, weight_decay=0.0)]
+    return [{**g, "lr": g["peak_lr"]} for g in groups if g["params"]]
 
 
 @torch.no_grad()

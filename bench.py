@@ -94,6 +94,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
     p.add_argument("--quick", action="store_true", help="tiny model, a few seconds: a smoke test")
     p.add_argument("--presets", default="small,medium")
+    p.add_argument("--optimizers", default=TrainConfig.optimizer, help="profile: comma list of TrainConfig optimizers")
     p.add_argument("--precisions", default="auto", help="comma list, or auto: fp32 plus bf16 where native")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
@@ -406,20 +407,17 @@ def nf4_row(cfg, device):
 
 
 def run_profile(args):
-    """Where the time goes: torch.profiler's top ops for training steps of each preset and
-    precision (--presets, --precisions, --compile), and for batch-1 generation with the KV cache."""
+    """Where the time goes: torch.profiler's top ops for training steps of each preset, precision
+    and optimizer (--presets, --precisions, --optimizers, --compile) with the optimizer's share of
+    a step, and for batch-1 generation with the KV cache."""
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
         store.add_book("book", EXAMPLE_BOOK.read_bytes(), EXAMPLE_BOOK.name)
         for name in args.presets.split(","):
             for prec in pick_precisions(device, args.precisions):
-                B, T = SHAPES[name]
-                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=args.compile or "on")
-                step = trainer_step(make_trainer(store, f"{name}-{prec}", PRESETS[name], tc))
-                step.trainer.warm_up()
-                print(f"\n### train {name} {prec}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
-                print(top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)]))
+                for opt in args.optimizers.split(","):
+                    profile_train(store, name, prec, opt, device, args.compile or "on")
                 model = GPT(replace(PRESETS[name], max_seq_len=256)).to(device)
                 sc = SamplingConfig(max_new_tokens=200, seed=0)
                 prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
@@ -428,11 +426,31 @@ def run_profile(args):
                     print(top_ops(lambda: sum(1 for _ in generate_ids(model, prompt, sc))))
 
 
-def top_ops(f, warmup=None, rows=12):
+def profile_train(store, preset, prec, optimizer, device, compile_):
+    """Top ops of 5 training steps, and the share of their time in the optimizer's step (torch.optim
+    marks it as the profiler range "Optimizer.step#<class>.step")."""
+    B, T = SHAPES[preset]
+    tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_, optimizer=optimizer)
+    step = trainer_step(make_trainer(store, f"{preset}-{prec}-{optimizer}", PRESETS[preset], tc))
+    step.trainer.warm_up()
+    print(f"\n### train {preset} {prec} {optimizer}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
+    table, prof = top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)], with_prof=True)
+    print(table)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    step_s = (time.perf_counter() - t0) / 5
+    opt_s = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("Optimizer.step#")) / 5e6
+    print(f"optimizer step: {opt_s * 1e3:.1f} ms of a {step_s * 1e3:.1f} ms step "
+          f"({opt_s / step_s:.1%}; the step timed without the profiler)")
+
+
+def top_ops(f, warmup=None, rows=12, with_prof=False):
     (warmup or f)()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         f()
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    return (table, prof) if with_prof else table
 
 
 # ----------------------------------------------------------------------------- NF4 and LoRA

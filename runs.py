@@ -127,7 +127,8 @@ def step_time(store, name, tc):
     cfg, device = store.config(name), distributed.device_for_rank(tc.device)
     precision = pick_precision(device, tc.precision)
     T = window_len(tc, cfg)
-    key = (tuple(cfg.to_dict().items()), tc.batch_size, T, tc.grad_accum, str(device), precision, torch.get_num_threads())
+    key = (tuple(cfg.to_dict().items()), tc.batch_size, T, tc.grad_accum, tc.optimizer, str(device), precision,
+           torch.get_num_threads())
     with _PROBING:  # one probe at a time: two at once would time each other
         if key not in _STEP_TIMES:
             _STEP_TIMES[key] = seconds_per_step(GPT(cfg).to(device), tc, precision)

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 import runs
-from azr_trainer import TrainConfig, evaluate_bpb, lr_at, new_run
+from azr_trainer import TrainConfig, evaluate_bpb, lr_share, new_run
 from generate import rollouts
 from hardware import autocast
 from inside import distinct_n, ngrams, seq_rep_n
@@ -307,7 +307,7 @@ def train_for_budget(arms, stages, ab, seed, start, schedule_minutes=None, sched
         if every and frac >= sp_start and steps[a] % every == every - 1:
             kind = "sp"
             for g in tr.optimizer.param_groups:
-                g["lr"] = lr_at(tr.step, tr.tc)
+                g["lr"] = g["peak_lr"] * lr_share(tr.step, tr.tc)
             sp_rows[a].append(stage.step())
             sp_time[a] += time.perf_counter() - t0
         else:

@@ -13,6 +13,7 @@ LAYERS = [
     {"generate", "speed", "quant"},  # running it, training it fast, storing it in 4 bits
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
+    {"muon"},  # the optimizer of the hidden matrices
     {"azr_trainer"},  # the loop
     {"records"},  # the schema of every record read from disk
     {"store"},  # models, books, adapters on disk

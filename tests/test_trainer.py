@@ -82,15 +82,24 @@ def test_a_flipped_byte_fails_the_checksum(store, book):
 
 
 def test_learning_rate_warms_up_then_decays_to_the_floor():
-    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1)
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1, schedule="cosine")
     assert lr_at(0, tc) == pytest.approx(1e-4)
     assert lr_at(9, tc) == pytest.approx(1e-3)
     assert lr_at(55, tc) == pytest.approx(0.55e-3)  # halfway down the cosine
     assert lr_at(100, tc) == pytest.approx(1e-4)
 
 
+def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor():
+    tc = TrainConfig(steps=100, warmup_steps=10, learning_rate=1e-3, min_lr_ratio=0.1, schedule="wsd")
+    lrs = [lr_at(step, tc) for step in range(101)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[4] < lrs[5] < lrs[9]
+    assert lrs[9:81] == pytest.approx([1e-3] * 72)  # flat until the last 20 steps
+    assert lrs[90] == pytest.approx(0.55e-3)  # halfway down the line
+    assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[100] == pytest.approx(1e-4)
+
+
 def test_weight_decay_only_on_matrices():
-    opt = make_optimizer(GPT(tiny_config()), TrainConfig())
+    opt = make_optimizer(GPT(tiny_config()), TrainConfig(optimizer="adamw"))
     decay, no_decay = opt.param_groups
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0
@@ -179,15 +188,20 @@ def test_early_stopping_waits_out_a_plateau(store, book, monkeypatch):
     assert summary["step"] == 100 and summary["best"] == [1.9, 90]
 
 
-def test_a_time_budget_fits_the_schedule_and_ends_on_time(store, book):
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_a_time_budget_fits_the_schedule_and_ends_on_time(store, book, schedule):
     store.create_model("m", tiny_config())
     t0 = time.time()
     summary = train(store, "m", [book], quick_train_config(steps=10**6, minutes=0.25, patience=0, eval_every=50,
-                                                           checkpoint_every=10**6))
+                                                           checkpoint_every=10**6, schedule=schedule))
     wall = time.time() - t0  # the budget counts the whole run: tokenizer, token arrays, training
     rows = store.metrics("m")
     assert 0.9 * 15 <= wall <= 1.3 * 15, wall  # loosely: a behaviour, not a timing test
     assert summary["step"] == rows[-1]["step"] == summary["total"] < 10**6 and "val_bpb" in rows[-1]
     assert summary["end_reason"] == "budget"
     tc = quick_train_config()
-    assert rows[-1]["lr"] < tc.learning_rate * (tc.min_lr_ratio + 0.3)  # the cosine came down by the end
+    assert rows[-1]["lr"] < tc.learning_rate * (tc.min_lr_ratio + 0.3)  # the schedule came down by the end
+    if schedule == "wsd":  # the decay starts at about 80 % of the time: the run's length is known in time
+        peak = max(r["lr"] for r in rows)
+        decay_start = next(r["time"] for r in rows if r["step"] > tc.warmup_steps and r["lr"] < peak)
+        assert 0.7 * 15 <= decay_start - t0 <= 0.9 * 15, decay_start - t0
