@@ -171,6 +171,7 @@ class Trainer:
             from selfplay import SelfPlay  # only needed when the stage is on
             # DDP: each rank proposes and rolls out its own contexts
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed + distributed.rank())
+        self.time_share = None  # in a time budget, the share of it spent: the schedule's clock (lr_share)
         self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
         self.run_best = None  # [val_bpb, step] of this run's best evaluation
         # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
@@ -217,6 +218,8 @@ class Trainer:
         end_reason = "budget" if budget else "steps"  # why the run ended, for the page: or early_stop, stopped
         try:
             while self.step < self.tc.steps:
+                if budget:  # DDP: rank 0's clock, so that every rank steps at the same learning rate
+                    self.time_share = distributed.broadcast(budget.share())
                 try:
                     if self.should_stop():
                         raise StepAbandoned
@@ -335,10 +338,10 @@ class Trainer:
     def _set_lr(self):
         """Each group at its own peak (Muon's matrices, AdamW's rest) times the schedule's share
         -> AdamW's learning rate, the one the metrics show."""
-        share = lr_share(self.step, self.tc)
+        share = lr_share(self.step, self.tc, self.time_share)
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * share
-        return lr_at(self.step, self.tc)
+        return self.tc.learning_rate * share
 
     def optimizer_step(self, loss):
         """Backward of `loss` and one optimizer step (self-play's); -> the gradient norm before
@@ -582,9 +585,10 @@ def selfplay_key(rank):
 
 
 class Budget:
-    """A wall-clock budget: the run's length in steps is re-fitted from the measured time per step,
-    so that the warm-up and the schedule end when the time does. The clock started when the run
-    was created (tokenizer and token arrays count); a resumed run continues it from run.json."""
+    """A wall-clock budget: its share spent drives the learning-rate schedule, so the schedule ends
+    when the time does, and the run's length in steps is re-fitted from the measured time per step.
+    The clock started when the run was created (tokenizer and token arrays count); a resumed run
+    continues it from run.json."""
 
     def __init__(self, minutes, run_info, step):
         self.seconds, self.run_info = minutes * 60, run_info
@@ -596,14 +600,18 @@ class Budget:
     def elapsed(self):
         return time.time() - self.t0
 
+    def share(self):
+        """How much of the budget is spent, 0..1: the schedule's clock (lr_share)."""
+        return min(1.0, self.elapsed() / self.seconds)
+
     def over(self):
         return self.elapsed() >= self.seconds
 
     def fit(self, step, steps):
-        """The schedule's length after `step`, re-fitted every 10 steps from the time per step of
-        the last PACE_STEPS steps (never the first 10: caches, allocations, compilation). The
-        recent pace, not the run's average: on a machine that slows down (other work, a laptop's
-        heat) an average promises steps that never come, and WSD's decay would be cut off."""
+        """The run's length after `step` (what the page and the ETA show; the schedule follows the
+        clock itself, share()), re-fitted every 10 steps from the time per step of the last
+        PACE_STEPS steps (never the first 10: caches, allocations, compilation). The recent pace,
+        not the run's average: on a machine that slows down an average promises steps that never come."""
         self.run_info["elapsed_s"] = round(self.elapsed(), 3)
         if self.over():
             return step
@@ -654,20 +662,27 @@ def lr_at(step, tc):
     return tc.learning_rate * lr_share(step, tc)
 
 
-def lr_share(step, tc):
+def lr_share(step, tc, time_share=None):
     """The schedule, as a share of the peak: linear warm-up to 1, then down to min_lr_ratio at the
-    last step, along a cosine (Loshchilov & Hutter 2017) or warmup-stable-decay: flat at the peak,
-    then a straight line over the last WSD_DECAY of the steps. WSD's end is the only part that
-    depends on the run's length, so a budget run whose step count is re-fitted as it goes keeps
-    the same lr until its last stretch; a cosine is bent by every re-fit."""
+    end, along a cosine (Loshchilov & Hutter 2017) or warmup-stable-decay: flat at the peak, then a
+    straight line over the last WSD_DECAY of the run. The run's progress is its share of the steps,
+    or, in a time budget, `time_share`, the share of the budget spent: the schedule then ends when
+    the time does however the pace changes (other work on the machine, a laptop's heat), where a
+    step count fitted from a pace would end early or late."""
     floor = tc.min_lr_ratio
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
     if tc.schedule == "wsd":
-        decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
-        progress = (step - decay_start) / max(1, tc.steps - decay_start)
+        if time_share is None:
+            decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
+            progress = (step - decay_start) / max(1, tc.steps - decay_start)
+        else:
+            progress = (time_share - (1 - WSD_DECAY)) / WSD_DECAY
         return 1 - (1 - floor) * min(1.0, max(0.0, progress))
-    progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    if time_share is None:
+        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
+    else:
+        progress = time_share
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
