@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = setting(1337, "seed of the batch sampler and dropout", 0, SEED_MAX)
     device: str = setting("auto", "auto (cuda, then mps, then cpu), or a device such as cpu or cuda:1")
     precision: str = setting("auto", "auto picks bf16 only where the hardware has it", choices=("auto", "fp32", "bf16", "fp16"))
-    compile: str = setting("auto", "torch.compile the training step (auto: where a probe of a few steps, eager against compiled, finds it faster)", choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the training step (auto: if a probe of a few steps finds it faster here)", choices=("auto", "on", "off"))
     selfplay_every: int = setting(0, "one self-play step after every N supervised steps (0 = off); with 3, greedy "
                                         "text repeated 4-grams 0.3x and val bits/byte -0.4 to +1.6 percent on three "
                                         "books (BENCHMARKS.md)", 0, 100_000)

@@ -69,7 +69,7 @@ EXAMPLE_BOOK = ROOT / "books" / "example_book.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (batch, seq_len) of the train rows: the shapes the peer numbers were taken at
-SHAPES = {"tiny": (16, 128), "small": (16, 128), "medium": (8, 256)}
+SHAPES = {"tiny": (16, 128), "small": (16, 128), "medium": (8, 256), "large": (4, 512)}
 TINY = ModelConfig(512, 32, 2, 2, 64, 32)  # --quick: the test suite's tiny model
 FULL = dict(rounds=7, steps_per_round=4, warmup_steps=4, new_tokens=200, gen_rounds=3, matmul_n=2048)
 QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_rounds=1, matmul_n=256)
@@ -98,6 +98,8 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers even when installed")
+    p.add_argument("--rounds", type=int, help="speed: alternating rounds of training and of generation (default "
+                                              f"{FULL['rounds']} and {FULL['gen_rounds']}); 1 for a quick look at large")
     p.add_argument("--compile", choices=["on", "off", "auto"],
                    help="our trainer's torch.compile setting; on (default, off with --quick) also times it "
                         "without, as 'eager'")
@@ -138,6 +140,8 @@ def main(argv=None):
 
 def run_speed(args):
     sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = {**sizes, "rounds": args.rounds, "gen_rounds": args.rounds}
     device = pick_device(args.device)
     precisions = pick_precisions(device, args.precisions)
     peer = None if args.no_peer else load_peer()

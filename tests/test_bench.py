@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -183,3 +184,26 @@ def test_selfplay_ab_runs_both_arms_on_a_book_file(tmp_path):
     assert set(arms) == {"supervised", "selfplay"}
     assert arms["selfplay"]["selfplay_steps"] > 0 and arms["supervised"]["selfplay_steps"] == 0
     assert arms["supervised"]["val_bpb"] > 0 and 0 <= arms["selfplay"]["greedy_loop_rate"] <= 1
+
+
+def test_probing_and_compiling_count_against_a_minutes_budget(tmp_path, monkeypatch):
+    """A probe that takes 11 minutes of a 10-minute budget (a faked clock) leaves time for one step."""
+    clock = [1000.0]
+
+    def now():  # 10 ms per reading
+        clock[0] += 0.01
+        return clock[0]
+
+    monkeypatch.setattr(time, "time", now)
+
+    def slow_probe(trainer, try_step):
+        clock[0] += 11 * 60
+        trainer.compile_reason = "measured: slowly"
+
+    monkeypatch.setattr(Trainer, "_probe_compile", slow_probe)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    tc = quick_train_config(compile="auto", minutes=10, steps=1000)
+    data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
+    trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
+                      new_run(["b"], tc))
+    assert trainer.run()["step"] == 1
