@@ -98,6 +98,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers even when installed")
+    p.add_argument("--generate-only", action="store_true", help="speed: only the generation rows")
     p.add_argument("--rounds", type=int, help="speed: alternating rounds of training and of generation (default "
                                               f"{FULL['rounds']} and {FULL['gen_rounds']}); 1 for a quick look at large")
     p.add_argument("--compile", choices=["on", "off", "auto"],
@@ -158,8 +159,9 @@ def run_speed(args):
             for prec in precisions:
                 compile_ = args.compile or ("off" if args.quick else "on")
                 tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_)
-                result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
-                log(result["train"][-1])
+                if not args.generate_only:
+                    result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
+                    log(result["train"][-1])
                 result["generate"].append(generate_row(name, cfg, device, prec, peer, sizes))
                 log(result["generate"][-1])
     for prec in precisions:  # the peak is the best the machine did: measure again, keep the max
@@ -168,7 +170,8 @@ def run_speed(args):
         for k in ("ours", "eager", "peer"):
             if row.get(f"{k}_tok_s"):
                 row[f"{k}_mfu"] = row[f"{k}_tok_s"] * row["flops_per_token"] / 1e9 / result["peak_gflops"][row["precision"]]
-    result["nf4"] = nf4_row(PRESETS["medium"] if not args.quick else TINY, device)
+    if not args.generate_only:
+        result["nf4"] = nf4_row(PRESETS["medium"] if not args.quick else TINY, device)
     result["meta"]["loadavg_end"] = load_average()
     return result
 
