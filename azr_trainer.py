@@ -52,7 +52,7 @@ import distributed
 import speed
 from config import SEED_MAX, setting
 from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
-from hardware import autocast, pick_precision
+from hardware import autocast, machine_kind, pick_precision
 from muon import Muon
 from sizing import flops_per_token
 
@@ -95,18 +95,19 @@ class TrainConfig:
     seed: int = setting(1337, "seed of the batch sampler and dropout", 0, SEED_MAX)
     device: str = setting("auto", "auto (cuda, then mps, then cpu), or a device such as cpu or cuda:1")
     precision: str = setting("auto", "auto picks bf16 only where the hardware has it", choices=("auto", "fp32", "bf16", "fp16"))
-    compile: str = setting("auto", "torch.compile the training step (auto: long CPU runs)", choices=("auto", "on", "off"))
+    compile: str = setting("auto", "torch.compile the training step (auto: if a probe of a few steps finds it "
+                                   "faster here)", choices=("auto", "on", "off"))
     selfplay_every: int = setting(0, "self-play against greedy loops (0 = off): from selfplay_start on, one self-play "
                                         "step after every N supervised steps; where early stopping would end the run, "
                                         "it goes back to its kept weights and takes self-play steps only. Time with "
                                         "--steps N: a self-play step costs a supervised step's update plus decoding its "
-                                        "rollouts token by token; in the tail one comes on top of every selfplay_every-th "
-                                        "step, after "
-                                        "a plateau they replace the steps left", 0, 100_000)
+                                        "rollouts token by token; in the tail one comes on top of every "
+                                        "selfplay_every-th step, after a plateau they replace the steps left",
+                                  0, 100_000)
     selfplay_start: float = setting(0.8, "with self-play on: the share of the steps after which it begins, if no "
                                          "plateau starts it earlier", 0.0, 1.0)
-    minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the schedule is fitted "
-                                  "to the steps that fit (0 = off)", 0.0, 1e6)
+    minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the learning-rate "
+                                  "schedule follows the clock and ends with it (0 = off)", 0.0, 1e6)
     patience: int = setting(3, f"stop once val bits/byte has been over {STOP_RISE * 100:g} percent above its best for "
                                 f"this many evaluations in a row (0 = never)", 0, 10_000)
     keep_best: bool = setting(True, "finish with the weights of the best evaluation")
@@ -142,9 +143,10 @@ class Trainer:
     runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
     evaluation's metrics row, so a run's samples show what the model learned step by step."""
 
-    def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None):
+    def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None, probe_file=None):
         self.model, self.data, self.byte_len, self.tc = model, data, byte_len, tc.validate()
         self.sample = sample
+        self.probe_file = probe_file  # compile="auto"'s measurements, per machine and config (a JSON file)
         self.ckpt_dir, self.metrics_path, self.run_info = ckpt_dir, metrics_path, run_info
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
@@ -356,14 +358,17 @@ class Trainer:
         return apply_gradients(self.model, self.optimizer, self.scaler, self.tc.grad_clip)
 
     def warm_up(self):
-        """torch.compile the loss when speed.compile_decision says it pays (once) -> a note if compiling
-        failed. Evaluation and self-play use the eager model: other shapes, no recompiles."""
+        """torch.compile the loss when speed.compile_decision says it pays, measuring it first when
+        "auto" has no measurement for this config here (once) -> a note if compiling failed.
+        Evaluation and self-play use the eager model: other shapes, no recompiles."""
         tc = self.tc
         if self.warmed:
             return None
         self.warmed = True
-        on, self.compile_reason = compile_choice(self.cfg, tc, self.T, self.device, self.precision)
-        if not on:
+        # DDP: rank 0's probe file decides for every rank
+        on, self.compile_reason = distributed.broadcast(
+            compile_choice(self.cfg, tc, self.T, self.device, self.precision, self.probe_file))
+        if on is False:
             return None
         x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
 
@@ -375,11 +380,37 @@ class Trainer:
             finally:
                 self.model.zero_grad(set_to_none=True)
 
+        if on is None:
+            return self._probe_compile(try_step)
         self.loss, note = speed.compile_loss(self.loss, self.device, try_step)
         self.compiled = note is None
         if note:
             self.compile_reason = "torch.compile failed"
         return note
+
+    def _probe_compile(self, try_step):
+        """compile="auto" without a measurement: time forward+backward of this model eager, then
+        compiled; keep the compiled loss if speed.compile_pays, and save the numbers to probe_file.
+        The probe draws its dropout from a forked RNG: the run's random numbers are the same with
+        it or without it. Its seconds count against a --minutes budget, like the compiling."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            eager_s = speed.time_steps(lambda: try_step(self.loss))
+            t0 = time.perf_counter()
+            compiled, note = speed.compile_loss(self.loss, self.device, try_step)
+            if note:
+                self.compile_reason = "torch.compile failed"
+                return note
+            compile_s = time.perf_counter() - t0
+            probe = speed.CompileProbe(eager_s, speed.time_steps(lambda: try_step(compiled)), compile_s)
+        probe = distributed.broadcast(probe)  # DDP: every rank follows rank 0's numbers
+        if self.probe_file and distributed.is_main():
+            speed.save_probe(self.probe_file, probe_key(self.cfg, self.tc, self.T, self.device, self.precision), probe)
+        on, self.compile_reason = speed.compile_pays(probe, run_seconds(self.tc, probe.eager_s, self.step), 0.0)
+        if on:
+            self.loss, self.compiled = compiled, True
+        else:
+            speed.use_fused_attention(self.loss, True)
+        return None
 
     @torch.no_grad()
     def evaluate(self, max_windows=None):
@@ -686,10 +717,26 @@ def lr_share(step, tc, time_share=None):
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def compile_choice(cfg, tc, T, device, precision):
-    """-> (compile?, reason) for the run `tc` describes: speed.compile_decision given its work."""
+def compile_choice(cfg, tc, T, device, precision, probe_file=None):
+    """-> (compile?, reason) for the run `tc` describes: speed.compile_decision given its work and,
+    for compile="auto", the probe of this config on this machine saved in `probe_file` (compile?
+    is None when there is none yet: the trainer probes at its start)."""
     run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
-    return speed.compile_decision(tc.compile, device, run_flops, precision, tc.minutes)
+    key = probe_key(cfg, tc, T, device, precision)
+    measured = speed.load_probe(probe_file, key) if probe_file and tc.compile == "auto" else None
+    run_s = run_seconds(tc, measured.eager_s) if measured else 0.0
+    return speed.compile_decision(tc.compile, device, run_flops, tc.minutes, measured, run_s)
+
+
+def probe_key(cfg, tc, T, device, precision):
+    machine = machine_kind(device) + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+    return speed.probe_key(machine, cfg, tc.batch_size, T, precision)
+
+
+def run_seconds(tc, eager_s, step=0):
+    """How long the rest of the run would take in eager forward+backward passes: its --minutes
+    budget, or its steps (from `step` on) at eager_s per pass."""
+    return tc.minutes * 60 if tc.minutes else (tc.steps - step) * tc.grad_accum * eager_s
 
 
 def seconds_per_step(model, tc, precision, steps=3):

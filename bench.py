@@ -69,7 +69,7 @@ EXAMPLE_BOOK = ROOT / "books" / "example_book.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # (batch, seq_len) of the train rows: the shapes the peer numbers were taken at
-SHAPES = {"tiny": (16, 128), "small": (16, 128), "medium": (8, 256)}
+SHAPES = {"tiny": (16, 128), "small": (16, 128), "medium": (8, 256), "large": (4, 512)}
 TINY = ModelConfig(512, 32, 2, 2, 64, 32)  # --quick: the test suite's tiny model
 FULL = dict(rounds=7, steps_per_round=4, warmup_steps=4, new_tokens=200, gen_rounds=3, matmul_n=2048)
 QUICK = dict(rounds=2, steps_per_round=1, warmup_steps=1, new_tokens=8, gen_rounds=1, matmul_n=256)
@@ -99,6 +99,9 @@ def main(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = PyTorch's default)")
     p.add_argument("--no-peer", action="store_true", help="skip transformers even when installed")
+    p.add_argument("--generate-only", action="store_true", help="speed: only the generation rows")
+    p.add_argument("--rounds", type=int, help="speed: alternating rounds of training and of generation (default "
+                                              f"{FULL['rounds']} and {FULL['gen_rounds']}); 1 for a quick look at large")
     p.add_argument("--compile", choices=["on", "off", "auto"],
                    help="our trainer's torch.compile setting; on (default, off with --quick) also times it "
                         "without, as 'eager'")
@@ -139,6 +142,8 @@ def main(argv=None):
 
 def run_speed(args):
     sizes = QUICK if args.quick else FULL
+    if args.rounds:
+        sizes = {**sizes, "rounds": args.rounds, "gen_rounds": args.rounds}
     device = pick_device(args.device)
     precisions = pick_precisions(device, args.precisions)
     peer = None if args.no_peer else load_peer()
@@ -155,8 +160,9 @@ def run_speed(args):
             for prec in precisions:
                 compile_ = args.compile or ("off" if args.quick else "on")
                 tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_)
-                result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
-                log(result["train"][-1])
+                if not args.generate_only:
+                    result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
+                    log(result["train"][-1])
                 result["generate"].append(generate_row(name, cfg, device, prec, peer, sizes))
                 log(result["generate"][-1])
     for prec in precisions:  # the peak is the best the machine did: measure again, keep the max
@@ -165,7 +171,8 @@ def run_speed(args):
         for k in ("ours", "eager", "peer"):
             if row.get(f"{k}_tok_s"):
                 row[f"{k}_mfu"] = row[f"{k}_tok_s"] * row["flops_per_token"] / 1e9 / result["peak_gflops"][row["precision"]]
-    result["nf4"] = nf4_row(PRESETS["medium"] if not args.quick else TINY, device)
+    if not args.generate_only:
+        result["nf4"] = nf4_row(PRESETS["medium"] if not args.quick else TINY, device)
     result["meta"]["loadavg_end"] = load_average()
     return result
 

@@ -11,8 +11,9 @@ a decode step is bound by how fast the weights stream in. Three things make it f
   `GPT.forward`, but every linear layer's weight stored (in, out) and cast once to the compute
   dtype — MKL's x @ W streams that layout faster than nn.Linear's x @ W.T over (out, in), and
   autocast no longer casts each weight on every token;
-- **sampling without sorting**: top-k and top-p only ever keep a prefix of the best tokens, so
-  torch.topk of k instead of a sort of the whole vocabulary.
+- **sampling from the candidates only**: top-k and top-p only ever keep a prefix of the best
+  tokens, so torch.topk of k instead of a sort of the whole vocabulary, and the draw works on
+  those k, never on a (B, V) tensor again.
 
 Sampling follows the usual recipe: repetition penalty (CTRL, Keskar et al. 2019), temperature,
 top-k, top-p "nucleus" (Holtzman et al. 2020). The engine works on token ids; `stream` is the one
@@ -31,14 +32,15 @@ from config import SEED_MAX, setting
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: (L, B, nh, T_max, hs) each.
+    """Preallocated keys and values for every layer: L tensors (B, nh, T_max, hs) each.
 
     Preallocating means no torch.cat per token (which would copy the whole cache every step)."""
 
     def __init__(self, cfg, batch_size, device, dtype=torch.float32):
-        shape = (cfg.num_layers, batch_size, cfg.num_heads, cfg.max_seq_len, cfg.d_model // cfg.num_heads)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.num_heads, cfg.max_seq_len, cfg.d_model // cfg.num_heads)
+        # a tensor per layer: indexing one (L, ...) tensor per layer and token costs more than the copy
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_layers)]
         self.pos = 0  # tokens already cached
 
     def layer(self, i):
@@ -50,14 +52,15 @@ class KVCache:
 
 class _LayerCache:
     def __init__(self, cache, i):
-        self.cache, self.i, self.pos = cache, i, cache.pos
+        self.k, self.v, self.pos = cache.k[i], cache.v[i], cache.pos
 
     def append(self, k, v):
         """Store k, v (B, nh, T, hs) after the cached ones; -> every key and value so far (B, nh, S, hs)."""
-        c, end = self.cache, self.pos + k.size(2)
-        c.k[self.i, :, :, self.pos:end] = k
-        c.v[self.i, :, :, self.pos:end] = v
-        return c.k[self.i, :, :, :end], c.v[self.i, :, :, :end]
+        end = self.pos + k.size(2)
+        keys, values = self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
+        keys.narrow(2, self.pos, k.size(2)).copy_(k)
+        values.narrow(2, self.pos, v.size(2)).copy_(v)
+        return keys, values
 
 
 # ----------------------------------------------------------------------------- the decoding copy
@@ -67,14 +70,22 @@ def decoding_copy(model, dtype):
     """The model for generation: a copy that shares every parameter with `model` except the
     weights of its nn.Linear layers, which are cast once to `dtype` and stored transposed —
     F.linear's x @ W.T then reads a contiguous (in, out) matrix, which MKL streams faster than
-    the (out, in) layout training uses. A copy per generation, because training may change the
-    weights between two of them. Run it under autocast for a lower-precision dtype, like the model."""
+    the (out, in) layout training uses. Its dropout layers are left out: at inference they return
+    their input, yet each call still costs a trip through the dispatcher, per layer and token. A
+    copy per generation, because training may change the weights between two of them. Run it under
+    autocast for a lower-precision dtype, like the model."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     fast = copy.deepcopy(model, shared)
-    for m in fast.modules():
-        if type(m) is nn.Linear:  # LoRA's and NF4's layers keep their own weights; lm_head stops
-            # being tied to wte here, which the copy only reads
+    for m in list(fast.modules()):
+        # LoRA's and NF4's layers keep their own weights. The head's (V, C) matrix streams as fast
+        # in either layout (it is long enough for MKL to split), so in the weights' own dtype it
+        # stays tied to wte: no copy of the largest matrix
+        head_as_is = m is fast.lm_head and m.weight.dtype == dtype
+        if type(m) is nn.Linear and not head_as_is:
             m.weight = nn.Parameter(m.weight.detach().t().to(dtype).contiguous().t(), requires_grad=False)
+        for name, child in m.named_children():
+            if type(child) is nn.Dropout:
+                setattr(m, name, nn.Identity())
     return fast.eval()
 
 
@@ -113,41 +124,57 @@ def filter_logits(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalt
     The repetition penalty divides positive logits of tokens already seen by the penalty and
     multiplies negative ones; top-k keeps the k likeliest tokens; top-p keeps the smallest set
     whose probability reaches p — always at least the likeliest token."""
-    logits = logits.float().clone()
+    kept, ids = candidates(logits, temperature, top_k, top_p, repetition_penalty, seen)
+    if ids is None:
+        return kept
+    return torch.full_like(logits, float("-inf"), dtype=kept.dtype).scatter(1, ids, kept)
+
+
+def candidates(logits, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, seen=None):
+    """filter_logits without the (B, V) result: the tokens that can still be drawn and their
+    logits, (kept (B, k), ids (B, k)), best first, -inf = never; (kept (B, V), None) when neither
+    top-k nor top-p is on. Sampling needs only these k, so it never touches the whole vocabulary again."""
+    logits = logits.float()
     if repetition_penalty != 1.0 and seen is not None and seen.numel():
         prev = logits.gather(1, seen)  # (B, S)
-        logits.scatter_(1, seen, torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty))
+        penalized = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.scatter(1, seen, penalized)  # a copy: the caller's logits stay as they are
     logits = logits / max(temperature, 1e-8)
     V = logits.size(-1)
     k = top_k if 0 < top_k < V else V
     if k == V and top_p >= 1.0:
-        return logits
-    best, order = torch.topk(logits, k, dim=-1)  # (B, k), descending
+        return logits, None
+    best, ids = torch.topk(logits, k, dim=-1)  # (B, k), descending: top-p then sorts only k values
     if top_p < 1.0:
         p = best.softmax(-1)
         drop = p.cumsum(-1) - p >= top_p  # the mass *before* this token already reaches p
         drop[:, 0] = False  # however small p is, the likeliest token stays
         best = best.masked_fill(drop, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, best)
+    return best, ids
 
 
 def sample_next(logits, sc, seen=None, generator=None):
     """Pick the next token for each row of logits (B, V) -> (B, 1)."""
     if sc.temperature == 0:
         return filter_logits(logits, 1.0, 0, 1.0, sc.repetition_penalty, seen).argmax(-1, keepdim=True)
-    probs = filter_logits(logits, sc.temperature, sc.top_k, sc.top_p, sc.repetition_penalty, seen).softmax(-1)
+    kept, ids = candidates(logits, sc.temperature, sc.top_k, sc.top_p, sc.repetition_penalty, seen)
+    probs = kept.softmax(-1)  # (B, k)
+    if ids is not None:  # the candidates in vocabulary order, as they sit in the whole distribution:
+        ids, order = ids.sort(-1)  # the same seed then draws the same token as over all V tokens
+        probs = probs.gather(1, order)
     # inverse-CDF sampling: the first token whose cumulative probability reaches u ~ U(0, total];
     # a token of probability 0 adds nothing to the sum, so it can never be first. The same
     # distribution as torch.multinomial, which costs far more per call on CPU
-    cdf = probs.cumsum(-1)  # (B, V)
+    cdf = probs.cumsum(-1)  # (B, k)
     u = (1 - torch.rand(cdf.size(0), 1, device=cdf.device, generator=generator)) * cdf[:, -1:]  # (B, 1)
-    return torch.searchsorted(cdf, u)
+    pick = torch.searchsorted(cdf, u)  # (B, 1)
+    return pick if ids is None else ids.gather(1, pick)
 
 
 # ----------------------------------------------------------------------------- generation
 
 
-@torch.no_grad()
+@torch.inference_mode()  # no_grad, and no version counters or autograd checks per op either
 def generate_ids(model, idx, sc, eos_id=None, dtype=None, n_tokens=None):
     """Yield (token_id, probs) for each new token after the prompt idx (1, T), with a KV cache.
 
@@ -171,8 +198,9 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None, n_tokens=None):
         logits = fast(ids, cache=cache)[0][:, -1, :n_tokens]  # (1, V)
         for _ in range(sc.max_new_tokens):
             nxt = sample_next(logits, sc, ids, gen)  # (1, 1)
-            yield nxt.item(), logits[0].float().softmax(-1)
-            if eos_id is not None and nxt.item() == eos_id:
+            tok = nxt.item()
+            yield tok, logits[0].float().softmax(-1)
+            if tok == eos_id:
                 return
             ids = torch.cat([ids, nxt], dim=1)
             if cache.pos >= cfg.max_seq_len:  # full: restart the cache from the recent half
@@ -183,7 +211,7 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None, n_tokens=None):
                 logits = fast(nxt, cache=cache)[0][:, -1, :n_tokens]
 
 
-@torch.no_grad()
+@torch.no_grad()  # not inference_mode: self-play trains on these ids
 def rollouts(model, prompts, n_new, temperature=0.0, generator=None, ban=None):
     """Continue each prompt (N, P) by n_new tokens, all rows in one batch -> (N, n_new) ids:
     greedy at temperature 0, else sampled from softmax(logits / temperature).

@@ -64,6 +64,22 @@ def available_memory(device=None):
     return None
 
 
+def machine_kind(device):
+    """The kind of machine a speed measurement holds for, in words: the CPU's model and the
+    vector instructions PyTorch uses on it, or the GPU's name; the threads and torch version."""
+    if device.type == "cuda":
+        kind = torch.cuda.get_device_name(device)
+    else:
+        kind = "unknown CPU"
+        try:
+            with open("/proc/cpuinfo") as f:
+                kind = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+        except (OSError, StopIteration):
+            pass
+        kind += f", {torch.backends.cpu.get_cpu_capability()}{', native bf16' if cpu_has_native_bf16() else ''}"
+    return f"{kind}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
 def autocast(device, precision):
     """A context manager that runs the forward pass in `precision` (no-op for fp32)."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

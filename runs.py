@@ -132,7 +132,7 @@ def step_time(store, name, tc):
     with _PROBING:  # one probe at a time: two at once would time each other
         if key not in _STEP_TIMES:
             _STEP_TIMES[key] = seconds_per_step(GPT(cfg).to(device), tc, precision)
-    on, reason = compile_choice(cfg, tc, T, device, precision)
+    on, reason = compile_choice(cfg, tc, T, device, precision, compile_probe_file(store))
     return {"seconds_per_step": _STEP_TIMES[key], "precision": precision, "device": str(device),
             "compile": on, "compile_reason": reason}
 
@@ -218,7 +218,13 @@ def make_trainer(store, name, run):
     sample = None
     if tc.sample_tokens:
         sample = sampler(tok, tc.sample_prompt or first_line(texts[0]), tc, device)
-    return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run, sample)
+    return Trainer(model, data, byte_len, tc, run_dir(store, name, adapter), out_dir / "metrics.jsonl", run, sample,
+                   probe_file=compile_probe_file(store))
+
+
+def compile_probe_file(store):
+    """compile="auto"'s measurements, eager against compiled, per machine and config."""
+    return store.home / "cache" / "compile_probe.json"
 
 
 def sampler(tok, prompt, tc, device):

@@ -10,27 +10,39 @@
    all the logits is also the idea of Cut Cross-Entropy (Wijmans et al. 2024) on GPUs.
 2. **torch.compile** (`compile_decision`, `compile_loss`), where it pays: inductor fuses the
    elementwise work around the matmuls (LayerNorm, GELU, the softmax of attention written out).
+   Whether it pays differs from CPU to CPU (and between fp32 and bf16 on one CPU), so "auto"
+   measures it: a few eager and compiled steps of the user's own model (`CompileProbe`), kept
+   per machine and config in a small JSON file, so the next run of that config needs no probe.
 3. **Keeping freed memory** (`keep_freed_memory`): no page faults for each step's activations.
 
 BENCHMARKS.md measures each (`python bench.py`), as ratios against a peer in the same run.
 """
 
 import ctypes
+import json
 import os
 import shutil
+import statistics
 import sys
+import time
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 
+from files import write_json
 from sizing import HEAD_CHUNK
 
-# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
-# eager training on 2 cores, enough to win back the compile time
+# "auto" measures compiling only for a run whose matmul work is at least this many FLOPs: about a
+# minute of eager training on 2 cores, enough to win back the compile time
 COMPILE_MIN_FLOPS = 5e12
-# ... and a run with a wall-clock budget (--minutes) at least this long: compiling the small preset
+# ... or a run with a wall-clock budget (--minutes) at least this long: compiling the small preset
 # takes 10-60 s of it on 2 cores
 COMPILE_MIN_MINUTES = 2.0
+PROBE_STEPS = 3  # timed forward+backward passes of each arm of the probe, after one untimed
+# compiled steps must be at least this much faster than eager to be chosen: less is within the
+# noise of a few steps on a shared machine, and "auto" must never be slower than eager
+PROBE_MIN_GAIN = 0.05
 USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read before inductor sets it itself
 
 
@@ -97,30 +109,96 @@ class TrainLoss(nn.Module):
         return HeadLoss.apply(x.flatten(0, 1), self.model.lm_head.weight, targets.flatten())
 
 
-def compile_decision(setting, device, run_flops, precision, minutes=0.0):
+def compile_decision(setting, device, run_flops, minutes=0.0, measured=None, run_s=0.0):
     """-> (compile?, reason): whether to torch.compile the training loss, and why, in words the
-    trainer shows. "auto" compiles only where it was measured to pay (BENCHMARKS.md):
-    - on a CPU in bf16 (which pick_precision only chooses where the CPU has native bf16), where
-      inductor fuses the elementwise work around the bf16 matmuls;
-    - never on a CPU in fp32: there compiled training was measured no faster than eager, on an
-      AVX-512 and on an AVX2 CPU, after tens of seconds of compiling;
-    - and only for a run long enough to win back the compile time (`run_flops`, or `minutes` when
-      the run has a wall-clock budget), with a C++ compiler present.
-    On CUDA, ask for it with "on"."""
+    trainer shows. "on" and "off" are obeyed. "auto" decides by measurement: `measured`, a
+    CompileProbe of this config on this machine, and `run_s`, the seconds the run would take in
+    eager steps (see compile_pays). Without a measurement yet -> (None, reason): probe first.
+    A run too short to win back any compile time is not even probed; nor is one without a C++
+    compiler (CPU) or on a device inductor does not cover (mps)."""
     if setting != "auto":
         return setting == "on", f"compile={setting} was asked for"
-    if device.type != "cpu":
-        return False, f"compile=auto compiles only on CPU (not measured on {device.type}); ask for it with compile=on"
-    if precision != "bf16":
-        return False, f"{precision} on CPU: torch.compile measured no faster than eager training here"
-    if not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
+    if device.type not in ("cpu", "cuda"):
+        return False, f"compile=auto measures compiling on CPU and CUDA only, not on {device.type}"
+    if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         return False, "no C++ compiler for inductor's kernels"
     if minutes:
         if minutes < COMPILE_MIN_MINUTES:
             return False, f"a {minutes:g}-minute budget: compiling would take too much of it"
     elif run_flops < COMPILE_MIN_FLOPS:
         return False, f"a short run ({run_flops:.1e} FLOPs): compiling would not pay back"
-    return True, "bf16 on a CPU with native bf16: compiled training measured faster than eager"
+    if measured is None:
+        return None, "not measured for this config on this machine yet: the run times eager and compiled steps first"
+    return compile_pays(measured, run_s, measured.compile_s)
+
+
+@dataclass
+class CompileProbe:
+    """What the probe measured on this machine: seconds per forward+backward of the training loss,
+    eager and compiled (the median of PROBE_STEPS), and the seconds of the first compiled call,
+    which compiles. The optimizer step is the same either way, so it is left out."""
+    eager_s: float
+    compiled_s: float
+    compile_s: float
+
+    def __str__(self):
+        return (f"eager {1000 * self.eager_s:.0f} ms, compiled {1000 * self.compiled_s:.0f} ms per step, "
+                f"compiling {self.compile_s:.0f} s")
+
+
+def compile_pays(probe, run_s, compile_s):
+    """-> (compile?, reason with the numbers): compiled steps must be faster by PROBE_MIN_GAIN at
+    least, and the run, `run_s` seconds of eager steps, long enough that the time they save beats
+    `compile_s`, the compiling still to be done (0 once the probe has compiled)."""
+    gain = 1 - probe.compiled_s / probe.eager_s
+    if gain < PROBE_MIN_GAIN:
+        return False, f"measured {probe}: compiled is not faster beyond noise"
+    if gain * run_s < compile_s:
+        return False, f"measured {probe}: {gain:.0%} faster, too little over this run to win back compiling"
+    return True, f"measured {probe}: compiled is {gain:.0%} faster"
+
+
+def time_steps(step, n=PROBE_STEPS):
+    """Median seconds of `n` calls of step() after one untimed call (caches, allocations)."""
+    step()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def probe_key(machine, cfg, batch_size, T, precision):
+    """The cache key of a probe: what its timings depend on (the machine kind names the CPU or GPU,
+    its vector instructions, the threads and the torch version)."""
+    return json.dumps({"machine": machine, "config": cfg.to_dict(), "batch_size": batch_size, "seq_len": T,
+                       "precision": precision}, sort_keys=True)
+
+
+def load_probe(path, key):
+    """The CompileProbe cached under `key` in the JSON file at `path`, or None. A file that is
+    missing or damaged counts as empty: the probe runs again and rewrites it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return CompileProbe(**json.load(f)[key])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_probe(path, key, probe):
+    try:
+        with open(path, encoding="utf-8") as f:
+            probes = json.load(f)
+        if not isinstance(probes, dict):
+            probes = {}
+    except (OSError, ValueError):
+        probes = {}
+    probes[key] = asdict(probe)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, probes)
 
 
 def keep_freed_memory():
@@ -148,21 +226,24 @@ def cache_compiles_in(folder):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
+def use_fused_attention(loss, on):
+    """Switch `loss`'s attention between the fused kernel (eager) and the formula written out."""
+    for m in loss.modules():
+        if hasattr(m, "fused"):
+            m.fused = on
+
+
 def compile_loss(loss, device, try_step):
     """torch.compile'd `loss` module, or `loss` itself with the reason when compiling fails.
     Compilation happens at the first call, so `try_step(compiled)` makes that call now (a
     forward and backward on a dummy batch): a missing C++ compiler or an op inductor cannot
     handle then means training eagerly, with a note, instead of a failed run."""
     if device.type == "cpu":  # inductor fuses the written-out attention; the fused CPU kernel is slow here
-        for m in loss.modules():
-            if hasattr(m, "fused"):
-                m.fused = False
+        use_fused_attention(loss, False)
     compiled = torch.compile(loss)
     try:
         try_step(compiled)
     except Exception as e:  # any failure of the compiler means: run without it
-        for m in loss.modules():
-            if hasattr(m, "fused"):
-                m.fused = True
+        use_fused_attention(loss, True)
         return loss, f"torch.compile failed, training without it: {str(e).strip()[:300]}"
     return compiled, None

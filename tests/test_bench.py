@@ -5,15 +5,19 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 import torch
 
 import model as M
 import sizing
-from azr_trainer import TrainConfig
+import speed
+from azr_trainer import TrainConfig, Trainer, new_run, probe_key
+from model import GPT
 from runs import train
-from speed import compile_decision
+from speed import CompileProbe, compile_decision, compile_pays
 from conftest import ROOT, quick_train_config, tiny_config
 
 
@@ -94,21 +98,64 @@ def test_written_out_attention_used_under_compile_matches_the_fused_kernel():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, grads2))
 
 
-def test_auto_compiles_only_long_cpu_runs_and_on_off_are_obeyed():
+def test_on_and_off_are_obeyed_and_auto_probes_only_runs_long_enough_to_pay():
     cpu = torch.device("cpu")
+    assert compile_decision("on", cpu, 1)[0] is True and compile_decision("off", cpu, 1e15)[0] is False
+    assert compile_decision("auto", cpu, 1e9) == (False, "a short run (1.0e+09 FLOPs): compiling would not pay back")
+    on, reason = compile_decision("auto", cpu, 1e15, minutes=0.5)  # a budget: its length decides
+    assert on is False and "budget" in reason
     if shutil.which("g++"):
-        assert compile_decision("auto", cpu, 1e15, "bf16")[0]  # many minutes of training
-    on, reason = compile_decision("auto", cpu, 1e15, "fp32")
-    assert not on and "fp32" in reason  # fp32 on CPU: measured no faster than eager
-    assert not compile_decision("auto", cpu, 1e9, "bf16")[0]  # a few seconds of work: not worth it
-    on, reason = compile_decision("auto", cpu, 1e9, "bf16", minutes=0.5)  # a budget: its length decides
-    assert not on and "budget" in reason
-    if shutil.which("g++"):
-        assert compile_decision("auto", cpu, 1e9, "bf16", minutes=10)[0]
-    assert not compile_decision("auto", torch.device("cuda"), 1e15, "bf16")[0]  # not measured there
-    assert compile_decision("on", cpu, 1, "fp32")[0] and not compile_decision("off", cpu, 1e15, "bf16")[0]
+        assert compile_decision("auto", cpu, 1e15)[0] is None  # long enough: measure first
+        assert compile_decision("auto", cpu, 1e9, minutes=10)[0] is None
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="yes").validate()
+
+
+@pytest.mark.parametrize("eager_s, compiled_s, run_s, compile_s, on", [
+    (0.10, 0.07, 600, 30, True),  # 30 % faster over 10 minutes: 180 s saved for 30 s of compiling
+    (0.10, 0.07, 60, 30, False),  # ... over one minute: 18 s saved, not worth 30 s
+    (0.10, 0.07, 60, 0, True),  # the probe already compiled: any real gain counts
+    (0.10, 0.098, 10**6, 0, False),  # 2 % is within noise
+    (0.10, 0.12, 10**6, 0, False),  # slower
+])
+def test_a_measured_probe_decides(eager_s, compiled_s, run_s, compile_s, on):
+    decided, reason = compile_pays(CompileProbe(eager_s, compiled_s, compile_s), run_s, compile_s)
+    assert decided is on and f"eager {1000 * eager_s:.0f} ms, compiled {1000 * compiled_s:.0f} ms" in reason
+
+
+def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path, monkeypatch):
+    """A faked probe: its numbers decide, the probe file keeps them, a second run of the same
+    config reads them instead of probing, and another config (batch size) is probed again."""
+    probes = []
+
+    def fake_probe(trainer, try_step):
+        probes.append(trainer.tc.batch_size)
+        probe = CompileProbe(eager_s=0.2, compiled_s=0.3, compile_s=25.0)  # compiled is slower here
+        speed.save_probe(trainer.probe_file, probe_key(trainer.cfg, trainer.tc, trainer.T, trainer.device, "fp32"), probe)
+        trainer.compile_reason = speed.compile_pays(probe, 600, 0.0)[1]
+
+    monkeypatch.setattr(Trainer, "_probe_compile", fake_probe)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler, as far as auto knows
+    file = tmp_path / "cache" / "compile_probe.json"
+
+    def warmed(batch_size):
+        tc = quick_train_config(compile="auto", minutes=10, batch_size=batch_size)
+        data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
+        trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
+                          new_run(["b"], tc), probe_file=file)
+        trainer.warm_up()
+        return trainer
+
+    first = warmed(8)
+    assert probes == [8] and not first.compiled and "eager 200 ms, compiled 300 ms" in first.compile_reason
+    again = warmed(8)
+    assert probes == [8] and not again.compiled and "eager 200 ms, compiled 300 ms" in again.compile_reason
+    warmed(4)
+    assert probes == [8, 4]
+    assert len(json.loads(file.read_text())) == 2
+    file.write_text("{damaged")  # a damaged file is as good as none: probe again
+    warmed(8)
+    assert probes == [8, 4, 8]
 
 
 def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, book, monkeypatch):
@@ -137,3 +184,26 @@ def test_selfplay_ab_runs_both_arms_on_a_book_file(tmp_path):
     assert set(arms) == {"supervised", "selfplay"}
     assert arms["selfplay"]["selfplay_steps"] > 0 and arms["supervised"]["selfplay_steps"] == 0
     assert arms["supervised"]["val_bpb"] > 0 and 0 <= arms["selfplay"]["greedy_loop_rate"] <= 1
+
+
+def test_probing_and_compiling_count_against_a_minutes_budget(tmp_path, monkeypatch):
+    """A probe that takes 11 minutes of a 10-minute budget (a faked clock) leaves time for one step."""
+    clock = [1000.0]
+
+    def now():  # 10 ms per reading
+        clock[0] += 0.01
+        return clock[0]
+
+    monkeypatch.setattr(time, "time", now)
+
+    def slow_probe(trainer, try_step):
+        clock[0] += 11 * 60
+        trainer.compile_reason = "measured: slowly"
+
+    monkeypatch.setattr(Trainer, "_probe_compile", slow_probe)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
+    tc = quick_train_config(compile="auto", minutes=10, steps=1000)
+    data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
+    trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
+                      new_run(["b"], tc))
+    assert trainer.run()["step"] == 1

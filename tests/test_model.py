@@ -127,6 +127,21 @@ def test_the_decoding_copy_computes_the_forward(rough):
     assert not gpt.transformer.h[0].mlp.c_fc.weight.is_contiguous() is fast.transformer.h[0].mlp.c_fc.weight.is_contiguous()
 
 
+def test_the_decoding_steps_give_the_plain_forwards_logits_to_1e_5():
+    """The fast path as generate_ids runs it (decoding copy, KV cache, one token at a time, under
+    inference_mode, dropout left out) against the model's own forward over the whole text."""
+    torch.manual_seed(0)
+    gpt = GPT(tiny_config(dropout=0.1)).eval()
+    idx = torch.randint(0, 512, (1, 20))
+    full, _ = gpt(idx)
+    fast = G.decoding_copy(gpt, torch.float32)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in fast.modules())
+    with torch.inference_mode():
+        cache = KVCache(gpt.config, 1, "cpu")
+        steps = [fast(idx[:, :5], cache=cache)[0]] + [fast(idx[:, t:t + 1], cache=cache)[0] for t in range(5, 20)]
+    assert (full - torch.cat(steps, 1)).abs().max() < 1e-5
+
+
 def test_the_decoding_copy_follows_a_change_to_the_model(rough, monkeypatch):
     """Decoding runs the model's own forward: change the MLP and the decoding copy changes with it."""
     idx = torch.randint(0, 512, (1, 6))
@@ -297,3 +312,14 @@ def test_a_tiny_top_p_still_keeps_the_likeliest_token():
     assert kept.sum(-1).tolist() == [1, 1] and kept[torch.arange(2), logits.argmax(-1)].all()
     draws = G.sample_next(logits, SamplingConfig(top_p=1e-300, top_k=0), generator=torch.Generator().manual_seed(0))
     assert draws[:, 0].tolist() == logits.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("top_k, top_p, penalty", [(50, 0.95, 1.0), (5, 1.0, 1.0), (0, 0.9, 1.0), (0, 1.0, 1.3), (300, 0.5, 1.0)])
+def test_sampling_from_the_candidates_draws_what_the_whole_distribution_draws(top_k, top_p, penalty):
+    """The same seed gives the same token as inverse-CDF sampling over all V filtered probabilities."""
+    logits, seen = torch.randn(64, 300) * 3, torch.randint(0, 300, (64, 10))
+    sc = SamplingConfig(temperature=0.8, top_k=top_k, top_p=top_p, repetition_penalty=penalty)
+    drawn = G.sample_next(logits, sc, seen, generator=torch.Generator().manual_seed(0))
+    cdf = filter_logits(logits, 0.8, top_k, top_p, penalty, seen).softmax(-1).cumsum(-1)  # (64, V)
+    u = (1 - torch.rand(64, 1, generator=torch.Generator().manual_seed(0))) * cdf[:, -1:]
+    assert drawn.tolist() == torch.searchsorted(cdf, u).tolist()
