@@ -17,13 +17,16 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import config
+from app.web.training import SERVER_CHOOSES
 from azr_trainer import TrainConfig
+from config import SettingError
 from conftest import LOCAL_URL, ROOT, TINY
 from files import read_json, write_json
 from jobs import ACTIVE, RESUMABLE
+from lora import LoRAConfig
 from model import ModelConfig
 from runs import first_line
-from app.web.training import SERVER_CHOOSES
 from server import create_app
 
 TRAIN = dict(batch_size=8, eval_every=10, warmup_steps=5, compile="off")  # a few fast steps of the tiny model
@@ -315,6 +318,19 @@ def test_train_rejects(client, book, body, status, words):
     client.post("/create_model", json={"name": "t", **TINY})
     assert words in error_of(client.post("/train", json=body), status)
     assert client.get("/training_status").json()["state"] == "idle"
+
+
+@pytest.mark.parametrize("change, field", [({"steps": 0}, "steps"), ({"seq_len": 64}, "seq_len"),
+                                           ({"seed": 2**63}, "seed"), ({"sample_prompt": "x" * 501}, "sample_prompt")])
+def test_a_refused_setting_names_its_field(client, book, change, field):
+    client.post("/create_model", json={"name": "t", **TINY})
+    assert client.post("/train", json={"model": "t", "book": "book", **change}).json()["field"] == field
+
+
+def test_a_setting_error_names_the_field_as_the_edge_calls_it():
+    with pytest.raises(SettingError) as e:
+        config.build(LoRAConfig, {"targets": []}, prefix="lora_")
+    assert e.value.field == "lora_targets" and str(e.value).startswith("lora_targets must")
 
 
 def test_one_job_at_a_time_and_generation_keeps_working(client, book):
