@@ -207,7 +207,7 @@ def test_a_model_deleted_while_generate_loads_it_is_404(served, monkeypatch, mod
 def test_a_model_deleted_while_it_downloads_is_404_and_leaves_no_temp_folder(served, monkeypatch, tmp_path, fmt):
     store, client = served
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    module, attr = (server, "zip_folder") if fmt == "native" else (S.Tokenizer, "load")
+    module, attr = (downloads, "zip_folder") if fmt == "native" else (S.Tokenizer, "load")
     deleting_first(monkeypatch, module, attr, store)
     r = client.get(f"/download_model/m?format={fmt}")
     assert r.status_code == 404, r.text
