@@ -164,6 +164,27 @@ def test_v1_waits_in_the_same_generation_queue_as_generate(home, monkeypatch):
     assert e.value.response.headers["retry-after"] == str(GENERATION_RETRY_AFTER_S)
 
 
+def test_a_completion_whose_client_left_stops(home, monkeypatch):
+    made = []
+
+    def endless(*args):
+        while True:
+            time.sleep(0.01)
+            made.append(1)
+            yield "a", 1, None
+    monkeypatch.setattr(v1, "stream", endless)
+    with live(home) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "The"}, timeout=1)
+        deadline = time.time() + 10
+        while httpx.get(url.replace("/v1", "/health")).json()["generating"]:  # its slot given back
+            assert time.time() < deadline, "the generation went on without its client"
+            time.sleep(0.05)
+        stopped_at = len(made)
+        time.sleep(0.3)
+    assert made and len(made) == stopped_at
+
+
 def test_the_server_takes_its_key_from_the_flag_or_the_environment(monkeypatch, tmp_path):
     seen = {}
     monkeypatch.setattr(server.uvicorn, "run", lambda app, **kw: seen.update(key=app.state.azr.api_key))
