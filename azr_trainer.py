@@ -118,12 +118,14 @@ class TrainConfig:
     def validate(self):
         config.validate(self)
         if self.sample_prompt and len(self.sample_prompt) > SAMPLE_PROMPT_MAX_CHARS:
-            raise ValueError(f"sample_prompt must be at most {SAMPLE_PROMPT_MAX_CHARS} characters, got {len(self.sample_prompt)}")
+            raise config.SettingError(f"sample_prompt must be at most {SAMPLE_PROMPT_MAX_CHARS} characters, "
+                                      f"got {len(self.sample_prompt)}", "sample_prompt")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except RuntimeError:
-                raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}") from None
+                raise config.SettingError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}",
+                                          "device") from None
         return self
 
     @classmethod
@@ -667,8 +669,8 @@ def window_len(tc, cfg):
     more than the context: positions past max_seq_len have no embedding to look up."""
     T = tc.seq_len or cfg.max_seq_len
     if T > cfg.max_seq_len:
-        raise ValueError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
-                         f"use at most {cfg.max_seq_len}, or 0 for the whole context")
+        raise config.SettingError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
+                                  f"use at most {cfg.max_seq_len}, or 0 for the whole context", "seq_len")
     return T
 
 

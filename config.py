@@ -4,8 +4,9 @@ ModelConfig, TrainConfig, SamplingConfig and LoRAConfig are plain dataclasses. E
 declared with `setting(default, help, lo, hi, choices)`, which stores those facts in the field's
 metadata; `validate` checks any of the dataclasses against them, and the edges derive what they
 need from the same fields: the CLI its flags (cli.py), the web API its request bodies and schema
-(server.py), the page its form defaults (templates/index.html). A range or a default is changed
-in one place, and every edge follows.
+(app/web/), the page its form defaults (templates/index.html). A range or a default is changed
+in one place, and every edge follows. A value a rule refuses raises SettingError, which carries
+the field's name, so an edge can point at the field without reading the message.
 """
 
 import math
@@ -15,6 +16,14 @@ from dataclasses import MISSING, field, fields
 
 VERSION = "1.1.0"  # the app's: the web API, `cli.py --version`, exported model cards
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to a signed 64-bit integer
+
+
+class SettingError(ValueError):
+    """A settings value we cannot use; `field` names it, so a form can mark the field to change."""
+
+    def __init__(self, message, field):
+        super().__init__(message)
+        self.field = field
 
 
 def setting(default, help="", lo=None, hi=None, choices=None):
@@ -40,7 +49,7 @@ def field_type(cls, f):
 
 def validate(cfg):
     """Check every field of a settings dataclass: its type, then its range or choices.
-    Raises ValueError naming the field and what it accepts; returns cfg."""
+    Raises SettingError naming the field and what it accepts; returns cfg."""
     for f in fields(cfg):
         check_value(type(cfg), f, getattr(cfg, f.name))
     return cfg
@@ -52,21 +61,22 @@ def check_value(cls, f, v):
     if v is None and optional:
         return
     if not _is(v, kind):
-        raise ValueError(f"{f.name} must be {_KIND_WORDS.get(kind, kind.__name__)}, got {echo(v)}")
+        raise SettingError(f"{f.name} must be {_KIND_WORDS.get(kind, kind.__name__)}, got {echo(v)}", f.name)
     if kind is float and not math.isfinite(v):
-        raise ValueError(f"{f.name} must be a finite number, got {v!r}")
+        raise SettingError(f"{f.name} must be a finite number, got {v!r}", f.name)
     choices = m.get("choices")
     if choices and any(x not in choices for x in (v if kind is tuple else [v])):
-        raise ValueError(f"{f.name} must be {'any' if kind is tuple else 'one'} of {', '.join(map(str, choices))}, got {echo(v)}")
+        raise SettingError(f"{f.name} must be {'any' if kind is tuple else 'one'} of {', '.join(map(str, choices))}, "
+                           f"got {echo(v)}", f.name)
     lo, hi = m.get("lo"), m.get("hi")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise ValueError(f"{f.name} must be {describe_range(lo, hi)}, got {echo(v)}")
+        raise SettingError(f"{f.name} must be {describe_range(lo, hi)}, got {echo(v)}", f.name)
 
 
 def check_seed(seed):
     """The rule of every seed, also of one that is no settings field (create_model's)."""
     if not (_is(seed, int) and 0 <= seed <= SEED_MAX):
-        raise ValueError(f"seed must be {describe_range(0, SEED_MAX)}, got {echo(seed)}")
+        raise SettingError(f"seed must be {describe_range(0, SEED_MAX)}, got {echo(seed)}", "seed")
     return seed
 
 
@@ -123,8 +133,7 @@ def build(cls, values, prefix=""):
     the CLI's lora_r): an error message names the field the way the user typed it."""
     try:
         return from_dict(cls, values)
-    except ValueError as e:
-        field_name = str(e).split(" ", 1)[0]
-        if prefix and field_name in {f.name for f in fields(cls)}:
-            raise ValueError(prefix + str(e)) from None
+    except SettingError as e:
+        if prefix:  # the rules' messages start with the field's name
+            raise SettingError(prefix + str(e), prefix + e.field) from None
         raise

@@ -48,13 +48,13 @@ class LoRAConfig:
     nf4: bool = setting(False, "keep the frozen base in 4-bit NF4 (QLoRA)")
 
     def validate(self):
-        """Raise ValueError with a message that says what to change."""
+        """Raise SettingError with a message that says what to change."""
         if isinstance(self.targets, str):  # "c_attn,c_fc" as typed on a command line
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         self.targets = tuple(self.targets)
         config.validate(self)
         if not self.targets:
-            raise ValueError(f"give at least one LoRA target from {TARGETS}")
+            raise config.SettingError(f"targets must name at least one of {', '.join(TARGETS)}", "targets")
         return self
 
     def to_dict(self):

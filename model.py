@@ -41,12 +41,12 @@ class ModelConfig:
     dropout: float = setting(0.0, "dropout on embeddings, attention and MLP outputs while training", 0.0, 0.9)
 
     def validate(self):
-        """Raise ValueError with a message that says what to change."""
+        """Raise SettingError with a message that says what to change."""
         config.validate(self)
         if self.d_model % self.num_heads:
             ok = [h for h in range(1, min(self.d_model, 128) + 1) if self.d_model % h == 0]
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
-                             f"try num_heads in {ok[-6:]}")
+            raise config.SettingError(f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}); "
+                                      f"try num_heads in {ok[-6:]}", "num_heads")
         return self
 
     def to_dict(self):

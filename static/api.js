@@ -1,4 +1,4 @@
-// Talking to the server (server.py): JSON in and out, and the token stream of /generate_stream.
+// Talking to the server (app/web/): JSON in and out, and the token stream of /generate_stream.
 // Every error arrives as {"error": "...", "field": "..."} and becomes an Error with those two.
 
 export async function api(method, path, body) {

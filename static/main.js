@@ -1,4 +1,4 @@
-// The page: six tabs over the JSON API in server.py, as ES modules with no build step. One module
+// The page: six tabs over the JSON API in app/web/, as ES modules with no build step. One module
 // per tab (create, books, training + progress, generation, models, inside + inside_maps), the
 // shared lists of models and books (lists.js), the requests (api.js) and small helpers (page.js).
 //

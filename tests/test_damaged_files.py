@@ -22,7 +22,7 @@ from fastapi.testclient import TestClient
 from filelock import FileLock
 
 import cli
-import server
+from app.web import downloads
 import store as S
 from conftest import LOCAL_URL, ROOT, tiny_config
 from files import CorruptFile
@@ -207,11 +207,11 @@ def test_a_model_deleted_while_generate_loads_it_is_404(served, monkeypatch, mod
 def test_a_model_deleted_while_it_downloads_is_404_and_leaves_no_temp_folder(served, monkeypatch, tmp_path, fmt):
     store, client = served
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    module, attr = (server, "zip_folder") if fmt == "native" else (S.Tokenizer, "load")
+    module, attr = (downloads, "zip_folder") if fmt == "native" else (S.Tokenizer, "load")
     deleting_first(monkeypatch, module, attr, store)
     r = client.get(f"/download_model/m?format={fmt}")
     assert r.status_code == 404, r.text
-    assert list(tmp_path.glob(server.DOWNLOAD_PREFIX + "*")) == []
+    assert list(tmp_path.glob(downloads.DOWNLOAD_PREFIX + "*")) == []
 
 
 def test_generating_while_the_model_is_deleted_and_created_again_never_answers_500(served):
@@ -242,12 +242,13 @@ def test_generating_while_the_model_is_deleted_and_created_again_never_answers_5
 
 
 HOLD_A_DOWNLOAD = """
-import sys, time, server, store
+import sys, time, store
+from app.web.downloads import send_built
 s = store.Store(sys.argv[1])
 def build(folder):
     print(folder, flush=True)
     time.sleep(600)  # a download being built when the kill comes
-server.send_built(build, "m.zip", s, "m")
+send_built(build, "m.zip", s, "m")
 """
 
 
@@ -261,11 +262,11 @@ def test_a_download_cut_off_by_kill_9_is_cleaned_at_the_next_start_but_no_live_o
     killed = proc.stdout.readline().strip()
     proc.send_signal(signal.SIGKILL)
     proc.wait(30)
-    live = tempfile.mkdtemp(prefix=server.DOWNLOAD_PREFIX)  # a live server's, its lock held
+    live = tempfile.mkdtemp(prefix=downloads.DOWNLOAD_PREFIX)  # a live server's, its lock held
     lock = FileLock(os.path.join(live, ".lock"), thread_local=False)
     lock.acquire(timeout=0)
-    young = tempfile.mkdtemp(prefix=server.DOWNLOAD_PREFIX)  # made a moment ago, not locked yet
-    long_ago = time.time() - 2 * server.STALE_DOWNLOAD_S
+    young = tempfile.mkdtemp(prefix=downloads.DOWNLOAD_PREFIX)  # made a moment ago, not locked yet
+    long_ago = time.time() - 2 * downloads.STALE_DOWNLOAD_S
     for d in (killed, live):
         os.utime(d, (long_ago, long_ago))
     assert os.path.isdir(killed)

@@ -22,7 +22,8 @@ import sizing
 from azr_trainer import new_run
 from conftest import LOCAL_URL, TINY, quick_train_config, tiny_config
 from files import NotFound, StoreError
-from server import allowed_hosts, create_app
+from app.web.guard import allowed_hosts
+from server import create_app
 from test_server import free_port, start_server
 
 EVIL = "http://evil.example"

@@ -12,10 +12,12 @@ import pytest
 import uvicorn
 
 import server
-from conftest import ROOT, quick_train_config, tiny_config
-from generate import SamplingConfig, generate
+from app.web import openai as v1
+from app.web.generation_queue import GENERATION_QUEUE, GENERATION_RETRY_AFTER_S
+from app.web.openai import Message, TextPart, chat_prompt, first_stop, stop_prefix_len, stops_of
+from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
+from generate import SamplingConfig, generate, stream
 from lora import LoRAConfig
-from openai_api import Message, TextPart, chat_prompt, first_stop, stop_prefix_len, stops_of
 from runs import finetune, train
 from store import Store
 
@@ -134,6 +136,53 @@ def test_without_a_key_other_machines_are_refused(home):
     near = TestClient(app, base_url="http://127.0.0.1", client=("127.0.0.1", 5000))
     assert far.get("/v1/models").status_code == 403 and near.get("/v1/models").status_code == 200
     assert far.get("/health").status_code == 200  # the rest of the API is as it was
+
+
+def test_v1_waits_in_the_same_generation_queue_as_generate(home, monkeypatch):
+    """Each token is made on a generation thread while the request holds a slot (a stream: until
+    its last chunk); with every slot taken, openai's client gets RateLimitError and Retry-After."""
+    from fastapi.testclient import TestClient
+
+    app = server.create_app(home)
+    queue, seen = app.state.azr.generation, []
+
+    def watched(*args):
+        for piece in stream(*args):
+            seen.append((threading.current_thread().name, queue.taken))
+            yield piece
+    monkeypatch.setattr(v1, "stream", watched)
+    near = TestClient(app, base_url=LOCAL_URL, client=("127.0.0.1", 5000))
+    client = openai.OpenAI(base_url=f"{LOCAL_URL}/v1", api_key="anything", max_retries=0, http_client=near)
+    client.completions.create(model="tiny", prompt="The", max_tokens=3)
+    list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                        stream=True))
+    assert len(seen) >= 2 and all(name.startswith("generate") and taken == 1 for name, taken in seen), seen
+    assert queue.taken == 0
+    queue.taken = GENERATION_QUEUE  # as if that many requests were generating or waiting
+    with pytest.raises(openai.RateLimitError) as e:
+        client.completions.create(model="tiny", prompt="The", max_tokens=3)
+    assert e.value.response.headers["retry-after"] == str(GENERATION_RETRY_AFTER_S)
+
+
+def test_a_completion_whose_client_left_stops(home, monkeypatch):
+    made = []
+
+    def endless(*args):
+        while True:
+            time.sleep(0.01)
+            made.append(1)
+            yield "a", 1, None
+    monkeypatch.setattr(v1, "stream", endless)
+    with live(home) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/completions", json={"model": "tiny", "prompt": "The"}, timeout=1)
+        deadline = time.time() + 10
+        while httpx.get(url.replace("/v1", "/health")).json()["generating"]:  # its slot given back
+            assert time.time() < deadline, "the generation went on without its client"
+            time.sleep(0.05)
+        stopped_at = len(made)
+        time.sleep(0.3)
+    assert made and len(made) == stopped_at
 
 
 def test_the_server_takes_its_key_from_the_flag_or_the_environment(monkeypatch, tmp_path):

@@ -29,8 +29,8 @@ import torch
 
 import cli
 import files as F
-import server
 import store as S
+from app.web import generation_queue
 from runs import resume, train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate_ids
@@ -615,8 +615,8 @@ def test_generations_whose_clients_left_stop_and_health_never_waits_for_them(tmp
           f"after their clients left; /health: {len(health_s)} requests, max {max(health_s):.3f} s")
     assert first == "left" and one_stop_s < 2 and many_stop_s < 3, (first, one_stop_s, many_stop_s)
     assert max(health_s) < 1, health_s
-    assert in_flight == server.GENERATION_QUEUE and len(refused) == 45 - server.GENERATION_QUEUE
-    assert all(retry == str(server.GENERATION_RETRY_AFTER_S) for _, retry in refused)
+    assert in_flight == generation_queue.GENERATION_QUEUE and len(refused) == 45 - generation_queue.GENERATION_QUEUE
+    assert all(retry == str(generation_queue.GENERATION_RETRY_AFTER_S) for _, retry in refused)
     assert [r for r in results if r[0] not in ("left", 429)] == []
 
 

@@ -291,10 +291,10 @@ def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
 def test_cli_and_api_defaults_are_trainconfigs():
     """Whatever the default of self-play is, the CLI and the API take it from TrainConfig."""
     import cli
-    import server
+    from app.web.training import TrainRequest
     args = cli.build_parser().parse_args(["train", "m", "--book", "b"])
     assert TrainConfig.from_dict(cli.given(args, TrainConfig)) == TrainConfig()
-    body = server.TrainRequest(model="m")
+    body = TrainRequest(model="m")
     for name in ("selfplay_every", "selfplay_start", "patience", "keep_best", "minutes"):
         assert getattr(body, name) == getattr(TrainConfig(), name), name
     field = next(f for f in fields(TrainConfig) if f.name == "selfplay_every")

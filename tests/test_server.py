@@ -17,13 +17,17 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
+import config
+from app.web.training import SERVER_CHOOSES
 from azr_trainer import TrainConfig
+from config import SettingError
 from conftest import LOCAL_URL, ROOT, TINY
 from files import read_json, write_json
 from jobs import ACTIVE, RESUMABLE
+from lora import LoRAConfig
 from model import ModelConfig
 from runs import first_line
-from server import SERVER_CHOOSES, create_app
+from server import create_app
 
 TRAIN = dict(batch_size=8, eval_every=10, warmup_steps=5, compile="off")  # a few fast steps of the tiny model
 
@@ -253,7 +257,7 @@ def test_upload_over_the_limit_is_413_with_or_without_content_length(tmp_path):
     with TestClient(create_app(tmp_path, max_upload_mb=0.01), base_url=LOCAL_URL) as c:  # 10 KB
         r = c.post("/upload_book", files={"file": ("big.txt", b"word " * 4000)})
         assert "upload limit" in error_of(r, 413)
-        from server import read_upload  # the streaming check, for clients that send no Content-Length
+        from app.web.books import read_upload  # the streaming check, for clients that send no Content-Length
         with pytest.raises(ValueError, match="upload limit"):
             read_upload(type("F", (), {"file": io.BytesIO(b"x" * 20_000)})(), 10_000)
         assert c.get("/books").json() == [] and not list((tmp_path / "books").iterdir())
@@ -314,6 +318,19 @@ def test_train_rejects(client, book, body, status, words):
     client.post("/create_model", json={"name": "t", **TINY})
     assert words in error_of(client.post("/train", json=body), status)
     assert client.get("/training_status").json()["state"] == "idle"
+
+
+@pytest.mark.parametrize("change, field", [({"steps": 0}, "steps"), ({"seq_len": 64}, "seq_len"),
+                                           ({"seed": 2**63}, "seed"), ({"sample_prompt": "x" * 501}, "sample_prompt")])
+def test_a_refused_setting_names_its_field(client, book, change, field):
+    client.post("/create_model", json={"name": "t", **TINY})
+    assert client.post("/train", json={"model": "t", "book": "book", **change}).json()["field"] == field
+
+
+def test_a_setting_error_names_the_field_as_the_edge_calls_it():
+    with pytest.raises(SettingError) as e:
+        config.build(LoRAConfig, {"targets": []}, prefix="lora_")
+    assert e.value.field == "lora_targets" and str(e.value).startswith("lora_targets must")
 
 
 def test_one_job_at_a_time_and_generation_keeps_working(client, book):
@@ -582,13 +599,13 @@ def test_generate_stream_sends_one_event_per_token(trained):
 
 def test_generate_stream_pings_while_no_token_is_ready(trained, monkeypatch):
     import fastapi.routing
-    import server
+    from app.web import generation
 
     def slow_stream(*args):
         time.sleep(0.3)  # a long prompt being read
         yield "a", 1, torch.full((512,), 1 / 512)
     monkeypatch.setattr(fastapi.routing, "_PING_INTERVAL", 0.05)
-    monkeypatch.setattr(server, "stream", slow_stream)
+    monkeypatch.setattr(generation, "stream", slow_stream)
     with trained.stream("POST", "/generate_stream", json={"model": "tiny", "prompt": "The"}) as r:
         blocks = r.read().decode().strip().split("\n\n")
     assert blocks[0] == ": ping" and json.loads(blocks[-2][len("data: "):])["text"] == "a"

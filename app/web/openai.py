@@ -2,8 +2,9 @@
 UIs, editors) can talk to a book model: GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
 
 This router only translates. A request in OpenAI's shape becomes what /generate gets — the server's
-model cache, SamplingConfig and its checks, `generate.stream` — and the tokens come back in
-OpenAI's shape, whole or as Server-Sent Events ending with `data: [DONE]`.
+model cache, SamplingConfig and its checks, `generate.stream`, a slot in the same generation queue
+(429 with Retry-After when it is full; the work stops once the client leaves) — and the tokens come
+back in OpenAI's shape, whole or as Server-Sent Events ending with `data: [DONE]`.
 
 - **Model ids**: `name` for a model, `name:adapter` for it with one of its LoRA adapters.
   /v1/models lists the ones that can generate: trained models and the adapters that fit their
@@ -18,7 +19,7 @@ OpenAI's shape, whole or as Server-Sent Events ending with `data: [DONE]`.
 - **Errors** keep the server's messages and statuses in OpenAI's shape
   {"error": {"message", "type", "param", "code"}}; a malformed body is 400 there, not 422.
 - **Who may ask**: the server's site guard applies to /v1 as to every request. Without an API key
-  (server.py --api-key, or $AZR_API_KEY) /v1 answers only this machine; with one, any client that
+  (`server.py --api-key`, or $AZR_API_KEY) /v1 answers only this machine; with one, any client that
   sends `Authorization: Bearer <key>`.
 """
 
@@ -31,8 +32,8 @@ import time
 from dataclasses import fields
 from typing import Literal
 
-import torch
 from fastapi import APIRouter, Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from fastapi.sse import EventSourceResponse, format_sse_event
@@ -40,6 +41,9 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.exceptions import HTTPException
 
 import config
+from app.web.common import MAX_PROMPT_CHARS, Azr, GenerationSlot, errors
+from app.web.generation_queue import until
+from config import SettingError
 from files import NotFound
 from generate import SamplingConfig, stream
 from store import check_name
@@ -48,9 +52,9 @@ OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingConfig's name -> Open
 MAX_STOPS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 200  # a stop string is a few words; each new piece of text is checked against its prefixes
 SPEAKERS = {"user": "User", "assistant": "Assistant"}  # system and developer messages are plain text
-CODES = {401: "invalid_api_key", 404: "model_not_found"}
+CODES = {401: "invalid_api_key", 404: "model_not_found", 429: "rate_limit_exceeded"}
 
-log = logging.getLogger("azr.openai_api")
+log = logging.getLogger("azr.openai")
 
 
 class BadParam(ValueError):
@@ -87,12 +91,13 @@ async def app_answer(request, exc):
 
 
 def openai_error(answer, param=None):
-    """{"error": message, "field": ...} with its status -> OpenAI's {"error": {...}}."""
+    """{"error": message, "field": ...} with its status -> OpenAI's {"error": {...}}, keeping the
+    headers that say what to do next (Retry-After, WWW-Authenticate)."""
     said, status = json.loads(answer.body), 400 if answer.status_code == 422 else answer.status_code
     body = {"message": said["error"], "type": "server_error" if status >= 500 else "invalid_request_error",
             "param": param or said.get("field"), "code": CODES.get(status)}
-    return JSONResponse({"error": body}, status_code=status,
-                        headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    headers = {k: v for k, v in answer.headers.items() if k in ("retry-after", "www-authenticate")}
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
 def check_access(request: Request):
@@ -106,7 +111,8 @@ def check_access(request: Request):
     scheme, _, sent = request.headers.get("authorization", "").partition(" ")
     # compare_digest takes as long for a near miss as for a wild guess: the time leaks nothing
     if scheme.lower() != "bearer" or not hmac.compare_digest(sent.strip().encode(), key.encode()):
-        raise HTTPException(401, "a wrong or missing API key: send the server's key as 'Authorization: Bearer KEY'")
+        raise HTTPException(401, "a wrong or missing API key: send the server's key as 'Authorization: Bearer KEY'",
+                            headers={"WWW-Authenticate": "Bearer"})
 
 
 def from_this_machine(request):
@@ -164,28 +170,42 @@ ChatRequest = create_model("ChatRequest", __base__=OpenAIBody, **ASKED, messages
 
 
 @router.get("/models", summary="Every model and adapter that can generate, as OpenAI model objects")
-def list_models(request: Request):
-    store = request.app.state.azr.store
+def list_models(azr: Azr):
     return {"object": "list", "data": [{"id": i, "object": "model", "created": created, "owned_by": "azr"}
-                                       for i, created in generating_models(store)]}
+                                       for i, created in generating_models(azr.store)]}
 
 
-@router.post("/completions", summary="Continue a prompt (OpenAI's completions API); stream: true for SSE")
-def completions(req: CompletionRequest, request: Request):
+@router.post("/completions", summary="Continue a prompt (OpenAI's completions API); stream: true for SSE",
+             responses=errors(429))
+async def completions(req: CompletionRequest, request: Request, azr: Azr, _: GenerationSlot):
     prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     if len(prompts) != 1:
         raise BadParam("send one prompt: this server continues one text per request", "prompt")
-    job = Continuation(request.app.state.azr, req, prompts[0], stops_of(req.stop))
-    return EventSourceResponse(sse(text_chunks(job))) if req.stream else text_completion(job)
+    return await answer(request, azr, req, prompts[0], stops_of(req.stop), text_completion, text_chunks)
 
 
 @router.post("/chat/completions", summary="Continue a conversation written as a plain script (a book model, "
-                                          "not a chat model); stream: true for SSE")
-def chat_completions(req: ChatRequest, request: Request):
+                                          "not a chat model); stream: true for SSE", responses=errors(429))
+async def chat_completions(req: ChatRequest, request: Request, azr: Azr, _: GenerationSlot):
     if req.max_completion_tokens is not None:
         req.max_tokens = req.max_completion_tokens
-    job = Continuation(request.app.state.azr, req, chat_prompt(req.messages), stops_of(req.stop) + ["\nUser:"])
-    return EventSourceResponse(sse(chat_chunks(job))) if req.stream else chat_completion(job)
+    stops = stops_of(req.stop) + ["\nUser:"]
+    return await answer(request, azr, req, chat_prompt(req.messages), stops, chat_completion, chat_chunks)
+
+
+async def answer(request, azr, req, prompt, stops, whole, chunks):
+    """The continuation of `prompt`, loaded and checked before the answer starts (an error is still
+    a plain 4xx), then made on the generation queue's threads: whole(job, text) at once, or
+    chunks(job) as Server-Sent Events. Either way it stops once the client has left."""
+    job = await run_in_threadpool(Continuation, azr, req, prompt, stops)
+    if req.stream:
+        return EventSourceResponse(azr.generation.each(sse(chunks(job))))
+    return await azr.generation.run(request, whole_until, job, whole)
+
+
+def whole_until(cancelled, job, whole):
+    """The whole continuation, on a generation thread; Abandoned once `cancelled` is set."""
+    return whole(job, "".join(until(cancelled, job)))
 
 
 # ----------------------------------------------------------------------------- the continuation
@@ -199,17 +219,16 @@ class Continuation:
     def __init__(self, azr, req, prompt, stops):
         if req.n != 1:
             raise BadParam("n must be 1: this server writes one continuation per request", "n")
-        if len(prompt) > azr.max_prompt_chars:
-            raise BadParam(f"the prompt is longer than {azr.max_prompt_chars:,} characters", "prompt")
-        self.sc, self.stops, self.prompt, self.azr = sampling_config(req), stops, prompt, azr
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise BadParam(f"the prompt is longer than {MAX_PROMPT_CHARS:,} characters", "prompt")
+        self.sc, self.stops, self.prompt, self.device = sampling_config(req), stops, prompt, azr.device
         self.model, self.tok = load(azr, req.model)
         self.id, self.model_id, self.created = secrets.token_hex(12), req.model, int(time.time())
         self.finish_reason, self.tokens = None, 0
 
     def __iter__(self):
         held = ""  # text that may be the start of a stop string: not sent until we know
-        torch.set_num_threads(self.azr.generation_threads)
-        for piece, token, _ in stream(self.model, self.tok, self.prompt, self.sc, self.azr.device):
+        for piece, token, _ in stream(self.model, self.tok, self.prompt, self.sc, self.device):
             self.tokens += token is not None
             held += piece
             cut = first_stop(held, self.stops)
@@ -220,7 +239,6 @@ class Continuation:
             ready = len(held) - stop_prefix_len(held, self.stops)
             yield held[:ready]
             held = held[ready:]
-            torch.set_num_threads(self.azr.generation_threads)  # resumed on any worker thread: set it there
         self.finish_reason = "length" if self.tokens == self.sc.max_new_tokens else "stop"  # else <|endoftext|>
         yield held
 
@@ -228,9 +246,6 @@ class Continuation:
         prompt_tokens = len(self.tok.encode(self.prompt))
         return {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens,
                 "total_tokens": prompt_tokens + self.tokens}
-
-    def text(self):
-        return "".join(self)
 
 
 def load(azr, model_id):
@@ -250,10 +265,9 @@ def sampling_config(req):
     given = {f.name: getattr(req, OPENAI_NAMES.get(f.name, f.name)) for f in fields(SamplingConfig) if f.name != "stop"}
     try:
         return config.build(SamplingConfig, {k: v for k, v in given.items() if v is not None})
-    except ValueError as e:
-        ours = str(e).split(" ", 1)[0]  # config's messages start with the field's name
-        theirs = OPENAI_NAMES.get(ours, ours)
-        raise BadParam(str(e).replace(ours, theirs, 1), theirs) from None
+    except SettingError as e:  # its message starts with the field's name: say it the way OpenAI does
+        theirs = OPENAI_NAMES.get(e.field, e.field)
+        raise BadParam(str(e).replace(e.field, theirs, 1), theirs) from None
 
 
 def stops_of(stop):
@@ -312,15 +326,14 @@ def epoch(stamp):
 # ----------------------------------------------------------------------------- answers in OpenAI's shape
 
 
-def text_completion(job):
-    text = job.text()
+def text_completion(job, text):
     return {"id": f"cmpl-{job.id}", "object": "text_completion", "created": job.created, "model": job.model_id,
             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": job.finish_reason}],
             "usage": job.usage()}
 
 
-def chat_completion(job):
-    text = job.text().lstrip()  # the model continues "Assistant:", most often with a space
+def chat_completion(job, text):
+    text = text.lstrip()  # the model continues "Assistant:", most often with a space
     return {"id": f"chatcmpl-{job.id}", "object": "chat.completion", "created": job.created, "model": job.model_id,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "finish_reason": job.finish_reason}], "usage": job.usage()}
