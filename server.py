@@ -66,19 +66,19 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException
 
 import config
-import export
-import inside
+from app import export
+from app import inside
 import openai_api
-import runs
+from app import runs
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, StoreError, hide_paths
 from generate import SamplingConfig, joined, stream
 from hardware import pick_device
-from jobs import ACTIVE, RESUMABLE, Busy, JobRunner
+from app.jobs import ACTIVE, RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import flops_per_token, memory_estimate, param_count
-from store import HOME_HELP, Store, check_name
+from app.store import HOME_HELP, Store, check_name
 from tokenizer import LANGUAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent
@@ -1060,7 +1060,7 @@ Load it with the project's code (run from the project folder, this folder unzipp
     from files import load_tensors
     from generate import SamplingConfig, generate
     from model import GPT, ModelConfig
-    from store import load_weights
+    from app.store import load_weights
     from tokenizer import Tokenizer
 
     model = GPT(ModelConfig.from_dict(json.load(open("{name}/config.json"))))

@@ -53,14 +53,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import runs
+from app import runs
 from azr_trainer import TrainConfig, evaluate_bpb, lr_at, new_run
 from generate import rollouts
 from hardware import autocast
-from inside import distinct_n, ngrams, seq_rep_n
+from app.inside import distinct_n, ngrams, seq_rep_n
 from model import PRESETS
 from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
-from store import Store
+from app.store import Store
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

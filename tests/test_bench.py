@@ -12,7 +12,7 @@ import torch
 import model as M
 import sizing
 from azr_trainer import TrainConfig
-from runs import train
+from app.runs import train
 from speed import compile_decision
 from conftest import ROOT, quick_train_config, tiny_config
 

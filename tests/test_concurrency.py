@@ -15,12 +15,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import runs
+from app import runs
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from files import Exists, InUse, held
 from model import GPT
 from server import create_app
-from store import Store
+from app.store import Store
 from test_server import free_port, start_server
 
 WRITERS, ROUNDS = 10, 3  # parallel writers per round, rounds per test

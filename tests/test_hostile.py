@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cli
-import runs
+from app import runs
 import sizing
 from azr_trainer import new_run
 from conftest import LOCAL_URL, TINY, quick_train_config, tiny_config

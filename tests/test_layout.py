@@ -1,5 +1,6 @@
 """The shape of the code: data flows one way, book -> tokens -> model -> trainer -> store -> edges,
-and a module imports only from layers below its own. No import circles."""
+and a module imports only from layers below its own. No import circles. The lesson (the flat
+files at the top) never imports the product (the app/ package); the product builds on the lesson."""
 
 import ast
 
@@ -14,25 +15,54 @@ LAYERS = [
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
     {"azr_trainer"},  # the loop
-    {"records"},  # the schema of every record read from disk
-    {"store"},  # models, books, adapters on disk
-    {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
-    {"jobs"},  # the web app's background job
+    # ---- the product: app/
+    {"app.records"},  # the schema of every record read from disk
+    {"app.store"},  # models, books, adapters on disk
+    {"app.runs", "app.inside", "app.export"},  # a run of a stored model; looking inside a model; a model for other tools
+    {"app.jobs"},  # the web app's background job
     {"openai_api"},  # OpenAI's API over the web app's models (server.py includes it)
     {"server", "cli", "bench", "bench_latency"},  # the edges: nothing imports them
 ]
 
 
+PACKAGES = ["app"]  # the product's package; its subpackages are found below it
+LESSON = set().union(*LAYERS[:LAYERS.index({"app.records"})])
+
+
+def module_files():
+    """{dotted module name: file} for the .py files at the top and in the packages (not their
+    __init__ files, which are maps: see test_a_package_init_is_a_map)."""
+    found = {p.stem: p for p in ROOT.glob("*.py")}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            if p.name != "__init__.py":
+                found[".".join(p.relative_to(ROOT).with_suffix("").parts)] = p
+    return found
+
+
+def imported_names(tree):
+    """Every dotted name an import statement may mean: `from app import runs` may be app.runs."""
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            yield from (a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            yield n.module
+            yield from (f"{n.module}.{a.name}" for a in n.names)
+
+
 def project_imports():
-    """{module: set of project modules it imports}, for every .py file at the top level."""
-    modules = {p.stem for p in ROOT.glob("*.py")}
+    """{module: set of project modules it imports}, for every module of the project."""
+    files = module_files()
     graph = {}
-    for m in modules:
-        tree = ast.parse((ROOT / f"{m}.py").read_text(encoding="utf-8"))
-        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        graph[m] = (names & modules) - {m}
+    for m, path in files.items():
+        names = set(imported_names(ast.parse(path.read_text(encoding="utf-8"))))
+        graph[m] = (names & set(files)) - {m}
     return graph
+
+
+def packages():
+    """Every package of the product: app and the folders with an __init__.py below it."""
+    return sorted(".".join(p.parent.relative_to(ROOT).parts) for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py"))
 
 
 def layer_of(module):
@@ -59,11 +89,24 @@ def test_no_module_imports_from_its_own_layer_or_above():
     assert upward_imports(project_imports()) == []
 
 
+def test_the_lesson_imports_nothing_from_the_product():
+    graph = project_imports()
+    assert [f"{m} imports {d}" for m in LESSON for d in graph.get(m, ()) if d not in LESSON] == []
+
+
+def test_a_package_init_is_a_map():
+    """An __init__.py holds a docstring that maps its package and nothing else: importing a
+    package runs no code and pulls in none of its modules."""
+    for pkg in packages():
+        tree = ast.parse((ROOT / pkg.replace(".", "/") / "__init__.py").read_text(encoding="utf-8"))
+        assert ast.get_docstring(tree) and len(tree.body) == 1, f"{pkg}/__init__.py: a docstring only"
+
+
 def test_there_is_no_import_circle():
     assert circles(project_imports()) == []
 
 
 def test_the_checks_catch_a_circle_and_an_upward_import():
-    fake = {"model": {"store"}, "store": {"model"}, "cli": {"model"}}
-    assert upward_imports(fake) == ["model imports store"]
-    assert sorted(circles(fake)) == ["model", "store"]
+    fake = {"model": {"app.store"}, "app.store": {"model"}, "cli": {"model"}}
+    assert upward_imports(fake) == ["model imports app.store"]
+    assert sorted(circles(fake)) == ["app.store", "model"]

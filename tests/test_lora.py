@@ -12,7 +12,7 @@ from files import StoreError
 from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, lora_state, merge_lora
 from model import GPT
 from quant import NF4Linear, quantize_model
-from runs import finetune, resume, train
+from app.runs import finetune, resume, train
 
 
 def tiny_gpt(seed=0):

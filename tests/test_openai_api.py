@@ -16,8 +16,8 @@ from conftest import ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate
 from lora import LoRAConfig
 from openai_api import Message, TextPart, chat_prompt, first_stop, stop_prefix_len, stops_of
-from runs import finetune, train
-from store import Store
+from app.runs import finetune, train
+from app.store import Store
 
 openai = pytest.importorskip("openai")
 

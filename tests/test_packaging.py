@@ -6,9 +6,9 @@ from pathlib import Path
 
 import cli
 import server
-import store
+from app import store
 from conftest import ROOT
-from test_layout import project_imports
+from test_layout import packages, project_imports
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
@@ -34,9 +34,17 @@ def test_the_commands_are_cli_main_and_server_main():
     assert entry_point(scripts["azr"]) is cli.main and entry_point(scripts["azr-server"]) is server.main
 
 
+def installed_modules(setup):
+    """The modules `pip install .` copies: the py-modules, and the .py files of the packages."""
+    in_packages = {f"{pkg}.{p.stem}" for pkg in setup["packages"] for p in (ROOT / pkg.replace(".", "/")).glob("*.py")}
+    return set(setup["py-modules"]) | (in_packages - {f"{pkg}.__init__" for pkg in setup["packages"]})
+
+
 def test_every_module_the_commands_import_is_installed():
-    graph, listed = project_imports(), set(PROJECT["tool"]["setuptools"]["py-modules"])
+    setup = PROJECT["tool"]["setuptools"]
+    graph, listed = project_imports(), installed_modules(setup)
     assert reached_from(graph, "cli") | reached_from(graph, "server") == listed
+    assert set(packages()) <= set(setup["packages"])  # a subpackage is installed only where it is named
     assert "openai_api" in reached_from(graph, "server")  # the check follows imports through the layers
 
 

@@ -30,8 +30,8 @@ import torch
 import cli
 import files as F
 import server
-import store as S
-from runs import resume, train
+from app import store as S
+from app.runs import resume, train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate_ids
 from files import CorruptFile, load_tensors

@@ -16,7 +16,7 @@ from azr_trainer import STOP_RISE, TrainConfig, kept_better, selfplay_due
 from conftest import quick_train_config, tiny_config
 from generate import rollouts
 from model import GPT
-from runs import resume, train
+from app.runs import resume, train
 from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, learnability, mark_repeats,
                       pair_loss)
 

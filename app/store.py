@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from config import check_seed, echo
-import records
+from app import records
 from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
                    tensors_sha256_of_file, write_json)
 from azr_trainer import load_trained_weights
@@ -44,7 +44,7 @@ from sizing import check_fits_in_memory, param_count
 from tokenizer import MAX_UNZIPPED_BYTES, BookError, Tokenizer, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-PROJECT_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder above app/
 HOME_HELP = "data folder (default: $AZR_HOME, else the project folder; ~/.azr when installed with pip)"
 
 

@@ -41,7 +41,7 @@ from config import VERSION
 from files import Exists, StoreError, load_tensors, replacing, write_json
 from generate import SamplingConfig
 from lora import LoRAConfig
-from store import weights_of
+from app.store import weights_of
 from tokenizer import EOT
 
 FORMATS = ("hf", "gguf", "peft")

@@ -33,7 +33,7 @@ from collections import Counter
 import torch
 
 import distributed
-import records
+from app import records
 from azr_trainer import (TrainConfig, Trainer, compile_choice, evaluate_bpb, new_run, seconds_per_step, unigram_bpb,
                          window_len)
 from files import CorruptFile, Exists, NotFound, StoreError
@@ -43,7 +43,7 @@ from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
 from sizing import check_training_memory
 from speed import cache_compiles_in
-from store import check_name, merge_books
+from app.store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 
 
