@@ -74,12 +74,12 @@ from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, InUse, NotFound, StoreError, hide_paths
 from generate import SamplingConfig, joined, stream
 from hardware import pick_device
+from app.books import LANGUAGE_NAMES
 from app.jobs import ACTIVE, RESUMABLE, Busy, JobRunner
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import flops_per_token, memory_estimate, param_count
 from app.store import HOME_HELP, Store, check_name
-from tokenizer import LANGUAGE_NAMES
 
 ROOT = Path(__file__).resolve().parent
 MAX_UPLOAD_MB = 50

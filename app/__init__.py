@@ -3,6 +3,7 @@ as a program that keeps models and books on disk and trains them from a web page
 
 Nothing in the lesson imports from here; every module here may import the lesson.
 
+    books.py     reading a book file: any encoding, .txt/.fb2/.epub, Gutenberg's header cut off
     records.py   the schema of every JSON record read from disk: a damaged file is named, not fatal
     store.py     models, versions, adapters and metrics on disk; locks, atomic writes, names
     runs.py      a training run of a stored model: books -> tokens -> Trainer -> back into the store

@@ -34,14 +34,16 @@ from pathlib import Path
 import torch
 
 from config import check_seed, echo
-from app import records
 from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
                    tensors_sha256_of_file, write_json)
 from azr_trainer import load_trained_weights
 from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
-from tokenizer import MAX_UNZIPPED_BYTES, BookError, Tokenizer, read_book
+from tokenizer import Tokenizer
+
+from app import records
+from app.books import MAX_UNZIPPED_BYTES, BookError, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder above app/
@@ -347,7 +349,7 @@ class Store:
     def add_book(self, name, data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
         """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info.
         Of two uploads under one name, one is stored, the other gets Exists. `max_bytes` caps
-        what an .epub may inflate to (tokenizer.read_book)."""
+        what an .epub may inflate to (books.read_book)."""
         path = self.book_path(name)
         book = read_book(data, filename, max_bytes)  # the slow part, outside the lock
         with self.book_locked(name):

@@ -16,7 +16,7 @@ LAYERS = [
     {"selfplay"},  # the self-play stage
     {"azr_trainer"},  # the loop
     # ---- the product: app/
-    {"app.records"},  # the schema of every record read from disk
+    {"app.records", "app.books"},  # the schema of every record read from disk; reading book files
     {"app.store"},  # models, books, adapters on disk
     {"app.runs", "app.inside", "app.export"},  # a run of a stored model; looking inside a model; a model for other tools
     {"app.jobs"},  # the web app's background job
@@ -26,7 +26,7 @@ LAYERS = [
 
 
 PACKAGES = ["app"]  # the product's package; its subpackages are found below it
-LESSON = set().union(*LAYERS[:LAYERS.index({"app.records"})])
+LESSON = set().union(*LAYERS[:LAYERS.index({"azr_trainer"}) + 1])  # the loop tops the lesson
 
 
 def module_files():
