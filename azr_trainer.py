@@ -47,7 +47,7 @@ import config
 import distributed
 import speed
 from config import SEED_MAX, setting
-from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
+from files import CorruptFile, atomic_write, load_tensors, load_weights, save_tensors, weights_of, write_json
 from hardware import autocast, pick_precision
 from sizing import flops_per_token
 
@@ -285,7 +285,7 @@ class Trainer:
         self.selfplay_from, self.stale_evals = self.step, 0
         if self.tc.keep_best:
             best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
-            load_trained_weights(self.model, distributed.broadcast(best))
+            load_weights(self.model, distributed.broadcast(best), trainable_only=True)
         self.kept = distributed.broadcast(self.kept)
 
     def _evaluated(self, step):
@@ -378,7 +378,7 @@ class Trainer:
         sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
         if not distributed.is_main():
             return
-        tensors = {f"model.{k}": v for k, v in trained_weights(self.model).items()}
+        tensors = {f"model.{k}": v for k, v in weights_of(self.model, trainable_only=True).items()}
         opt = self.optimizer.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
@@ -441,7 +441,7 @@ class Trainer:
 
     def _restore(self, tensors, meta):
         """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
-        load_trained_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, trainable_only=True)
         state = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -509,7 +509,8 @@ class Trainer:
         if kept_better(now, self.kept, self.run_best[0]):
             self.kept = now
             if self.tc.keep_best:
-                save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
+                save_tensors(self.ckpt_dir / "best.safetensors", weights_of(self.model, trainable_only=True),
+                             {"step": self.step})
         # an evaluation within STOP_RISE of the best (a plateau) resets the count: only a rise counts
         self.stale_evals = self.stale_evals + 1 if val_bpb > self.run_best[0] * (1 + STOP_RISE) else 0
 
@@ -530,7 +531,7 @@ class Trainer:
         From here run_best names the weights the run ends with (the store records it)."""
         if self.tc.keep_best and self.kept and self.kept[1] != self.step:
             tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
-            load_trained_weights(self.model, tensors)
+            load_weights(self.model, tensors, trainable_only=True)
         if self.tc.keep_best and self.kept:
             self.run_best = self.kept[:2]
 
@@ -607,22 +608,6 @@ def window_len(tc, cfg):
         raise ValueError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
                          f"use at most {cfg.max_seq_len}, or 0 for the whole context")
     return T
-
-
-def trained_weights(model):
-    """The tensors a run changes: every parameter that requires a gradient (a fine-tune: only the
-    LoRA adapter; the frozen base stays where it came from). A tied weight appears once."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trained_weights(model, tensors):
-    """Copy saved tensors (a checkpoint's, an adapter's) into the parameters they came from."""
-    own = trained_weights(model)
-    if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
-        raise CorruptFile("the saved tensors do not fit this model (another config, or an adapter of another rank or targets)")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(tensors[k])
 
 
 def lr_at(step, tc):

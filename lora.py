@@ -154,11 +154,3 @@ def merge_lora(model):
         layer.merge()
         model.set_submodule(name, layer.base)
     return model
-
-
-# ----------------------------------------------------------------------------- saving and loading
-
-
-def lora_state(model):
-    """The adapter's tensors: {'transformer.h.0.attn.c_attn.lora_A': (r, d_in), ...}."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}

@@ -34,10 +34,9 @@ from pathlib import Path
 import torch
 
 from config import check_seed, echo
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
-                   tensors_sha256_of_file, write_json)
-from azr_trainer import load_trained_weights
-from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
+from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, load_weights, replacing,
+                   save_tensors, tensors_sha256_of_file, weights_of, write_json)
+from lora import LoRAConfig, attach_lora, count_params, merge_lora
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
 from tokenizer import Tokenizer
@@ -255,7 +254,7 @@ class Store:
         with self.locked(name):
             d = self.adapter_dir(name, adapter, must_exist=False)
             d.mkdir(parents=True, exist_ok=True)
-            save_tensors(d / "adapter.safetensors", lora_state(model), {"base_sha256": base_sha256})
+            save_tensors(d / "adapter.safetensors", weights_of(model, trainable_only=True), {"base_sha256": base_sha256})
             write_json(d / "adapter_config.json", info)
         return info
 
@@ -276,7 +275,7 @@ class Store:
         lc = LoRAConfig.from_dict(info["lora"])
         model = attach_lora(self.load_model(name, device), lc if nf4 is None else replace(lc, nf4=nf4))
         tensors, _ = load_tensors(self.adapter_dir(name, adapter) / "adapter.safetensors")
-        load_trained_weights(model, tensors)
+        load_weights(model, tensors, trainable_only=True)
         return model.eval()
 
     def check_base(self, name, info):
@@ -454,17 +453,6 @@ def copy_file(src, dst):
     """Copy src over dst atomically."""
     with replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-
-
-def weights_of(model):
-    """The state dict to save: the tied lm_head is the same tensor as wte, so it is left out."""
-    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-
-
-def load_weights(model, tensors):
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:
-        raise CorruptFile(f"weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _json_or_none(line):

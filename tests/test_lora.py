@@ -8,8 +8,8 @@ import torch
 from conftest import ROOT, quick_train_config, tiny_config
 
 import cli
-from files import StoreError
-from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, lora_state, merge_lora
+from files import StoreError, weights_of
+from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, merge_lora
 from model import GPT
 from quant import NF4Linear, quantize_model
 from app.runs import finetune, resume, train
@@ -95,7 +95,8 @@ def test_only_lora_params_change_during_training(book_text):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model, [byte_batch(book_text, seed=s) for s in range(3)], lr=1e-2)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == set(lora_state(model))  # every A and B moved, nothing else did
+    assert changed == set(weights_of(model, trainable_only=True))  # every A and B moved, nothing else did
+    assert all(k.endswith(("lora_A", "lora_B")) for k in changed)
 
 
 def test_lora_merge_matches_unmerged_output():
@@ -192,7 +193,7 @@ def test_finetune_trains_adapter_and_leaves_base_untouched(trained):
     assert store.weights_sha256(name) == sha and store.lineage(name) == lineage
     info = store.adapter_info(name, "a")
     assert info["base_sha256"] == sha and info["lora"]["nf4"] and info["run"]["steps"] == 6
-    state = lora_state(store.load_adapter(name, "a"))
+    state = weights_of(store.load_adapter(name, "a"), trainable_only=True)
     assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # B moved away from 0
     with pytest.raises(StoreError, match="already has an adapter"):
         finetune(store, name, ["book"], quick_train_config(steps=2), "a")
@@ -207,7 +208,7 @@ def test_finetune_stop_and_resume_matches_uninterrupted_run(trained):
                        should_stop=lambda: next(calls) >= 5)
     assert stopped["status"] == "stopped" and store.adapter_info(name, "halves")["run"]["status"] == "stopped"
     assert resume(store, name, adapter="halves")["status"] == "done"
-    whole, halves = (lora_state(store.load_adapter(name, a)) for a in ("whole", "halves"))
+    whole, halves = (weights_of(store.load_adapter(name, a), trainable_only=True) for a in ("whole", "halves"))
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
