@@ -30,15 +30,14 @@ contexts, and its update's gradients are averaged by hand (its forward needs log
 around the DDP wrapper, which only knows the training loss).
 
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
-books live on disk is the store's business; runs.py connects the two.
+books live on disk is the store's business; app/runs.py connects the two.
 """
 
 import json
 import math
 import os
 import time
-import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ import config
 import distributed
 import speed
 from config import SEED_MAX, setting
-from files import CorruptFile, atomic_write, load_tensors, load_weights, save_tensors, weights_of, write_json
+from files import CorruptFile, atomic_write, load_tensors, load_weights, save_tensors, weights_of
 from hardware import autocast, pick_precision
 from sizing import flops_per_token
 
@@ -120,9 +119,11 @@ class StepAbandoned(Exception):
 class Trainer:
     """Trains `model` (already on its device) on data {"train", "val"} (token arrays), with
     checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step.
+    `run_info` is the run's record (its id, options, status; app/records.Run): the trainer sets
+    its status, step and clock and saves it as run.json.
 
     `sample`, if given, turns the model into a short text at each evaluation ({prompt, text}:
-    runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
+    app/runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
     evaluation's metrics row, so a run's samples show what the model learned step by step."""
 
     def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None):
@@ -178,7 +179,7 @@ class Trainer:
 
     # the loop ------------------------------------------------------------------
     def run(self, on_event=None, should_stop=None, on_finish=None):
-        """Train up to tc.steps. `on_finish(status)` saves the result (runs.py: into the store)
+        """Train up to tc.steps. `on_finish(status)` saves the result (app/runs.py: into the store)
         before run.json says the run is over, so a failure there fails the run. -> a summary.
         `should_stop` (the web app's Stop) must answer alike on every rank; the CLI passes none."""
         emit = on_event or (lambda e: None)
@@ -190,7 +191,7 @@ class Trainer:
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
               "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
-              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled,
+              "params": self.run_info.params, "run_id": self.run_info.run_id, "compiled": self.compiled,
               "compile_reason": self.compile_reason})
         if note:
             emit({"type": "warning", "message": note})
@@ -266,7 +267,7 @@ class Trainer:
         if not self.claimed:
             self._claim()
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
-        row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
+        row.update(run=self.run_info.run_id, step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
         if self.selfplay_from is None and selfplay_due(self.step, self.tc):
             row["selfplay"] = self.selfplay.step()
@@ -385,7 +386,7 @@ class Trainer:
                 tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         for k in rngs[0]:  # one row per rank: rng.torch is (world_size, state bytes)
             tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
-        meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
+        meta = {"step": self.step, "run_id": self.run_info.run_id, "scaler": self.scaler.state_dict(),
                 "param_groups": opt["param_groups"], "run_best": self.run_best,
                 "stale_evals": self.stale_evals, "steps": self.tc.steps, "kept": self.kept,
                 "selfplay_from": self.selfplay_from}
@@ -397,7 +398,7 @@ class Trainer:
             old.unlink()
         for torn in self.ckpt_dir.glob(".step_*.tmp"):  # left by a kill -9 mid-write: never valid
             torn.unlink(missing_ok=True)
-        self._write_run(self.run_info["status"])
+        self._write_run(self.run_info.status)
 
     def _claim(self):
         """The first step of a new run is done: from now on it is the folder's run to resume, and the
@@ -418,7 +419,7 @@ class Trainer:
             except CorruptFile as e:
                 errors.append(str(e))
                 continue
-            if meta.get("run_id") != self.run_info["run_id"]:
+            if meta.get("run_id") != self.run_info.run_id:
                 continue  # another run's file: resuming from it would mix two runs
             note = self._restore(tensors, meta)
             return {"step": self.step, "path": path.name, "skipped": errors, "note": note}
@@ -489,14 +490,14 @@ class Trainer:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            if not (row.get("run") == self.run_info["run_id"] and row.get("step", 0) > self.step):
+            if not (row.get("run") == self.run_info.run_id and row.get("step", 0) > self.step):
                 keep.append(line)
         atomic_write(path, "".join(line + "\n" for line in keep))
 
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
         if distributed.is_main() and self.claimed:
-            write_json(self.ckpt_dir / "run.json", self.run_info)
+            self.run_info.save(self.ckpt_dir / "run.json")
 
     def _track_best(self, val_bpb, repeats=None):
         """Keep the weights of this run's best evaluation on disk. A small book is memorised after
@@ -570,7 +571,7 @@ class Budget:
 
     def __init__(self, minutes, run_info, step):
         self.seconds, self.run_info = minutes * 60, run_info
-        self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
+        self.t0 = run_info.started if run_info.elapsed_s is None else time.time() - run_info.elapsed_s
         self.start_step, self.first = step, None  # time per step is measured after the first 10 steps
 
     def elapsed(self):
@@ -582,7 +583,7 @@ class Budget:
     def fit(self, step, steps):
         """The schedule's length after `step`, re-fitted every 10 steps from the time per step
         since the 10th (the first steps are slow: caches, allocations, compilation)."""
-        self.run_info["elapsed_s"] = round(self.elapsed(), 3)
+        self.run_info.elapsed_s = round(self.elapsed(), 3)
         if self.over():
             return step
         done = step - self.start_step
@@ -592,12 +593,6 @@ class Budget:
             return steps
         per_step = (time.time() - self.first[1]) / (step - self.first[0])
         return step + max(1, int((self.seconds - self.elapsed()) / per_step))
-
-
-def new_run(books, tc, **extra):
-    """The record of a run (run.json): its id, books, options and status."""
-    return {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
-            "base_steps": 0, "started": time.time(), **extra}
 
 
 def window_len(tc, cfg):

@@ -25,11 +25,11 @@ import torch.nn as nn
 
 from sizing import HEAD_CHUNK
 
-# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: about a minute of
-# eager training on 2 cores, enough to win back the compile time
+# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: enough eager training
+# to win back the compile time (the times on our CPUs: BENCHMARKS.md, "Numbers that were in the code")
 COMPILE_MIN_FLOPS = 5e12
-# ... and a run with a wall-clock budget (--minutes) at least this long: compiling the small preset
-# takes 10-60 s of it on 2 cores
+# ... and a run with a wall-clock budget (--minutes) at least this long, so that compiling takes
+# only a small share of it
 COMPILE_MIN_MINUTES = 2.0
 USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")  # read before inductor sets it itself
 

@@ -18,8 +18,8 @@ from fastapi.testclient import TestClient
 
 import cli
 from app import runs
+from app.records import new_run
 import sizing
-from azr_trainer import new_run
 from conftest import LOCAL_URL, TINY, quick_train_config, tiny_config
 from files import NotFound, StoreError
 from server import allowed_hosts, create_app

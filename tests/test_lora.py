@@ -58,12 +58,12 @@ IDX = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 def test_lora_starts_identical_to_base():
     base = tiny_gpt()
-    wrapped = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    wrapped = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, dropout=0.0))
     assert torch.equal(wrapped(IDX)[0], base(IDX)[0])
 
 
 def test_apply_lora_wraps_targets_and_freezes_the_rest():
-    model = apply_lora(tiny_gpt(), targets=("c_attn", "mlp.c_proj"), r=4)
+    model = apply_lora(tiny_gpt(), LoRAConfig(targets=("c_attn", "mlp.c_proj"), r=4, dropout=0.0))
     expected = [f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")]
     assert sorted(lora_layers(model)) == expected
     assert not isinstance(model.transformer.h[0].attn.c_proj, LoRALinear)
@@ -77,13 +77,13 @@ def test_apply_lora_wraps_targets_and_freezes_the_rest():
 
 def test_lora_scaling_and_rslora():
     lin = torch.nn.Linear(16, 8)
-    assert LoRALinear(lin, r=4, alpha=16).scaling == 4.0
-    assert LoRALinear(lin, r=4, alpha=16, rslora=True).scaling == 8.0  # alpha / sqrt(r)
+    assert LoRALinear(lin, LoRAConfig(r=4, alpha=16)).scaling == 4.0
+    assert LoRALinear(lin, LoRAConfig(r=4, alpha=16, rslora=True)).scaling == 8.0  # alpha / sqrt(r)
 
 
 def test_lora_forward_is_W_x_plus_scaled_B_A_x():
     torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Linear(16, 8), r=2, alpha=6)
+    layer = LoRALinear(torch.nn.Linear(16, 8), LoRAConfig(r=2, alpha=6, dropout=0.0))
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 16)
     expected = layer.base(x) + 3.0 * x @ layer.lora_A.T @ layer.lora_B.T
@@ -91,7 +91,7 @@ def test_lora_forward_is_W_x_plus_scaled_B_A_x():
 
 
 def test_only_lora_params_change_during_training(book_text):
-    model = apply_lora(tiny_gpt(), r=4, dropout=0.1).train()
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=4, dropout=0.1)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model, [byte_batch(book_text, seed=s) for s in range(3)], lr=1e-2)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -100,7 +100,7 @@ def test_only_lora_params_change_during_training(book_text):
 
 
 def test_lora_merge_matches_unmerged_output():
-    model = randomize_B(apply_lora(tiny_gpt(), r=4, alpha=8))
+    model = randomize_B(apply_lora(tiny_gpt(), LoRAConfig(r=4, alpha=8, dropout=0.0)))
     base_w = model.transformer.h[0].attn.c_attn.base.weight.clone()
     unmerged = model(IDX)[0]
     layer = model.transformer.h[0].attn.c_attn
@@ -119,7 +119,7 @@ def test_lora_config_rejects_bad_values():
     with pytest.raises(ValueError, match="r must be between"):
         LoRAConfig(r=0).validate()
     with pytest.raises(ValueError, match="match no linear layer"):
-        apply_lora(tiny_gpt(), targets=("wte",))
+        apply_lora(tiny_gpt(), LoRAConfig(targets=("wte",)))
 
 
 # ----------------------------------------------------------------------------- QLoRA
@@ -129,7 +129,7 @@ def test_qlora_forward_backward_reduces_loss(book_text):
     torch.manual_seed(0)
     base = GPT(tiny_config())
     train_steps(base, [byte_batch(book_text, seed=s) for s in range(40)], lr=1e-2)  # a base that knows the text
-    model = apply_lora(quantize_model(base), r=8, alpha=16).train()
+    model = apply_lora(quantize_model(base), LoRAConfig(dropout=0.0)).train()
     assert isinstance(model.transformer.h[0].mlp.c_fc.base, NF4Linear)
     codes = model.transformer.h[0].mlp.c_fc.base.codes.clone()
     new_text = byte_batch(book_text[20000:].upper())  # capitals: bytes the base has hardly seen
@@ -141,7 +141,7 @@ def test_qlora_forward_backward_reduces_loss(book_text):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_qlora_trains_on_gpu():
     torch.manual_seed(0)
-    model = apply_lora(quantize_model(GPT(tiny_config()).cuda(), torch.bfloat16), r=4).train()
+    model = apply_lora(quantize_model(GPT(tiny_config()).cuda(), torch.bfloat16), LoRAConfig(r=4, dropout=0.0)).train()
     assert model.transformer.h[0].attn.c_attn.lora_A.device.type == "cuda"  # A and B sit next to the base
     x, y = (t.cuda() for t in byte_batch("a small text, " * 200))
     losses = train_steps(model, [(x, y)] * 5, lr=1e-2)
@@ -154,7 +154,7 @@ def test_qlora_trains_on_gpu():
 def test_adapter_save_load_round_trip(trained):
     store, name = trained
     lc = LoRAConfig(r=4, alpha=8, targets=("c_attn", "c_fc"))
-    model = randomize_B(apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha).eval())
+    model = randomize_B(apply_lora(store.load_model(name), lc).eval())
     store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     assert store.list_adapters(name) == ["a"]
     assert store.adapter_info(name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
@@ -165,7 +165,7 @@ def test_adapter_save_load_round_trip(trained):
 def test_adapter_refused_on_a_different_base(trained):
     store, name = trained
     lc = LoRAConfig(r=4)
-    model = apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha)
+    model = apply_lora(store.load_model(name), lc)
     store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     store.create_model("other", tiny_config())  # same shapes, other weights
     (store.model_dir("other") / "adapters").mkdir()

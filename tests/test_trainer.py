@@ -8,7 +8,8 @@ import torch
 
 import azr_trainer
 from app import runs
-from azr_trainer import TrainConfig, lr_at, make_optimizer, new_run
+from azr_trainer import TrainConfig, lr_at, make_optimizer
+from app.records import new_run
 from conftest import quick_train_config, tiny_config
 from files import CorruptFile, load_tensors
 from model import GPT
