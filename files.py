@@ -171,7 +171,8 @@ def load_weights(model, tensors, trainable_only=False):
     if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
         missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
         raise CorruptFile(f"the saved weights do not fit this model (missing {missing[:3]}, unexpected "
-                          f"{unexpected[:3]}, or other shapes): another config, or an adapter of another rank or targets")
+                          f"{unexpected[:3]}, or other shapes): another config, or an adapter of another "
+                          f"rank or targets")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])

@@ -254,7 +254,8 @@ class Store:
         with self.locked(name):
             d = self.adapter_dir(name, adapter, must_exist=False)
             d.mkdir(parents=True, exist_ok=True)
-            save_tensors(d / "adapter.safetensors", weights_of(model, trainable_only=True), {"base_sha256": base_sha256})
+            adapter_weights = weights_of(model, trainable_only=True)  # A and B of every wrapped layer
+            save_tensors(d / "adapter.safetensors", adapter_weights, {"base_sha256": base_sha256})
             write_json(d / "adapter_config.json", info)
         return info
 

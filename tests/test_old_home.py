@@ -16,7 +16,8 @@ from model import GPT, ModelConfig
 from tokenizer import Tokenizer
 
 SEED = 7
-CONFIG = {"vocab_size": 512, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64, "max_seq_len": 32, "dropout": 0.0}
+CONFIG = {"vocab_size": 512, "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64, "max_seq_len": 32,
+          "dropout": 0.0}
 TRAIN_CONFIG = {"steps": 20, "batch_size": 8, "seq_len": 0, "learning_rate": 0.002, "min_lr_ratio": 0.1,
                 "warmup_steps": 5, "weight_decay": 0.1, "grad_clip": 1.0, "grad_accum": 1, "eval_every": 10,
                 "eval_batches": 2, "checkpoint_every": 10, "keep_checkpoints": 3, "seed": 1337, "device": "cpu",
@@ -45,9 +46,9 @@ def old_home(tmp_path, book_text):
            "best": [3.1, 20], "world_size": 1, "selfplay_every": 0, "config": TRAIN_CONFIG}
     write_json(m / "lineage.json", {"name": "old", "created": "2026-12-01T10:00:00", "parent": None, "books": refs,
                                     "runs": [run], "steps": 20, "best_val_bpb": 3.1, "versions": []})
-    (m / "metrics.jsonl").write_text("".join(json.dumps({"run": "1a2b3c4d", "step": s, "loss": 6.0 - s / 10, "lr": 0.001,
-                                                         "grad_norm": 1.2, "time": 1764583200.0 + s}) + "\n"
-                                             for s in range(1, 21)))
+    rows = [{"run": "1a2b3c4d", "step": s, "loss": 6.0 - s / 10, "lr": 0.001, "grad_norm": 1.2,
+             "time": 1764583200.0 + s} for s in range(1, 21)]
+    (m / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     write_json(m / "config.json", CONFIG)
     write_json(home / "checkpoints" / "old" / "run.json", {
         "run_id": "1a2b3c4d", "books": ["book"], "config": TRAIN_CONFIG, "status": "stopped", "base_steps": 0,

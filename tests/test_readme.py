@@ -23,7 +23,8 @@ def presets_paragraph(text):
 
 def presets_in(paragraph):
     """{name: (six numbers), ...} and {name: millions of parameters} where the README says them."""
-    shapes = {name: tuple(map(int, nums.split("/"))) for name, nums in re.findall(r"(\w+)\s+(\d+(?:/\d+){5})", paragraph)}
+    found = re.findall(r"(\w+)\s+(\d+(?:/\d+){5})", paragraph)
+    shapes = {name: tuple(map(int, nums.split("/"))) for name, nums in found}
     sizes = {name: float(m) for name, m in re.findall(r"(\w+)\s+\d+(?:/\d+){5}\s+\((\d+\.\d+) M", paragraph)}
     return shapes, sizes
 
