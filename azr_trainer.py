@@ -33,7 +33,7 @@ contexts, and its update's gradients are averaged by hand (its forward needs log
 around the DDP wrapper, which only knows the training loss).
 
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
-books live on disk is the store's business; runs.py connects the two.
+books live on disk is the store's business; app/runs.py connects the two.
 """
 
 import collections
@@ -41,8 +41,7 @@ import json
 import math
 import os
 import time
-import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,7 +50,7 @@ import config
 import distributed
 import speed
 from config import SEED_MAX, setting
-from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
+from files import CorruptFile, atomic_write, load_tensors, load_weights, save_tensors, weights_of
 from hardware import autocast, machine_kind, pick_precision
 from muon import Muon
 from sizing import flops_per_token
@@ -140,9 +139,11 @@ class StepAbandoned(Exception):
 class Trainer:
     """Trains `model` (already on its device) on data {"train", "val"} (token arrays), with
     checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step.
+    `run_info` is the run's record (its id, options, status; app/records.Run): the trainer sets
+    its status, step and clock and saves it as run.json.
 
     `sample`, if given, turns the model into a short text at each evaluation ({prompt, text}:
-    runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
+    app/runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
     evaluation's metrics row, so a run's samples show what the model learned step by step."""
 
     def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None, probe_file=None):
@@ -200,7 +201,7 @@ class Trainer:
 
     # the loop ------------------------------------------------------------------
     def run(self, on_event=None, should_stop=None, on_finish=None):
-        """Train up to tc.steps. `on_finish(status)` saves the result (runs.py: into the store)
+        """Train up to tc.steps. `on_finish(status)` saves the result (app/runs.py: into the store)
         before run.json says the run is over, so a failure there fails the run. -> a summary.
         `should_stop` (the web app's Stop) must answer alike on every rank; the CLI passes none."""
         emit = on_event or (lambda e: None)
@@ -212,7 +213,7 @@ class Trainer:
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
         emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
               "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
-              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled,
+              "params": self.run_info.params, "run_id": self.run_info.run_id, "compiled": self.compiled,
               "compile_reason": self.compile_reason})
         if note:
             emit({"type": "warning", "message": note})
@@ -290,7 +291,7 @@ class Trainer:
         if not self.claimed:
             self._claim()
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
-        row.update(run=self.run_info["run_id"], step=self.step, time=round(time.time(), 3),
+        row.update(run=self.run_info.run_id, step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
         if self.selfplay_from is None and selfplay_due(self.step, self.tc):
             row["selfplay"] = self.selfplay.step()
@@ -309,7 +310,7 @@ class Trainer:
         self.selfplay_from, self.stale_evals = self.step, 0
         if self.tc.keep_best:
             best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
-            load_trained_weights(self.model, distributed.broadcast(best))
+            load_weights(self.model, distributed.broadcast(best), trainable_only=True)
         self.kept = distributed.broadcast(self.kept)
 
     def _evaluated(self, step):
@@ -433,14 +434,14 @@ class Trainer:
         sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
         if not distributed.is_main():
             return
-        tensors = {f"model.{k}": v for k, v in trained_weights(self.model).items()}
+        tensors = {f"model.{k}": v for k, v in weights_of(self.model, trainable_only=True).items()}
         opt = self.optimizer.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
                 tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
         for k in rngs[0]:  # one row per rank: rng.torch is (world_size, state bytes)
             tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
-        meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
+        meta = {"step": self.step, "run_id": self.run_info.run_id, "scaler": self.scaler.state_dict(),
                 "param_groups": opt["param_groups"], "run_best": self.run_best,
                 "stale_evals": self.stale_evals, "steps": self.tc.steps, "kept": self.kept,
                 "selfplay_from": self.selfplay_from}
@@ -452,7 +453,7 @@ class Trainer:
             old.unlink()
         for torn in self.ckpt_dir.glob(".step_*.tmp"):  # left by a kill -9 mid-write: never valid
             torn.unlink(missing_ok=True)
-        self._write_run(self.run_info["status"])
+        self._write_run(self.run_info.status)
 
     def _claim(self):
         """The first step of a new run is done: from now on it is the folder's run to resume, and the
@@ -473,7 +474,7 @@ class Trainer:
             except CorruptFile as e:
                 errors.append(str(e))
                 continue
-            if meta.get("run_id") != self.run_info["run_id"]:
+            if meta.get("run_id") != self.run_info.run_id:
                 continue  # another run's file: resuming from it would mix two runs
             note = self._restore(tensors, meta)
             return {"step": self.step, "path": path.name, "skipped": errors, "note": note}
@@ -496,7 +497,7 @@ class Trainer:
 
     def _restore(self, tensors, meta):
         """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
-        load_trained_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, trainable_only=True)
         state = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
@@ -544,14 +545,14 @@ class Trainer:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line torn by a crash
-            if not (row.get("run") == self.run_info["run_id"] and row.get("step", 0) > self.step):
+            if not (row.get("run") == self.run_info.run_id and row.get("step", 0) > self.step):
                 keep.append(line)
         atomic_write(path, "".join(line + "\n" for line in keep))
 
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
         if distributed.is_main() and self.claimed:
-            write_json(self.ckpt_dir / "run.json", self.run_info)
+            self.run_info.save(self.ckpt_dir / "run.json")
 
     def _track_best(self, val_bpb, repeats=None):
         """Keep the weights of this run's best evaluation on disk. A small book is memorised after
@@ -564,7 +565,8 @@ class Trainer:
         if kept_better(now, self.kept, self.run_best[0]):
             self.kept = now
             if self.tc.keep_best:
-                save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
+                save_tensors(self.ckpt_dir / "best.safetensors", weights_of(self.model, trainable_only=True),
+                             {"step": self.step})
         # an evaluation within STOP_RISE of the best (a plateau) resets the count: only a rise counts
         self.stale_evals = self.stale_evals + 1 if val_bpb > self.run_best[0] * (1 + STOP_RISE) else 0
 
@@ -585,7 +587,7 @@ class Trainer:
         From here run_best names the weights the run ends with (the store records it)."""
         if self.tc.keep_best and self.kept and self.kept[1] != self.step:
             tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
-            load_trained_weights(self.model, tensors)
+            load_weights(self.model, tensors, trainable_only=True)
         if self.tc.keep_best and self.kept:
             self.run_best = self.kept[:2]
 
@@ -625,7 +627,7 @@ class Budget:
 
     def __init__(self, minutes, run_info, step):
         self.seconds, self.run_info = minutes * 60, run_info
-        self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
+        self.t0 = run_info.started if run_info.elapsed_s is None else time.time() - run_info.elapsed_s
         self.start_step = step
         # (step, time) every 10 steps from the 10th on, the last PACE_STEPS steps' worth: the pace
         self.marks = collections.deque(maxlen=PACE_STEPS // 10 + 1)
@@ -645,7 +647,7 @@ class Budget:
         clock itself, share()), re-fitted every 10 steps from the time per step of the last
         PACE_STEPS steps (never the first 10: caches, allocations, compilation). The recent pace,
         not the run's average: on a machine that slows down an average promises steps that never come."""
-        self.run_info["elapsed_s"] = round(self.elapsed(), 3)
+        self.run_info.elapsed_s = round(self.elapsed(), 3)
         if self.over():
             return step
         done = step - self.start_step
@@ -658,12 +660,6 @@ class Budget:
         return step + max(1, int((self.seconds - self.elapsed()) / ((t1 - t0) / (s1 - s0))))
 
 
-def new_run(books, tc, **extra):
-    """The record of a run (run.json): its id, books, options and status."""
-    return {"run_id": uuid.uuid4().hex[:8], "books": list(books), "config": asdict(tc), "status": "running",
-            "base_steps": 0, "started": time.time(), **extra}
-
-
 def window_len(tc, cfg):
     """Tokens per training window: seq_len, or the model's whole context when it is 0. Never
     more than the context: positions past max_seq_len have no embedding to look up."""
@@ -672,22 +668,6 @@ def window_len(tc, cfg):
         raise config.SettingError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
                                   f"use at most {cfg.max_seq_len}, or 0 for the whole context", "seq_len")
     return T
-
-
-def trained_weights(model):
-    """The tensors a run changes: every parameter that requires a gradient (a fine-tune: only the
-    LoRA adapter; the frozen base stays where it came from). A tied weight appears once."""
-    return {k: p for k, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trained_weights(model, tensors):
-    """Copy saved tensors (a checkpoint's, an adapter's) into the parameters they came from."""
-    own = trained_weights(model)
-    if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
-        raise CorruptFile("the saved tensors do not fit this model (another config, or an adapter of another rank or targets)")
-    with torch.no_grad():
-        for k, p in own.items():
-            p.copy_(tensors[k])
 
 
 def lr_at(step, tc):

@@ -54,13 +54,14 @@ import httpx
 import torch
 
 import quant
-import runs
-from azr_trainer import TrainConfig, evaluate_bpb, new_run
+from app import runs
+from azr_trainer import TrainConfig, evaluate_bpb
 from generate import SamplingConfig, generate_ids, sample_next
 from hardware import autocast, pick_device, pick_precision
 from model import PRESETS, GPT, ModelConfig
 from sizing import flops_per_token, memory_estimate
-from store import Store
+from app.records import new_run
+from app.store import Store
 
 ROOT = Path(__file__).resolve().parent
 BOOKS = ROOT.parent / "shared" / "books"  # public-domain books for benchmarks, never committed here

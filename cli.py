@@ -27,15 +27,15 @@ from tqdm import tqdm
 
 import config
 import distributed
-import export
-import runs
+from app import export
+from app import runs
 from azr_trainer import TrainConfig
 from generate import SamplingConfig, stream
 from hardware import pick_device
 from lora import LoRAConfig
 from model import PRESETS, ModelConfig
 from sizing import param_count
-from store import HOME_HELP, Store
+from app.store import HOME_HELP, Store
 
 
 def main(argv=None):

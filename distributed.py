@@ -19,7 +19,7 @@ no weight is ever sent again. The average of N per-rank mean gradients over B wi
 mean gradient over N·B windows: N processes with batch B train like one process with batch N·B.
 
 Everything else a rank does is ordinary code; the trainer marks the few places that differ
-(`distributed.` in azr_trainer.py and runs.py): rank 0 alone evaluates and writes files, the
+(`distributed.` in azr_trainer.py and app/runs.py): rank 0 alone evaluates and writes files, the
 others wait at a barrier where the order matters. Without torchrun the world is one process: no
 process group, no wrapper, every helper here does nothing.
 """

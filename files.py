@@ -157,6 +157,27 @@ def load_tensors(path):
     return tensors, json.loads(header.get("meta", "{}"))
 
 
+def weights_of(model, trainable_only=False):
+    """A model's weights by name, as they are saved: every parameter (a tied weight once: GPT's
+    lm_head is its wte), or with trainable_only those a run trains (a fine-tune: only the LoRA
+    adapter's A and B; the frozen base stays where it came from)."""
+    return {k: p.detach() for k, p in model.named_parameters() if p.requires_grad or not trainable_only}
+
+
+def load_weights(model, tensors, trainable_only=False):
+    """Copy saved weights into the parameters weights_of names: all of them, of the same shapes,
+    or CorruptFile (another config, or an adapter of another rank or targets)."""
+    own = weights_of(model, trainable_only)
+    if set(tensors) != set(own) or any(tensors[k].shape != v.shape for k, v in own.items()):
+        missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+        raise CorruptFile(f"the saved weights do not fit this model (missing {missing[:3]}, unexpected "
+                          f"{unexpected[:3]}, or other shapes): another config, or an adapter of another "
+                          f"rank or targets")
+    with torch.no_grad():
+        for k, p in own.items():
+            p.copy_(tensors[k])
+
+
 def tensors_sha256_of_file(path):
     """The checksum in a weights file's header: it names the exact weights (adapters record it)."""
     with safe_open(str(path), framework="pt") as f:

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 import config
 from config import SEED_MAX, setting
+from hardware import autocast
 
 
 class KVCache:
@@ -87,11 +88,6 @@ def decoding_copy(model, dtype):
             if type(child) is nn.Dropout:
                 setattr(m, name, nn.Identity())
     return fast.eval()
-
-
-def autocast_to(device, dtype):
-    """autocast in `dtype`, or no autocast at all for fp32."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
 
 def compute_dtype(model, device):
@@ -193,7 +189,7 @@ def generate_ids(model, idx, sc, eos_id=None, dtype=None, n_tokens=None):
     dtype = dtype or compute_dtype(model, device)
     fast = decoding_copy(model, dtype)
     ids = idx[:, -cfg.max_seq_len:]
-    with autocast_to(device, dtype):
+    with autocast(device, dtype):
         cache = KVCache(cfg, 1, device, dtype)
         logits = fast(ids, cache=cache)[0][:, -1, :n_tokens]  # (1, V)
         for _ in range(sc.max_new_tokens):
@@ -224,7 +220,7 @@ def rollouts(model, prompts, n_new, temperature=0.0, generator=None, ban=None):
     fast = decoding_copy(model, dtype)
     sc = SamplingConfig(n_new, temperature=temperature, top_k=0, top_p=1.0)
     out, wanted, rows = [], [], [[] for _ in range(prompts.size(0))]
-    with autocast_to(device, dtype):
+    with autocast(device, dtype):
         cache = KVCache(cfg, prompts.size(0), device, dtype)
         logits = fast(prompts, cache=cache)[0][:, -1]  # (N, V)
         for t in range(n_new):

@@ -1,9 +1,9 @@
 """Which device to run on and which precision to compute in — decided from the hardware.
 
 bf16 halves memory traffic and, on hardware with native bf16 matrix units (NVIDIA Ampere+, CPUs
-with AVX512_BF16 or AMX), doubles or triples matmul speed. On a CPU without them PyTorch emulates
-bf16 and the same autocast is 10-50x *slower* than fp32 (measured on an AVX2-only EPYC), so the
-precision is read from the hardware, never assumed.
+with AVX512_BF16 or AMX), speeds up matmuls several times. On a CPU without them PyTorch emulates
+bf16 and the same autocast is many times *slower* than fp32 (BENCHMARKS.md), so the precision is
+read from the hardware, never assumed.
 """
 
 import functools
@@ -80,7 +80,11 @@ def machine_kind(device):
     return f"{kind}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # each precision's torch dtype
+
+
 def autocast(device, precision):
-    """A context manager that runs the forward pass in `precision` (no-op for fp32)."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    """A context manager that runs the forward pass in `precision`, a name ('bf16') or its torch
+    dtype; for fp32, no autocast at all."""
+    dtype = DTYPES.get(precision, precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)

@@ -69,17 +69,19 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + scaling * B A dropout(x), with `base` (nn.Linear or NF4Linear) frozen."""
+    """y = base(x) + scaling * B A dropout(x), with `base` (nn.Linear or NF4Linear) frozen and
+    r, alpha, dropout, rslora from `lc` (a LoRAConfig)."""
 
-    def __init__(self, base, r=8, alpha=16.0, dropout=0.0, rslora=False, generator=None):
+    def __init__(self, base, lc, generator=None):
         super().__init__()
+        r = lc.r
         self.base = base
         device = (base.codes if isinstance(base, NF4Linear) else base.weight).device  # next to the base weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device))  # (r, d_in)
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device))  # (d_out, r): B A = 0 at start
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5), generator=generator)  # nn.Linear's own init
-        self.lora_dropout = nn.Dropout(dropout)
-        self.scaling = alpha / math.sqrt(r) if rslora else alpha / r
+        self.lora_dropout = nn.Dropout(lc.dropout)
+        self.scaling = lc.alpha / math.sqrt(r) if lc.rslora else lc.alpha / r
         self.merged = False
 
     def forward(self, x):
@@ -108,19 +110,19 @@ class LoRALinear(nn.Module):
             self.merged = False
 
 
-def apply_lora(model, targets=("c_attn", "c_proj", "c_fc"), r=8, alpha=16.0, dropout=0.0, rslora=False, generator=None):
+def apply_lora(model, lc, generator=None):
     """Freeze every parameter of `model`, then wrap each linear layer whose name ends with one of
-    `targets` (e.g. 'c_proj' or 'attn.c_proj') in a LoRALinear, in place; returns the model.
+    lc.targets (e.g. 'c_proj' or 'attn.c_proj') in a LoRALinear, in place; returns the model.
     For QLoRA call quant.quantize_model first: LoRA then wraps the NF4Linear layers. A starts
     random, drawn from `generator` (default: torch's global RNG)."""
     model.requires_grad_(False)
     wrapped = 0
     for name, module in list(model.named_modules()):
-        if isinstance(module, (nn.Linear, NF4Linear)) and name != "lm_head" and _matches(name, targets):
-            model.set_submodule(name, LoRALinear(module, r, alpha, dropout, rslora, generator))
+        if isinstance(module, (nn.Linear, NF4Linear)) and name != "lm_head" and _matches(name, lc.targets):
+            model.set_submodule(name, LoRALinear(module, lc, generator))
             wrapped += 1
     if not wrapped:
-        raise ValueError(f"LoRA targets {list(targets)} match no linear layer of this model")
+        raise ValueError(f"LoRA targets {list(lc.targets)} match no linear layer of this model")
     return model
 
 
@@ -132,7 +134,7 @@ def attach_lora(model, lc, compute_dtype=torch.float32, generator=None):
     """A base GPT -> the model fine-tuning trains: NF4 base first if lc.nf4, then LoRA."""
     if lc.nf4:
         quantize_model(model, compute_dtype)
-    return apply_lora(model, lc.targets, lc.r, lc.alpha, lc.dropout, lc.rslora, generator)
+    return apply_lora(model, lc, generator)
 
 
 def lora_layers(model):
@@ -154,11 +156,3 @@ def merge_lora(model):
         layer.merge()
         model.set_submodule(name, layer.base)
     return model
-
-
-# ----------------------------------------------------------------------------- saving and loading
-
-
-def lora_state(model):
-    """The adapter's tensors: {'transformer.h.0.attn.c_attn.lora_A': (r, d_in), ...}."""
-    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}

@@ -37,7 +37,7 @@ from app.web.common import MAX_JSON_BYTES, MAX_UPLOAD_MB, App, errors
 from app.web.errors import add_error_handlers
 from app.web.guard import allowed_hosts, guard_site
 from files import StoreError
-from store import HOME_HELP
+from app.store import HOME_HELP
 
 ROOT = Path(__file__).resolve().parent
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"  # Swagger UI 5, for OpenAPI 3.1

@@ -33,11 +33,11 @@ import torch.nn as nn
 from files import write_json
 from sizing import HEAD_CHUNK
 
-# "auto" measures compiling only for a run whose matmul work is at least this many FLOPs: about a
-# minute of eager training on 2 cores, enough to win back the compile time
+# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: enough eager training
+# to win back the compile time (the times on our CPUs: BENCHMARKS.md, "Numbers that were in the code")
 COMPILE_MIN_FLOPS = 5e12
-# ... or a run with a wall-clock budget (--minutes) at least this long: compiling the small preset
-# takes 10-60 s of it on 2 cores
+# ... and a run with a wall-clock budget (--minutes) at least this long, so that compiling takes
+# only a small share of it
 COMPILE_MIN_MINUTES = 2.0
 PROBE_STEPS = 3  # timed forward+backward passes of each arm of the probe, after one untimed
 # compiled steps must be at least this much faster than eager to be chosen: less is within the

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import export
+from app import export
 from azr_trainer import TrainConfig
 from generate import SamplingConfig, generate_ids
 from model import ModelConfig
-from runs import train
-from store import Store
+from app.runs import train
+from app.store import Store
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ModelConfig(vocab_size=2000, d_model=128, num_layers=4, num_heads=4, d_ff=512, max_seq_len=128)

@@ -53,14 +53,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import runs
-from azr_trainer import TrainConfig, evaluate_bpb, lr_share, new_run
+from app import runs
+from azr_trainer import TrainConfig, evaluate_bpb, lr_share
 from generate import rollouts
 from hardware import autocast
-from inside import distinct_n, ngrams, seq_rep_n
+from app.inside import distinct_n, ngrams, seq_rep_n
 from model import PRESETS
 from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
-from store import Store
+from app.records import new_run
+from app.store import Store
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,7 +199,7 @@ def one_seed(ab, sp_cfg, seed):
         log(seed, f"trained in {time.perf_counter() - t0:.0f} s wall")
         tasks = heldout_tasks(arms["supervised"], ab)
         train = np.asarray(arms["supervised"].data["train"])
-        tok = store.tokenizer(next(iter(arms.values())).run_info["name"])
+        tok = Tokenizer.load(tok_path)  # every arm's
         train_grams = (np.unique(ngram_hashes(train, 8)), np.bincount(train, minlength=PRESETS["small"].vocab_size))
         out = {"real": real_rates(tasks, train_grams), "arms": {}}
         for a, tr in arms.items():
@@ -213,7 +214,7 @@ def make_arm(store, name, tok_path, seed, ab):
     store.create_model(name, PRESETS["small"], seed=seed)  # same seed: every arm starts from the same weights
     (store.model_dir(name) / "tokenizer.json").write_bytes(tok_path.read_bytes())
     tc = TrainConfig(steps=SCHEDULE_STEPS, seed=seed, device="cpu", precision=ab.precision, compile="off")
-    return runs.make_trainer(store, name, new_run([BOOK], tc, name=name))
+    return runs.make_trainer(store, name, new_run([BOOK], tc))
 
 
 def arm_options(arm, ab, sp_cfg):

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from azr_trainer import evaluate_bpb  # noqa: E402
 from model import PRESETS  # noqa: E402
-from store import Store  # noqa: E402
+from app.store import Store  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
 

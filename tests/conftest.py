@@ -12,9 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from azr_trainer import TrainConfig  # noqa: E402
-from runs import train  # noqa: E402
+from app.runs import train  # noqa: E402
 from model import ModelConfig  # noqa: E402
-from store import Store  # noqa: E402
+from app.store import Store  # noqa: E402
 
 TINY = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
 LOCAL_URL = "http://127.0.0.1"  # TestClient's base_url: the server answers only to this machine's names

@@ -14,9 +14,10 @@ import torch
 import model as M
 import sizing
 import speed
-from azr_trainer import TrainConfig, Trainer, new_run, probe_key
+from app.records import new_run
+from app.runs import train
+from azr_trainer import TrainConfig, Trainer, probe_key
 from model import GPT
-from runs import train
 from speed import CompileProbe, compile_decision, compile_pays
 from conftest import ROOT, quick_train_config, tiny_config
 

@@ -184,7 +184,7 @@ def test_create_upload_train_generate_download(server, page, tmp_path, book_text
 
 def test_a_damaged_model_is_listed_with_what_to_do_and_can_be_deleted(server, page, tmp_path):
     from conftest import tiny_config
-    from store import Store
+    from app.store import Store
 
     store = Store(tmp_path / "home")  # the server's data folder
     for name in ("good", "bad"):
@@ -202,7 +202,7 @@ def test_a_damaged_model_is_listed_with_what_to_do_and_can_be_deleted(server, pa
 
 
 def test_a_damaged_book_is_listed_with_what_to_do_and_can_be_deleted(server, page, tmp_path, book_text):
-    from store import Store
+    from app.store import Store
 
     store = Store(tmp_path / "home")
     for name in ("good", "bad"):

@@ -15,12 +15,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import runs
+from app import runs
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from files import Exists, InUse, held
 from model import GPT
 from server import create_app
-from store import Store
+from app.store import Store
 from test_server import free_port, start_server
 
 WRITERS, ROUNDS = 10, 3  # parallel writers per round, rounds per test
@@ -271,7 +271,7 @@ def test_processes_updating_one_model_lose_no_update(tmp_path):
     store = Store(tmp_path / "home")
     store.create_model("m", tiny_config())
     n_procs, per_proc = 3, 5
-    script = ("import sys; from store import Store\ns = Store(sys.argv[1])\n"
+    script = ("import sys; from app.store import Store\ns = Store(sys.argv[1])\n"
               f"for _ in range({per_proc}): s.save_version('m')")
     procs = [subprocess.Popen([sys.executable, "-c", script, str(store.home)], cwd=ROOT, stderr=subprocess.PIPE)
              for _ in range(n_procs)]

@@ -23,7 +23,7 @@ from filelock import FileLock
 
 import cli
 from app.web import downloads
-import store as S
+from app import store as S
 from conftest import LOCAL_URL, ROOT, tiny_config
 from files import CorruptFile
 from server import create_app
@@ -242,7 +242,8 @@ def test_generating_while_the_model_is_deleted_and_created_again_never_answers_5
 
 
 HOLD_A_DOWNLOAD = """
-import sys, time, store
+import sys, time
+from app import store
 from app.web.downloads import send_built
 s = store.Store(sys.argv[1])
 def build(folder):

@@ -19,8 +19,8 @@ import distributed
 from azr_trainer import TrainConfig
 from conftest import ROOT, tiny_config
 from files import load_tensors
-from runs import resume, train
-from store import Store
+from app.runs import resume, train
+from app.store import Store
 
 # the options of every run here; flags for the CLI, a TrainConfig for the one-process run
 OPTS = dict(steps=12, batch_size=4, eval_every=4, eval_batches=2, checkpoint_every=4, keep_checkpoints=5,

@@ -15,14 +15,14 @@ import torch
 from fastapi.testclient import TestClient
 
 import cli
-import export
+from app import export
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from files import Exists, StoreError
 from generate import SamplingConfig, generate_ids
 from lora import LoRAConfig, merge_lora
-from runs import finetune, train
+from app.runs import finetune, train
 from server import create_app
-from store import Store
+from app.store import Store
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")

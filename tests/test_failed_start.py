@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 import cli
 from conftest import LOCAL_URL, quick_train_config, tiny_config
 from files import NotFound
-from runs import resume, train
+from app.runs import resume, train
 from server import create_app
 
 STOP_AT = 6  # checkpoints at 4 and at the stop

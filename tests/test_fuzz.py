@@ -23,9 +23,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import cli
-from runs import train
+from app.runs import train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
-from store import NAME_RE, Store
+from app.store import NAME_RE, Store
 
 CASES = Counter()  # cases tried per group, printed for RELIABILITY.md
 FUZZ = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -17,9 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 import cli
-import runs
+from app import runs
+from app.records import new_run
 import sizing
-from azr_trainer import new_run
 from conftest import LOCAL_URL, TINY, quick_train_config, tiny_config
 from files import NotFound, StoreError
 from app.web.guard import allowed_hosts

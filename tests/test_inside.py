@@ -7,15 +7,15 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-import inside
+from app import inside
 import quant
-import runs
+from app import runs
 from azr_trainer import TrainConfig
 from conftest import LOCAL_URL, TINY, quick_train_config, tiny_config
 from files import NotFound
 from generate import SamplingConfig
 from server import create_app
-from store import Store
+from app.store import Store
 from test_server import error_of, train, wait_for
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """The shape of the code: data flows one way, book -> tokens -> model -> trainer -> store -> edges,
-and a module imports only from layers below its own. The product package `app/` sits above the
-lesson: the lesson never imports it, the edges do; inside the package its modules may import each
-other in any order that makes no circle. No import circles anywhere."""
+and a module imports only from layers below its own. No import circles. The lesson (the flat
+files at the top) never imports the product (the app/ package); the product builds on the lesson."""
 
 import ast
 
@@ -17,60 +16,71 @@ LAYERS = [
     {"selfplay"},  # the self-play stage
     {"muon"},  # the optimizer of the hidden matrices
     {"azr_trainer"},  # the loop
-    {"records"},  # the schema of every record read from disk
-    {"store"},  # models, books, adapters on disk
-    {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
-    {"jobs"},  # the web app's background job
-    {"app"},  # the product package: app.web is the web app's routers (server.py puts them together)
+    # ---- the product: app/
+    {"app.records", "app.books"},  # the schema of every record read from disk; reading book files
+    {"app.store"},  # models, books, adapters on disk
+    # a run of a stored model; looking inside a model; a model for other tools
+    {"app.runs", "app.inside", "app.export"},
+    {"app.jobs"},  # the web app's background job
+    # ---- the web app: app/web/, one router per section (server.py puts them together)
+    # generation on threads of its own; the models loaded; the site guard
+    {"app.web.generation_queue", "app.web.model_cache", "app.web.guard"},
+    {"app.web.downloads"},  # zips and exports to download
+    {"app.web.common"},  # the app's state and the shapes every router shares
+    {"app.web.errors"},  # errors as JSON
+    {"app.web.books", "app.web.generation", "app.web.inside", "app.web.models", "app.web.openai", "app.web.training"},
+    {"app.web.page"},  # the page itself and /health
     {"server", "cli", "bench", "bench_latency"},  # the edges: nothing imports them
 ]
 
 
+PACKAGES = ["app"]  # the product's package; its subpackages are found below it
+LESSON = set().union(*LAYERS[:LAYERS.index({"azr_trainer"}) + 1])  # the loop tops the lesson
+
+
 def module_files():
-    """{module name: file} of every .py file at the top level and in the packages (folders with
-    an __init__.py) beside them: app/web/books.py is "app.web.books", app/__init__.py is "app"."""
-    out = {p.stem: p for p in ROOT.glob("*.py")}
-    for init in ROOT.glob("*/__init__.py"):
-        for p in init.parent.rglob("*.py"):
-            parts = p.relative_to(ROOT).with_suffix("").parts
-            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
-    return out
+    """{dotted module name: file} for the .py files at the top and in the packages (not their
+    __init__ files, which are maps: see test_a_package_init_is_a_map)."""
+    found = {p.stem: p for p in ROOT.glob("*.py")}
+    for pkg in PACKAGES:
+        for p in (ROOT / pkg).rglob("*.py"):
+            if p.name != "__init__.py":
+                found[".".join(p.relative_to(ROOT).with_suffix("").parts)] = p
+    return found
 
 
-def imported(node, modules):
-    """The project modules an import statement loads: `from app.web import books` loads app,
-    app.web and app.web.books (a package runs its __init__ before its module)."""
-    if isinstance(node, ast.Import):
-        names = [a.name for a in node.names]
-    else:
-        names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
-    loaded = set()
-    for name in names:
-        parts = name.split(".")
-        loaded |= {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
-    return loaded & modules
+def imported_names(tree):
+    """Every dotted name an import statement may mean: `from app import runs` may be app.runs."""
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Import):
+            yield from (a.name for a in n.names)
+        elif isinstance(n, ast.ImportFrom) and n.module and not n.level:
+            yield n.module
+            yield from (f"{n.module}.{a.name}" for a in n.names)
 
 
 def project_imports():
-    """{module: set of project modules it imports}, for every module of module_files()."""
+    """{module: set of project modules it imports}, for every module of the project."""
     files = module_files()
     graph = {}
     for m, path in files.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        nodes = [n for n in ast.walk(tree) if isinstance(n, ast.Import) or isinstance(n, ast.ImportFrom) and n.module]
-        graph[m] = set().union(*(imported(n, set(files)) for n in nodes)) - {m}
+        names = set(imported_names(ast.parse(path.read_text(encoding="utf-8"))))
+        graph[m] = (names & set(files)) - {m}
     return graph
 
 
+def packages():
+    """Every package of the product: app and the folders with an __init__.py below it."""
+    inits = (p for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py"))
+    return sorted(".".join(p.parent.relative_to(ROOT).parts) for p in inits)
+
+
 def layer_of(module):
-    top = module.split(".")[0]
-    return next(i for i, layer in enumerate(LAYERS) if top in layer)
+    return next(i for i, layer in enumerate(LAYERS) if module in layer)
 
 
 def upward_imports(graph):
-    """Imports of a module's own layer or above; within one package any order is fine (see circles)."""
-    return [f"{m} imports {d}" for m, deps in graph.items() for d in deps
-            if layer_of(d) >= layer_of(m) and m.split(".")[0] != d.split(".")[0]]
+    return [f"{m} imports {d}" for m, deps in graph.items() for d in deps if layer_of(d) >= layer_of(m)]
 
 
 def circles(graph):
@@ -81,7 +91,7 @@ def circles(graph):
 
 
 def test_every_module_has_a_layer():
-    unplaced = {m.split(".")[0] for m in project_imports()} - set().union(*LAYERS)
+    unplaced = set(project_imports()) - set().union(*LAYERS)
     assert not unplaced, f"give these modules a layer: {unplaced}"
 
 
@@ -89,18 +99,29 @@ def test_no_module_imports_from_its_own_layer_or_above():
     assert upward_imports(project_imports()) == []
 
 
+def product_imports(graph):
+    """Imports of the lesson from anything that is not the lesson."""
+    return sorted(f"{m} imports {d}" for m in LESSON for d in graph.get(m, ()) if d not in LESSON)
+
+
+def test_the_lesson_imports_nothing_from_the_product():
+    assert product_imports(project_imports()) == []
+
+
+def test_a_package_init_is_a_map():
+    """An __init__.py holds a docstring that maps its package and nothing else: importing a
+    package runs no code and pulls in none of its modules."""
+    for pkg in packages():
+        tree = ast.parse((ROOT / pkg.replace(".", "/") / "__init__.py").read_text(encoding="utf-8"))
+        assert ast.get_docstring(tree) and len(tree.body) == 1, f"{pkg}/__init__.py: a docstring only"
+
+
 def test_there_is_no_import_circle():
     assert circles(project_imports()) == []
 
 
-def test_the_package_is_in_the_graph():
-    graph = project_imports()
-    assert {"app", "app.web", "app.web.common"} <= set(graph) and "app.web.common" in graph["app.web.books"]
-    assert "app.web" in graph["server"]  # `from app.web import books` loads the package first
-
-
 def test_the_checks_catch_a_circle_and_an_upward_import():
-    fake = {"model": {"store", "app.web.common"}, "store": {"model"}, "cli": {"model", "app.web.books"},
-            "app.web.books": {"app.web.common", "store"}, "app.web.common": {"app.web.books"}}
-    assert sorted(upward_imports(fake)) == ["model imports app.web.common", "model imports store"]
-    assert sorted(circles(fake)) == ["app.web.books", "app.web.common", "model", "store"]
+    fake = {"model": {"app.store"}, "app.store": {"model"}, "cli": {"model"}}
+    assert upward_imports(fake) == ["model imports app.store"]
+    assert sorted(circles(fake)) == ["app.store", "model"]
+    assert product_imports(fake) == ["model imports app.store"]

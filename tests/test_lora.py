@@ -8,11 +8,11 @@ import torch
 from conftest import ROOT, quick_train_config, tiny_config
 
 import cli
-from files import StoreError
-from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, lora_state, merge_lora
+from files import StoreError, weights_of
+from lora import LoRAConfig, LoRALinear, apply_lora, count_params, lora_layers, merge_lora
 from model import GPT
 from quant import NF4Linear, quantize_model
-from runs import finetune, resume, train
+from app.runs import finetune, resume, train
 
 
 def tiny_gpt(seed=0):
@@ -58,12 +58,12 @@ IDX = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
 
 def test_lora_starts_identical_to_base():
     base = tiny_gpt()
-    wrapped = apply_lora(copy.deepcopy(base), r=4, alpha=8)
+    wrapped = apply_lora(copy.deepcopy(base), LoRAConfig(r=4, alpha=8, dropout=0.0))
     assert torch.equal(wrapped(IDX)[0], base(IDX)[0])
 
 
 def test_apply_lora_wraps_targets_and_freezes_the_rest():
-    model = apply_lora(tiny_gpt(), targets=("c_attn", "mlp.c_proj"), r=4)
+    model = apply_lora(tiny_gpt(), LoRAConfig(targets=("c_attn", "mlp.c_proj"), r=4, dropout=0.0))
     expected = [f"transformer.h.{i}.{n}" for i in (0, 1) for n in ("attn.c_attn", "mlp.c_proj")]
     assert sorted(lora_layers(model)) == expected
     assert not isinstance(model.transformer.h[0].attn.c_proj, LoRALinear)
@@ -77,13 +77,13 @@ def test_apply_lora_wraps_targets_and_freezes_the_rest():
 
 def test_lora_scaling_and_rslora():
     lin = torch.nn.Linear(16, 8)
-    assert LoRALinear(lin, r=4, alpha=16).scaling == 4.0
-    assert LoRALinear(lin, r=4, alpha=16, rslora=True).scaling == 8.0  # alpha / sqrt(r)
+    assert LoRALinear(lin, LoRAConfig(r=4, alpha=16)).scaling == 4.0
+    assert LoRALinear(lin, LoRAConfig(r=4, alpha=16, rslora=True)).scaling == 8.0  # alpha / sqrt(r)
 
 
 def test_lora_forward_is_W_x_plus_scaled_B_A_x():
     torch.manual_seed(0)
-    layer = LoRALinear(torch.nn.Linear(16, 8), r=2, alpha=6)
+    layer = LoRALinear(torch.nn.Linear(16, 8), LoRAConfig(r=2, alpha=6, dropout=0.0))
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(3, 16)
     expected = layer.base(x) + 3.0 * x @ layer.lora_A.T @ layer.lora_B.T
@@ -91,15 +91,16 @@ def test_lora_forward_is_W_x_plus_scaled_B_A_x():
 
 
 def test_only_lora_params_change_during_training(book_text):
-    model = apply_lora(tiny_gpt(), r=4, dropout=0.1).train()
+    model = apply_lora(tiny_gpt(), LoRAConfig(r=4, dropout=0.1)).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     train_steps(model, [byte_batch(book_text, seed=s) for s in range(3)], lr=1e-2)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed == set(lora_state(model))  # every A and B moved, nothing else did
+    assert changed == set(weights_of(model, trainable_only=True))  # every A and B moved, nothing else did
+    assert all(k.endswith(("lora_A", "lora_B")) for k in changed)
 
 
 def test_lora_merge_matches_unmerged_output():
-    model = randomize_B(apply_lora(tiny_gpt(), r=4, alpha=8))
+    model = randomize_B(apply_lora(tiny_gpt(), LoRAConfig(r=4, alpha=8, dropout=0.0)))
     base_w = model.transformer.h[0].attn.c_attn.base.weight.clone()
     unmerged = model(IDX)[0]
     layer = model.transformer.h[0].attn.c_attn
@@ -118,7 +119,7 @@ def test_lora_config_rejects_bad_values():
     with pytest.raises(ValueError, match="r must be between"):
         LoRAConfig(r=0).validate()
     with pytest.raises(ValueError, match="match no linear layer"):
-        apply_lora(tiny_gpt(), targets=("wte",))
+        apply_lora(tiny_gpt(), LoRAConfig(targets=("wte",)))
 
 
 # ----------------------------------------------------------------------------- QLoRA
@@ -128,7 +129,7 @@ def test_qlora_forward_backward_reduces_loss(book_text):
     torch.manual_seed(0)
     base = GPT(tiny_config())
     train_steps(base, [byte_batch(book_text, seed=s) for s in range(40)], lr=1e-2)  # a base that knows the text
-    model = apply_lora(quantize_model(base), r=8, alpha=16).train()
+    model = apply_lora(quantize_model(base), LoRAConfig(dropout=0.0)).train()
     assert isinstance(model.transformer.h[0].mlp.c_fc.base, NF4Linear)
     codes = model.transformer.h[0].mlp.c_fc.base.codes.clone()
     new_text = byte_batch(book_text[20000:].upper())  # capitals: bytes the base has hardly seen
@@ -140,7 +141,7 @@ def test_qlora_forward_backward_reduces_loss(book_text):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_qlora_trains_on_gpu():
     torch.manual_seed(0)
-    model = apply_lora(quantize_model(GPT(tiny_config()).cuda(), torch.bfloat16), r=4).train()
+    model = apply_lora(quantize_model(GPT(tiny_config()).cuda(), torch.bfloat16), LoRAConfig(r=4, dropout=0.0)).train()
     assert model.transformer.h[0].attn.c_attn.lora_A.device.type == "cuda"  # A and B sit next to the base
     x, y = (t.cuda() for t in byte_batch("a small text, " * 200))
     losses = train_steps(model, [(x, y)] * 5, lr=1e-2)
@@ -153,7 +154,7 @@ def test_qlora_trains_on_gpu():
 def test_adapter_save_load_round_trip(trained):
     store, name = trained
     lc = LoRAConfig(r=4, alpha=8, targets=("c_attn", "c_fc"))
-    model = randomize_B(apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha).eval())
+    model = randomize_B(apply_lora(store.load_model(name), lc).eval())
     store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     assert store.list_adapters(name) == ["a"]
     assert store.adapter_info(name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
@@ -164,7 +165,7 @@ def test_adapter_save_load_round_trip(trained):
 def test_adapter_refused_on_a_different_base(trained):
     store, name = trained
     lc = LoRAConfig(r=4)
-    model = apply_lora(store.load_model(name), lc.targets, lc.r, lc.alpha)
+    model = apply_lora(store.load_model(name), lc)
     store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
     store.create_model("other", tiny_config())  # same shapes, other weights
     (store.model_dir("other") / "adapters").mkdir()
@@ -192,7 +193,7 @@ def test_finetune_trains_adapter_and_leaves_base_untouched(trained):
     assert store.weights_sha256(name) == sha and store.lineage(name) == lineage
     info = store.adapter_info(name, "a")
     assert info["base_sha256"] == sha and info["lora"]["nf4"] and info["run"]["steps"] == 6
-    state = lora_state(store.load_adapter(name, "a"))
+    state = weights_of(store.load_adapter(name, "a"), trainable_only=True)
     assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # B moved away from 0
     with pytest.raises(StoreError, match="already has an adapter"):
         finetune(store, name, ["book"], quick_train_config(steps=2), "a")
@@ -207,7 +208,7 @@ def test_finetune_stop_and_resume_matches_uninterrupted_run(trained):
                        should_stop=lambda: next(calls) >= 5)
     assert stopped["status"] == "stopped" and store.adapter_info(name, "halves")["run"]["status"] == "stopped"
     assert resume(store, name, adapter="halves")["status"] == "done"
-    whole, halves = (lora_state(store.load_adapter(name, a)) for a in ("whole", "halves"))
+    whole, halves = (weights_of(store.load_adapter(name, a), trainable_only=True) for a in ("whole", "halves"))
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 

@@ -164,10 +164,10 @@ def test_decoding_in_bf16_matches_the_autocast_forward(rough):
 
 
 def test_generation_with_lora_layers_is_unchanged_while_B_is_zero(gpt):
-    from lora import apply_lora
+    from lora import LoRAConfig, apply_lora
     idx = torch.randint(0, 512, (1, 5))
     before = [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))]
-    apply_lora(gpt)  # B = 0: the same function, in modules the decoding copy leaves as they are
+    apply_lora(gpt, LoRAConfig())  # B = 0: the same function, in modules the decoding copy leaves as they are
     assert [t for t, _ in G.generate_ids(gpt, idx, SamplingConfig(8, temperature=0))] == before
 
 

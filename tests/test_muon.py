@@ -10,7 +10,7 @@ from conftest import quick_train_config, tiny_config
 from files import load_tensors
 from model import GPT
 from muon import Muon, orthogonalise
-from runs import resume, train
+from app.runs import resume, train
 
 
 def test_newton_schulz_sets_every_singular_value_near_one():

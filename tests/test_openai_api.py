@@ -18,8 +18,8 @@ from app.web.openai import Message, TextPart, chat_prompt, first_stop, stop_pref
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate, stream
 from lora import LoRAConfig
-from runs import finetune, train
-from store import Store
+from app.runs import finetune, train
+from app.store import Store
 
 openai = pytest.importorskip("openai")
 

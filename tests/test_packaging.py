@@ -6,9 +6,9 @@ from pathlib import Path
 
 import cli
 import server
-import store
+from app import store
 from conftest import ROOT
-from test_layout import project_imports
+from test_layout import packages, project_imports
 
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 
@@ -34,18 +34,17 @@ def test_the_commands_are_cli_main_and_server_main():
     assert entry_point(scripts["azr"]) is cli.main and entry_point(scripts["azr-server"]) is server.main
 
 
-def installed_as(module):
-    """What pyproject.toml must list for `module` to be installed: its package ("app.web" for
-    app.web.books; a package itself for its __init__), or the module itself at the top level."""
-    if (ROOT / module.replace(".", "/") / "__init__.py").exists():
-        return module
-    return module.rsplit(".", 1)[0]
+def installed_modules(setup):
+    """The modules `pip install .` copies: the py-modules, and the .py files of the packages."""
+    in_packages = {f"{pkg}.{p.stem}" for pkg in setup["packages"] for p in (ROOT / pkg.replace(".", "/")).glob("*.py")}
+    return set(setup["py-modules"]) | (in_packages - {f"{pkg}.__init__" for pkg in setup["packages"]})
 
 
 def test_every_module_the_commands_import_is_installed():
-    setup, graph = PROJECT["tool"]["setuptools"], project_imports()
-    listed = set(setup["py-modules"]) | set(setup["packages"]) - {"templates", "static"}
-    assert {installed_as(m) for m in reached_from(graph, "cli") | reached_from(graph, "server")} == listed
+    setup = PROJECT["tool"]["setuptools"]
+    graph, listed = project_imports(), installed_modules(setup)
+    assert reached_from(graph, "cli") | reached_from(graph, "server") == listed
+    assert set(packages()) <= set(setup["packages"])  # a subpackage is installed only where it is named
     assert "app.web.generation_queue" in reached_from(graph, "server")  # the check follows imports through the layers
 
 

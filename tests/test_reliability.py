@@ -29,9 +29,9 @@ import torch
 
 import cli
 import files as F
-import store as S
+from app import store as S
 from app.web import generation_queue
-from runs import resume, train
+from app.runs import resume, train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
 from generate import SamplingConfig, generate_ids
 from files import CorruptFile, load_tensors

@@ -14,9 +14,10 @@ import azr_trainer
 import config
 from azr_trainer import STOP_RISE, TrainConfig, kept_better, selfplay_due
 from conftest import quick_train_config, tiny_config
+from files import weights_of
 from generate import rollouts
 from model import GPT
-from runs import resume, train
+from app.runs import resume, train
 from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, learnability, mark_repeats,
                       pair_loss)
 
@@ -256,9 +257,9 @@ def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):
 
     def spy(self):
         kept, meta = azr_trainer.load_tensors(self.ckpt_dir / "best.safetensors")
-        last = {k: v.clone() for k, v in azr_trainer.trained_weights(self.model).items()}
+        last = {k: v.clone() for k, v in weights_of(self.model, trainable_only=True).items()}
         switch(self)
-        now = azr_trainer.trained_weights(self.model)
+        now = weights_of(self.model, trainable_only=True)
         seen.append((meta["step"], all(torch.equal(now[k], kept[k]) for k in kept),
                      any(not torch.equal(now[k], last[k]) for k in kept)))
     monkeypatch.setattr(azr_trainer.Trainer, "switch_to_selfplay", spy)

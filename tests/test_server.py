@@ -23,10 +23,10 @@ from azr_trainer import TrainConfig
 from config import SettingError
 from conftest import LOCAL_URL, ROOT, TINY
 from files import read_json, write_json
-from jobs import ACTIVE, RESUMABLE
+from app.jobs import ACTIVE, RESUMABLE
+from app.runs import first_line
 from lora import LoRAConfig
 from model import ModelConfig
-from runs import first_line
 from server import create_app
 
 TRAIN = dict(batch_size=8, eval_every=10, warmup_steps=5, compile="off")  # a few fast steps of the tiny model

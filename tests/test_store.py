@@ -5,9 +5,9 @@ import os
 import pytest
 import torch
 
-import store as S
+from app import store as S
 from conftest import tiny_config
-from store import NotFound, StoreError
+from app.store import NotFound, StoreError
 
 
 @pytest.mark.parametrize("name", ["", "../evil", "a/b", "a\x00b", "x" * 65, "dot.name", "ünïcode", "..", " sp"])

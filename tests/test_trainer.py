@@ -7,12 +7,13 @@ import pytest
 import torch
 
 import azr_trainer
-import runs
-from azr_trainer import TrainConfig, lr_at, make_optimizer, new_run
+from app import runs
+from azr_trainer import TrainConfig, lr_at, make_optimizer
+from app.records import new_run
 from conftest import quick_train_config, tiny_config
 from files import CorruptFile, load_tensors
 from model import GPT
-from runs import resume, train
+from app.runs import resume, train
 
 
 def losses(store, name):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 from fastapi import APIRouter, File, Form, UploadFile
 
-import runs
+from app import runs
 from app.web.common import Answer, Azr, Damaged
 from app.web.errors import TooLarge, too_big
-from store import check_name
+from app.store import check_name
 
 router = APIRouter(tags=["books"])
 

@@ -13,8 +13,8 @@ from app.web.downloads import sweep_downloads
 from app.web.generation_queue import GenerationQueue
 from app.web.model_cache import ModelCache
 from hardware import pick_device
-from jobs import JobRunner
-from store import Store
+from app.jobs import JobRunner
+from app.store import Store
 
 MAX_UPLOAD_MB = 50
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway

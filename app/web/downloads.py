@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from filelock import FileLock, Timeout
 from starlette.background import BackgroundTask
 
-import export
+from app import export
 from app.web.model_cache import gone_is_not_found
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "lineage.json", "metrics.jsonl")
@@ -34,7 +34,7 @@ Load it with the project's code (run from the project folder, this folder unzipp
     from files import load_tensors
     from generate import SamplingConfig, generate
     from model import GPT, ModelConfig
-    from store import load_weights
+    from files import load_weights
     from tokenizer import Tokenizer
 
     model = GPT(ModelConfig.from_dict(json.load(open("{name}/config.json"))))

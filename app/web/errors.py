@@ -14,7 +14,7 @@ from app.web.common import MAX_ERROR_CHARS, MAX_JSON_BYTES
 from app.web.generation_queue import Abandoned
 from config import SettingError
 from files import CorruptFile, Exists, InUse, NotFound, hide_paths
-from jobs import Busy
+from app.jobs import Busy
 
 log = logging.getLogger("azr.server")
 

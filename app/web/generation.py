@@ -13,8 +13,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 from pydantic import Field, create_model
 
-import inside
-import runs
+from app import inside
+from app import runs
 from app.web.common import MAX_PROMPT_CHARS, Answer, Azr, Body, GenerationSlot, errors, settings_fields, settings_from
 from app.web.generation_queue import GENERATION_THREADS, until
 from generate import SamplingConfig, joined, stream

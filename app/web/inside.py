@@ -8,7 +8,7 @@ import torch
 from fastapi import APIRouter, Query
 from pydantic import Field, create_model
 
-import inside
+from app import inside
 from app.web.common import MAX_PROMPT_CHARS, Azr, Body, settings_fields, settings_from
 from app.web.generation_queue import GENERATION_THREADS
 from generate import SamplingConfig

@@ -10,14 +10,14 @@ import pydantic
 from pydantic import Field
 
 import config
-import export
-import inside
-import runs
+from app import export
+from app import inside
+from app import runs
 from app.web.common import Answer, Azr, Body, Damaged, settings_fields
 from app.web.downloads import build_adapter_zip, build_export, build_model_zip, send_built
 from azr_trainer import TrainConfig
 from files import CorruptFile, NotFound
-from jobs import Busy
+from app.jobs import Busy
 from model import PRESETS, ModelConfig
 from sizing import flops_per_token, memory_estimate, param_count
 

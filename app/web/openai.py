@@ -46,7 +46,7 @@ from app.web.generation_queue import until
 from config import SettingError
 from files import NotFound
 from generate import SamplingConfig, stream
-from store import check_name
+from app.store import check_name
 
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingConfig's name -> OpenAI's, where they differ
 MAX_STOPS = 4  # OpenAI's limit

@@ -14,10 +14,10 @@ from app.web.common import Answer, Azr
 from app.web.training import SERVER_CHOOSES
 from azr_trainer import TrainConfig
 from generate import SamplingConfig
-from jobs import ACTIVE, RESUMABLE
+from app.jobs import ACTIVE, RESUMABLE
 from lora import TARGETS, LoRAConfig
 from model import PRESETS, ModelConfig
-from tokenizer import LANGUAGE_NAMES
+from app.books import LANGUAGE_NAMES
 
 ROOT = Path(__file__).resolve().parents[2]  # the project folder (installed: site-packages), beside templates/
 

@@ -8,13 +8,13 @@ from typing import Any, Literal
 from fastapi import APIRouter, Query
 from pydantic import create_model
 
-import runs
+from app import runs
 from app.web.common import Answer, Azr, Body, settings_fields, settings_from
 from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, NotFound
-from jobs import RESUMABLE, Busy
+from app.jobs import RESUMABLE, Busy
 from lora import LoRAConfig
-from store import check_name
+from app.store import check_name
 
 SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 

@@ -34,17 +34,18 @@ from pathlib import Path
 import torch
 
 from config import check_seed, echo
-import records
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
-                   tensors_sha256_of_file, write_json)
-from azr_trainer import load_trained_weights
-from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
+from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, load_weights, replacing,
+                   save_tensors, tensors_sha256_of_file, weights_of, write_json)
+from lora import LoRAConfig, attach_lora, count_params, merge_lora
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
-from tokenizer import MAX_UNZIPPED_BYTES, BookError, Tokenizer, read_book
+from tokenizer import Tokenizer
+
+from app import records
+from app.books import MAX_UNZIPPED_BYTES, BookError, read_book
 
 NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-PROJECT_DIR = Path(__file__).resolve().parent
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder above app/
 HOME_HELP = "data folder (default: $AZR_HOME, else the project folder; ~/.azr when installed with pip)"
 
 
@@ -253,7 +254,8 @@ class Store:
         with self.locked(name):
             d = self.adapter_dir(name, adapter, must_exist=False)
             d.mkdir(parents=True, exist_ok=True)
-            save_tensors(d / "adapter.safetensors", lora_state(model), {"base_sha256": base_sha256})
+            adapter_weights = weights_of(model, trainable_only=True)  # A and B of every wrapped layer
+            save_tensors(d / "adapter.safetensors", adapter_weights, {"base_sha256": base_sha256})
             write_json(d / "adapter_config.json", info)
         return info
 
@@ -274,7 +276,7 @@ class Store:
         lc = LoRAConfig.from_dict(info["lora"])
         model = attach_lora(self.load_model(name, device), lc if nf4 is None else replace(lc, nf4=nf4))
         tensors, _ = load_tensors(self.adapter_dir(name, adapter) / "adapter.safetensors")
-        load_trained_weights(model, tensors)
+        load_weights(model, tensors, trainable_only=True)
         return model.eval()
 
     def check_base(self, name, info):
@@ -347,7 +349,7 @@ class Store:
     def add_book(self, name, data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
         """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info.
         Of two uploads under one name, one is stored, the other gets Exists. `max_bytes` caps
-        what an .epub may inflate to (tokenizer.read_book)."""
+        what an .epub may inflate to (books.read_book)."""
         path = self.book_path(name)
         book = read_book(data, filename, max_bytes)  # the slow part, outside the lock
         with self.book_locked(name):
@@ -452,17 +454,6 @@ def copy_file(src, dst):
     """Copy src over dst atomically."""
     with replacing(dst) as tmp:
         shutil.copyfile(src, tmp)
-
-
-def weights_of(model):
-    """The state dict to save: the tied lm_head is the same tensor as wte, so it is left out."""
-    return {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-
-
-def load_weights(model, tensors):
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if set(missing) - {"lm_head.weight"} or unexpected:
-        raise CorruptFile(f"weights do not fit this config: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def _json_or_none(line):

@@ -38,10 +38,9 @@ import torch
 from safetensors.torch import save_file
 
 from config import VERSION
-from files import Exists, StoreError, load_tensors, replacing, write_json
+from files import Exists, StoreError, load_tensors, replacing, weights_of, write_json
 from generate import SamplingConfig
 from lora import LoRAConfig
-from store import weights_of
 from tokenizer import EOT
 
 FORMATS = ("hf", "gguf", "peft")

@@ -33,17 +33,16 @@ from collections import Counter
 import torch
 
 import distributed
-import records
-from azr_trainer import (TrainConfig, Trainer, compile_choice, evaluate_bpb, new_run, seconds_per_step, unigram_bpb,
-                         window_len)
+from app.records import BookRef, Run, new_run
+from azr_trainer import TrainConfig, Trainer, compile_choice, evaluate_bpb, seconds_per_step, unigram_bpb, window_len
 from files import CorruptFile, Exists, NotFound, StoreError
 from generate import SamplingConfig, generate
-from hardware import pick_precision
+from hardware import DTYPES, pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
 from sizing import check_training_memory
 from speed import cache_compiles_in
-from store import check_name, merge_books
+from app.store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 
 
@@ -82,7 +81,7 @@ def resume(store, name, on_event=None, should_stop=None, adapter=None, changed_d
     checkpoint, on the books it started with (changed_data: on the books as they are now)."""
     with lease(store, name):
         run = load_run(store, name, adapter, changed_data)
-        check_fits(store, name, TrainConfig.from_dict(run["config"]))
+        check_fits(store, name, TrainConfig.from_dict(run.config))
         trainer = make_trainer(store, name, run)
         restored = trainer.restore_latest()
         if restored["skipped"] and on_event:  # say why steps are redone: the newest checkpoint was bad
@@ -145,14 +144,14 @@ def load_run(store, name, adapter=None, changed_data=False):
     path = run_dir(store, name, adapter) / "run.json"
     what = f"adapter {adapter!r} of {name!r}" if adapter else f"model {name!r}"
     try:
-        run = records.load(path, records.Run)
+        run = Run.load(path)
     except NotFound:
         raise NotFound(f"{what} has no run to resume; start one with train or finetune") from None
     except CorruptFile as e:
         raise CorruptFile(f"{e}; {what} cannot resume this run: start a new one with train") from None
-    if run["status"] == "done":
+    if run.status == "done":
         raise StoreError(f"the last run of {what} finished; start a new one")
-    if adapter and store.weights_sha256(name) != run["base_sha256"]:
+    if adapter and store.weights_sha256(name) != run.base_sha256:
         raise StoreError(f"model {name!r} has other weights than when adapter {adapter!r} started; it cannot resume")
     check_same_books(store, run, changed_data)
     return run
@@ -162,12 +161,12 @@ def check_same_books(store, run, changed_data):
     """A resumed run goes on with the text it started on. If a book changed since (deleted and
     uploaded again, edited), refuse — or, with changed_data, note in the run what changed at
     which step (record() puts it in the lineage) and let make_trainer take the books as they are."""
-    then = run.get("book_refs")
+    then = run.book_refs
     if not then:
         return
-    now = [_sha256_now(store, ref, run.get("book_paths", False)) for ref in run["books"]]
-    changed = [{"book": b, "sha256_then": r["sha256"], "sha256_now": sha}
-               for b, r, sha in zip(run["books"], then, now) if r["sha256"] != sha]
+    now = [_sha256_now(store, ref, run.book_paths) for ref in run.books]
+    changed = [{"book": b, "sha256_then": r.sha256, "sha256_now": sha}
+               for b, r, sha in zip(run.books, then, now) if r.sha256 != sha]
     if not changed:
         return
     if not changed_data:
@@ -175,8 +174,8 @@ def check_same_books(store, run, changed_data):
         raise StoreError(f"the text of book {said} changed since this run started: resuming would go on "
                          f"training on other data. Start a new run, or resume on the changed data on purpose "
                          f"(`python cli.py resume --changed-data`, or \"changed_data\": true in /resume_training)")
-    run.setdefault("data_changed", []).append({"step": run.get("step", 0), "books": changed})
-    del run["book_refs"]
+    run.data_changed = (run.data_changed or []) + [{"step": run.step, "books": changed}]
+    run.book_refs = None  # make_trainer takes the books' refs as they are now
 
 
 def _sha256_now(store, ref, allow_path):
@@ -197,22 +196,24 @@ def run_dir(store, name, adapter=None):
 
 def make_trainer(store, name, run):
     """The Trainer for `run` on model `name`: its weights (+ a fresh LoRA adapter), its data."""
-    tc = TrainConfig.from_dict(run["config"])
+    tc = TrainConfig.from_dict(run.config)
     device = distributed.device_for_rank(tc.device)
     model = store.load_model(name, device)
-    adapter = run.get("adapter")
+    adapter = run.adapter
     if adapter:
-        lc = LoRAConfig.from_dict(run["lora"])
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(pick_precision(device, tc.precision), torch.float32)
+        lc = LoRAConfig.from_dict(run.lora)
+        dtype = DTYPES[pick_precision(device, tc.precision)]
         attach_lora(model, lc, dtype, torch.Generator().manual_seed(tc.seed))  # the same seed, the same initial A
     out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
     with distributed.main_first():  # DDP: rank 0 writes the tokenizer and the token arrays, the others read them
-        tok, data, book_refs, texts = prepare_data(store, name, run["books"], tc.val_fraction, run.get("book_paths", False))
+        tok, data, book_refs, texts = prepare_data(store, name, run.books, tc.val_fraction, run.book_paths)
         if distributed.is_main():
             out_dir.mkdir(parents=True, exist_ok=True)
-    if run.setdefault("book_refs", book_refs) != book_refs:  # a book changed after check_same_books looked
+    if run.book_refs is None:
+        run.book_refs = [BookRef(**ref) for ref in book_refs]
+    elif [ref.model_dump() for ref in run.book_refs] != book_refs:  # a book changed after check_same_books looked
         raise StoreError("a book of this run changed while it was being resumed; resume again")
-    run["params"] = count_params(model)
+    run.params = count_params(model)
     cache_compiles_in(store.home / "cache" / "inductor")
     byte_len = torch.from_numpy(tok.byte_lengths())
     sample = None
@@ -254,8 +255,8 @@ def run_and_record(store, name, trainer, on_event, should_stop):
     """Run the trainer; its result goes into the store before run.json says the run is over."""
     summary = trainer.run(on_event, should_stop, on_finish=lambda status: record(store, name, trainer, status))
     run = trainer.run_info
-    best = store.lineage(name)["best_val_bpb"] if not run.get("adapter") else (trainer.run_best or [None])[0]
-    return {**summary, "params": run["params"], "adapter": run.get("adapter"), "best_val_bpb": best}
+    best = store.lineage(name)["best_val_bpb"] if not run.adapter else (trainer.run_best or [None])[0]
+    return {**summary, "params": run.params, "adapter": run.adapter, "best_val_bpb": best}
 
 
 def prepare_data(store, name, books, val_fraction=0.1, allow_paths=False):
@@ -289,25 +290,26 @@ def record(store, name, trainer, status):
     """Save a run's result into the store: the weights and the run in the lineage, a version
     when it finished — or, for a fine-tune, the adapter (also when stopped: it is usable)."""
     run = trainer.run_info
-    entry = {"run_id": run["run_id"], "books": run["book_refs"], "steps": trainer.step, "status": status,
-             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best": trainer.run_best, "world_size": run["world_size"]}
-    if "data_changed" in run:
-        entry["data_changed"] = run["data_changed"]
+    book_refs = [ref.model_dump() for ref in run.book_refs]
+    entry = {"run_id": run.run_id, "books": book_refs, "steps": trainer.step, "status": status,
+             "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "best": trainer.run_best, "world_size": run.world_size}
+    if run.data_changed is not None:
+        entry["data_changed"] = run.data_changed
     best = trainer.run_best[0] if trainer.run_best else None
-    if run.get("adapter"):
-        store.save_adapter(name, run["adapter"], trainer.model, LoRAConfig.from_dict(run["lora"]), run["base_sha256"],
+    if run.adapter:
+        store.save_adapter(name, run.adapter, trainer.model, LoRAConfig.from_dict(run.lora), run.base_sha256,
                            {**entry, "best_val_bpb": best})
         return
     with store.locked(name):  # read, change, write: no other update of the lineage in between
         store.save_weights(name, trainer.model)
         lin = store.lineage(name)
-        runs = [r for r in lin["runs"] if r["run_id"] != run["run_id"]]
-        runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every, "config": run["config"]})
+        runs = [r for r in lin["runs"] if r["run_id"] != run.run_id]
+        runs.append({**entry, "selfplay_every": trainer.tc.selfplay_every, "config": run.config})
         olds = [b for b in (lin["best_val_bpb"], best) if b is not None]
-        store.update_lineage(name, runs=runs, books=merge_books(lin["books"], run["book_refs"]),
-                             best_val_bpb=min(olds) if olds else None, steps=run["base_steps"] + trainer.step)
+        store.update_lineage(name, runs=runs, books=merge_books(lin["books"], book_refs),
+                             best_val_bpb=min(olds) if olds else None, steps=run.base_steps + trainer.step)
         if status == "done":
-            store.save_version(name, note=f"run {run['run_id']}: {trainer.step} steps")
+            store.save_version(name, note=f"run {run.run_id}: {trainer.step} steps")
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import deque
 
-import records
+from app import records
 from files import StoreError, hide_paths, write_json
 
 LOG_EVENTS = 200  # events kept for the page's log panel (and saved in the job file)

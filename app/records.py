@@ -14,12 +14,15 @@ decides what the user sees: a model, book or adapter listed as damaged with what
 a job file skipped when the server starts. One bad file never takes another object with it.
 """
 
+import time
+import uuid
+from dataclasses import asdict
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from azr_trainer import TrainConfig
-from files import CorruptFile, NotFound, read_json, shown
+from files import CorruptFile, NotFound, read_json, shown, write_json
 from lora import LoRAConfig
 from model import ModelConfig
 
@@ -29,6 +32,12 @@ MAX_RECORD_BYTES = 32 * 2**20  # far above any real record: a bigger file is not
 def load(path, kind):
     """The record at `path` as a dict, checked against `kind`. NotFound if there is no file;
     CorruptFile, saying what is wrong, if it cannot be read or has the wrong shape."""
+    checked = checked_record(path, kind)
+    return checked.model_dump(exclude_unset=True) if isinstance(checked, BaseModel) else checked
+
+
+def checked_record(path, kind):
+    """The record at `path` checked against `kind`, as `kind` gives it back (load's errors)."""
     try:
         if path.stat().st_size > MAX_RECORD_BYTES:
             raise ValueError(f"{path.stat().st_size:,} bytes, more than any record holds")
@@ -41,7 +50,7 @@ def load(path, kind):
         raise CorruptFile(f"{shown(path)} is damaged ({e.strerror or type(e).__name__})") from None
     except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past reason
         raise CorruptFile(f"{shown(path)} is damaged ({str(e)[:200] or type(e).__name__})") from None
-    return checked.model_dump(exclude_unset=True) if isinstance(checked, BaseModel) else checked
+    return checked
 
 
 def first_problem(e):
@@ -128,15 +137,44 @@ class AdapterConfig(Record):
 
 
 class Run(Record):
-    """checkpoints/<name>/run.json: the last run of a model (or adapter), for resume."""
+    """checkpoints/<name>/run.json: the last run of a model (or of an adapter), for resume. One
+    object from start to end: runs.py creates it (new_run), the trainer sets its status, step and
+    clock and saves it, resume loads it. A field that is None is not written, so a run.json holds
+    the keys its kind of run has (an adapter's run has adapter, lora, base_sha256)."""
     run_id: str
-    books: list[str]
+    books: list[str]  # as the user named them: store names, or the CLI's paths when book_paths
     config: settings(TrainConfig)
-    status: str
-    started: float
-    base_steps: int
-    book_refs: list[BookRef] = []
+    status: str  # running, stopped, done or failed (the trainer's)
+    started: float  # time.time() when the run was created: a --minutes budget counts from here
+    base_steps: int  # the model's steps before this run
+    book_paths: bool = False
+    book_refs: list[BookRef] | None = None  # each book's name and sha256 when the run started
+    params: dict[str, int] | None = None  # lora.count_params of the model being trained
+    step: int = 0
+    world_size: int | None = None
+    elapsed_s: float | None = None  # the budget's clock, carried over by a resume
+    error: str | None = None  # why a failed run failed
+    data_changed: list[dict[str, Any]] | None = None  # books that changed before a resume (changed_data)
+    adapter: str | None = None  # a LoRA fine-tune: the adapter's name, its settings, the base it fits
     lora: settings(LoRAConfig) | None = None
+    base_sha256: Sha256 | None = None
+
+    @classmethod
+    def load(cls, path):
+        return checked_record(path, cls)
+
+    def save(self, path):
+        write_json(path, self.model_dump(exclude_none=True))
+
+    def update(self, **changes):
+        for k, v in changes.items():
+            setattr(self, k, v)
+
+
+def new_run(books, tc, **fields):
+    """A new run of `books` with options `tc` (a TrainConfig), not yet started."""
+    fields = {"status": "running", "base_steps": 0, "started": time.time(), **fields}
+    return Run(run_id=uuid.uuid4().hex[:8], books=list(books), config=asdict(tc), **fields)
 
 
 class Event(Record):
