@@ -31,10 +31,9 @@ Files
 Load it with the project's code (run from the project folder, this folder unzipped next to it):
 
     import json
-    from files import load_tensors
+    from files import load_tensors, load_weights
     from generate import SamplingConfig, generate
     from model import GPT, ModelConfig
-    from files import load_weights
     from tokenizer import Tokenizer
 
     model = GPT(ModelConfig.from_dict(json.load(open("{name}/config.json"))))
