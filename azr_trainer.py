@@ -36,7 +36,6 @@ The trainer knows a model, its token arrays and a folder for its checkpoints. Wh
 books live on disk is the store's business; runs.py connects the two.
 """
 
-import collections
 import json
 import math
 import os
@@ -47,22 +46,19 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+import checkpoint
 import config
 import distributed
 import speed
 from config import SEED_MAX, setting
-from files import CorruptFile, atomic_write, load_tensors, save_tensors, write_json
-from hardware import autocast, machine_kind, pick_precision
-from muon import Muon
-from sizing import flops_per_token
+from files import CorruptFile, load_tensors, save_tensors, write_json
+from hardware import autocast, pick_precision
+from keep_best import STOP_RISE, Best
+from muon import Muon, muon_groups
+from schedule import WSD_DECAY, Budget, lr_share
 
 
 SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, not a chapter
-# early stopping counts an evaluation only when val bits/byte is this share above its best (Trainer.early_stop)
-STOP_RISE = 0.01
-# warmup-stable-decay spends this share of the steps coming down from the peak (Hägele et al. 2024)
-WSD_DECAY = 0.2
-PACE_STEPS = 100  # a time budget's steps are re-fitted from the time per step of this many recent steps (Budget)
 
 
 @dataclass
@@ -162,7 +158,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         # DDP: the wrapped loss module runs the model forward; its backward all-reduces the gradients
         self.loss = distributed.wrap(speed.TrainLoss(model))  # compiled as well when compiling pays
-        self.compiled = self.warmed = False
+        self.compiled = self.compile_decided = False
         self.compile_reason = None
         self.step = 0
         self.should_stop = lambda: False  # run() takes the caller's
@@ -175,26 +171,17 @@ class Trainer:
             self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed + distributed.rank())
         self.time_share = None  # in a time budget, the share of it spent: the schedule's clock (lr_share)
         self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
-        self.run_best = None  # [val_bpb, step] of this run's best evaluation
+        self.best = Best()  # the best evaluation, the kept one (best.safetensors), early stopping's count
         # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
         # step is done: a start that fails (a short book, no memory, compiling) destroys nothing
         self.claimed = False
-        self.kept = None  # [val_bpb, step, greedy_repeats] of the weights keep-best holds (best.safetensors)
-        self.stale_evals = 0  # evaluations in a row clearly above the best one: early stopping (patience)
         if distributed.is_main():  # DDP: the others never write
             ckpt_dir.mkdir(parents=True, exist_ok=True)
 
-    # data ----------------------------------------------------------------------
-    def get_batch(self, split="train"):
-        """B random windows -> x, y (B, T): y is x shifted left by one token. DDP: every rank draws
-        the starts of the whole global batch from the same generator and keeps its own B of them,
-        so the ranks see different windows, and together the ones one process would draw."""
-        data, B, r = self.data[split], self.tc.batch_size, distributed.rank()
-        starts = torch.randint(len(data) - self.T - 1, (B * distributed.world_size(),), generator=self.batch_gen)
-        ix = starts[r * B:(r + 1) * B].numpy()
-        rows = data[ix[:, None] + np.arange(self.T + 1)].astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        return xy[:, :-1], xy[:, 1:]
+    @property
+    def run_best(self):
+        """[val_bpb, step] of this run's best evaluation; at the end, of the weights it ends with."""
+        return self.best.run_best
 
     # the loop ------------------------------------------------------------------
     def run(self, on_event=None, should_stop=None, on_finish=None):
@@ -204,60 +191,11 @@ class Trainer:
         emit = on_event or (lambda e: None)
         self.should_stop = should_stop or self.should_stop
         main = distributed.is_main()  # DDP: rank 0 writes; the others only train
-        tc = self.tc
         self._write_run("running", world_size=distributed.world_size())
-        note = self.warm_up()
+        self._start(emit)
         metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
-        emit({"type": "start", "step": self.step, "total": tc.steps, "device": str(self.device),
-              "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
-              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled,
-              "compile_reason": self.compile_reason})
-        if note:
-            emit({"type": "warning", "message": note})
-        t_start, step_start = time.time(), self.step
-        budget = Budget(tc.minutes, self.run_info, self.step) if tc.minutes else None
-        status = "done"
-        end_reason = "budget" if budget else "steps"  # why the run ended, for the page: or early_stop, stopped
         try:
-            while self.step < self.tc.steps:
-                if budget:  # DDP: rank 0's clock, so that every rank steps at the same learning rate
-                    self.time_share = distributed.broadcast(budget.share())
-                try:
-                    if self.should_stop():
-                        raise StepAbandoned
-                    row = self._one_step()
-                except StepAbandoned:  # Stop, before or in the middle of a step: resume redoes it
-                    status = end_reason = "stopped"
-                    if self.claimed:  # stopped before its first step: the last run stays the one to resume
-                        self.save_checkpoint()
-                    break
-                if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): end evaluated
-                    self.tc = replace(self.tc, steps=self.step)
-                    if "val_bpb" not in row and distributed.is_main():
-                        row.update(self.evaluate())
-                        if "val_bpb" in row:
-                            self._track_best(row["val_bpb"], row.get("greedy_repeats"))
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
-                if budget:
-                    self.tc = replace(self.tc, steps=distributed.broadcast(budget.fit(self.step, self.tc.steps)))
-                row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (self.tc.steps - self.step), 1)
-                clock = {"elapsed_s": round(budget.elapsed(), 1), "budget_s": budget.seconds} if budget else {}
-                emit({"type": "step", "total": self.tc.steps, **row, **clock})
-                if self._evaluated(self.step) and distributed.broadcast(self.early_stop()):
-                    if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
-                        self.switch_to_selfplay()
-                        emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
-                                                         f"{self.kept[1]}, self-play steps from here on"})
-                        self.save_checkpoint()  # a resume must not replay the switch: best.safetensors moves on
-                        continue
-                    emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
-                                                     f"{STOP_RISE:.0%} above its best for {tc.patience} evaluations (best "
-                                                     f"{self.run_best[0]:.4f} at step {self.run_best[1]})"})
-                    end_reason = "early_stop"
-                    break
-                if self.step % tc.checkpoint_every == 0 and self.step < self.tc.steps:
-                    self.save_checkpoint()
+            status, end_reason = self._steps(emit, metrics)
             if main and status == "done":
                 self._restore_best()
             if main and on_finish:
@@ -275,6 +213,67 @@ class Trainer:
         return {"status": status, "end_reason": end_reason, "step": self.step, "total": self.tc.steps,
                 "best": self.run_best, "device": str(self.device), "precision": self.precision,
                 "compiled": self.compiled}
+
+    def _start(self, emit):
+        """Decide on torch.compile, then tell the caller what is about to run."""
+        note = self.decide_compile()
+        emit({"type": "start", "step": self.step, "total": self.tc.steps, "device": str(self.device),
+              "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
+              "params": self.run_info.get("params"), "run_id": self.run_info["run_id"], "compiled": self.compiled,
+              "compile_reason": self.compile_reason})
+        if note:
+            emit({"type": "warning", "message": note})
+
+    def _steps(self, emit, metrics):
+        """Step until the run ends: its steps (or its time) are done, Stop, or early stopping.
+        -> (status, end_reason): done or stopped, and why, for the page."""
+        budget = Budget(self.tc.minutes, self.run_info, self.step) if self.tc.minutes else None
+        t_start, step_start = time.time(), self.step
+        while self.step < self.tc.steps:
+            if budget:  # DDP: rank 0's clock, so that every rank steps at the same learning rate
+                self.time_share = distributed.broadcast(budget.share())
+            try:
+                if self.should_stop():
+                    raise StepAbandoned
+                row = self._one_step()
+            except StepAbandoned:  # Stop, before or in the middle of a step: resume redoes it
+                if self.claimed:  # stopped before its first step: the last run stays the one to resume
+                    self.save_checkpoint()
+                return "stopped", "stopped"
+            if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock)
+                self._end_now(row)
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+            if budget:
+                self.tc = replace(self.tc, steps=distributed.broadcast(budget.fit(self.step, self.tc.steps)))
+            row["eta_s"] = round((time.time() - t_start) / (self.step - step_start) * (self.tc.steps - self.step), 1)
+            clock = {"elapsed_s": round(budget.elapsed(), 1), "budget_s": budget.seconds} if budget else {}
+            emit({"type": "step", "total": self.tc.steps, **row, **clock})
+            if self._evaluated(self.step) and distributed.broadcast(self.best.early_stop(self.tc.patience)):
+                if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
+                    self.switch_to_selfplay()
+                    emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
+                                                     f"{self.best.kept[1]}, self-play steps from here on"})
+                    self.save_checkpoint()  # a resume must not replay the switch: best.safetensors moves on
+                    continue
+                self._say_early_stop(emit)
+                return "done", "early_stop"
+            if self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.steps:
+                self.save_checkpoint()
+        return "done", "budget" if budget else "steps"
+
+    def _end_now(self, row):
+        """The time budget is spent: this step is the run's last, and it is evaluated."""
+        self.tc = replace(self.tc, steps=self.step)
+        if "val_bpb" not in row and distributed.is_main():
+            row.update(self.evaluate())
+            if "val_bpb" in row:
+                self._track_best(row["val_bpb"], row.get("greedy_repeats"))
+
+    def _say_early_stop(self, emit):
+        emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
+                                         f"{STOP_RISE:.0%} above its best for {self.tc.patience} evaluations (best "
+                                         f"{self.run_best[0]:.4f} at step {self.run_best[1]})"})
 
     def _one_step(self):
         """A supervised step, then self-play and evaluation when they are due -> its metrics row.
@@ -300,18 +299,19 @@ class Trainer:
                 self._track_best(row["val_bpb"], row.get("greedy_repeats"))
         return row
 
-    def switch_to_selfplay(self):
-        """The plateau: supervised steps stopped paying. Go back to the kept weights (every rank:
-        rank 0 reads them and sends them) and go on with self-play steps; the early-stopping count
-        starts again, so a self-play phase that costs likelihood ends the run as a plateau would."""
-        self.selfplay_from, self.stale_evals = self.step, 0
-        if self.tc.keep_best:
-            best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
-            load_trained_weights(self.model, distributed.broadcast(best))
-        self.kept = distributed.broadcast(self.kept)
-
     def _evaluated(self, step):
         return step % self.tc.eval_every == 0 or step == self.tc.steps
+
+    def get_batch(self, split="train"):
+        """B random windows -> x, y (B, T): y is x shifted left by one token. DDP: every rank draws
+        the starts of the whole global batch from the same generator and keeps its own B of them,
+        so the ranks see different windows, and together the ones one process would draw."""
+        data, B, r = self.data[split], self.tc.batch_size, distributed.rank()
+        starts = torch.randint(len(data) - self.T - 1, (B * distributed.world_size(),), generator=self.batch_gen)
+        ix = starts[r * B:(r + 1) * B].numpy()
+        rows = data[ix[:, None] + np.arange(self.T + 1)].astype(np.int64)  # (B, T+1)
+        xy = torch.from_numpy(rows).to(self.device, non_blocking=True)
+        return xy[:, :-1], xy[:, 1:]
 
     def train_step(self):
         """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}.
@@ -321,11 +321,11 @@ class Trainer:
         tc = self.tc
         self.model.train()
         lr = self._set_lr()
-        total, rngs = 0.0, self._rng_state()
+        total, rngs = 0.0, checkpoint.rng_state(self.batch_gen, self.device)
         for i in range(tc.grad_accum):
             if i and self.should_stop():
                 self.optimizer.zero_grad(set_to_none=True)
-                self._set_rng_state(rngs)
+                checkpoint.set_rng_state(self.batch_gen, rngs, self.device)
                 raise StepAbandoned
             x, y = self.get_batch("train")
             with distributed.no_sync(self.loss, skip=i < tc.grad_accum - 1):  # DDP: all-reduce at the last one
@@ -357,60 +357,15 @@ class Trainer:
             return 0.0
         return apply_gradients(self.model, self.optimizer, self.scaler, self.tc.grad_clip)
 
-    def warm_up(self):
-        """torch.compile the loss when speed.compile_decision says it pays, measuring it first when
-        "auto" has no measurement for this config here (once) -> a note if compiling failed.
-        Evaluation and self-play use the eager model: other shapes, no recompiles."""
-        tc = self.tc
-        if self.warmed:
+    def decide_compile(self):
+        """Once, before the first step: torch.compile the loss if it pays here (speed.compile_for_run:
+        the setting, or a probe of a few steps) -> a note if compiling failed."""
+        if self.compile_decided:
             return None
-        self.warmed = True
-        # DDP: rank 0's probe file decides for every rank
-        on, self.compile_reason = distributed.broadcast(
-            compile_choice(self.cfg, tc, self.T, self.device, self.precision, self.probe_file))
-        if on is False:
-            return None
-        x = torch.zeros(tc.batch_size, self.T, dtype=torch.long, device=self.device)
-
-        def try_step(compiled):
-            self.model.train()
-            try:
-                with autocast(self.device, self.precision):
-                    compiled(x, x).backward()
-            finally:
-                self.model.zero_grad(set_to_none=True)
-
-        if on is None:
-            return self._probe_compile(try_step)
-        self.loss, note = speed.compile_loss(self.loss, self.device, try_step)
-        self.compiled = note is None
-        if note:
-            self.compile_reason = "torch.compile failed"
+        self.compile_decided = True
+        self.loss, self.compiled, self.compile_reason, note = speed.compile_for_run(
+            self.loss, self.model, self.tc, self.T, self.precision, self.probe_file, self.step)
         return note
-
-    def _probe_compile(self, try_step):
-        """compile="auto" without a measurement: time forward+backward of this model eager, then
-        compiled; keep the compiled loss if speed.compile_pays, and save the numbers to probe_file.
-        The probe draws its dropout from a forked RNG: the run's random numbers are the same with
-        it or without it. Its seconds count against a --minutes budget, like the compiling."""
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            eager_s = speed.time_steps(lambda: try_step(self.loss))
-            t0 = time.perf_counter()
-            compiled, note = speed.compile_loss(self.loss, self.device, try_step)
-            if note:
-                self.compile_reason = "torch.compile failed"
-                return note
-            compile_s = time.perf_counter() - t0
-            probe = speed.CompileProbe(eager_s, speed.time_steps(lambda: try_step(compiled)), compile_s)
-        probe = distributed.broadcast(probe)  # DDP: every rank follows rank 0's numbers
-        if self.probe_file and distributed.is_main():
-            speed.save_probe(self.probe_file, probe_key(self.cfg, self.tc, self.T, self.device, self.precision), probe)
-        on, self.compile_reason = speed.compile_pays(probe, run_seconds(self.tc, probe.eager_s, self.step), 0.0)
-        if on:
-            self.loss, self.compiled = compiled, True
-        else:
-            speed.use_fused_attention(self.loss, True)
-        return None
 
     @torch.no_grad()
     def evaluate(self, max_windows=None):
@@ -423,34 +378,71 @@ class Trainer:
             out["greedy_repeats"] = self.selfplay.greedy_repeats(self.data["val"])
         return out
 
-    # checkpoints ---------------------------------------------------------------
+    # keep-best and the plateau -------------------------------------------------
+    def _track_best(self, val_bpb, repeats=None):
+        """Keep the weights of this run's best evaluation on disk (keep_best.py says which is best)."""
+        if self.best.track(val_bpb, self.step, repeats) and self.tc.keep_best:
+            save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
+
+    def switch_to_selfplay(self):
+        """The plateau: supervised steps stopped paying. Go back to the kept weights (every rank:
+        rank 0 reads them and sends them) and go on with self-play steps; the early-stopping count
+        starts again, so a self-play phase that costs likelihood ends the run as a plateau would."""
+        self.selfplay_from, self.best.stale_evals = self.step, 0
+        if self.tc.keep_best:
+            best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
+            load_trained_weights(self.model, distributed.broadcast(best))
+        self.best.kept = distributed.broadcast(self.best.kept)
+
+    def _restore_best(self):
+        """At the end of a run: go back to the kept evaluation's weights if the last is not it.
+        From here run_best names the weights the run ends with (the store records it)."""
+        kept = self.best.kept
+        if self.tc.keep_best and kept and kept[1] != self.step:
+            tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
+            load_trained_weights(self.model, tensors)
+        if self.tc.keep_best and kept:
+            self.best.run_best = kept[:2]
+
+    # checkpoints (checkpoint.py: the format) -------------------------------------
     def save_checkpoint(self):
-        """Trained weights + optimizer state + RNGs + step, in one safetensors file, written atomically.
-        DDP: every rank calls it; rank 0 gathers their RNG states and writes the file."""
-        rngs = distributed.gather(self._rng_state())
+        """Everything the run's future depends on, in one file. DDP: every rank calls it; rank 0
+        gathers their RNG states and self-play states and writes the file."""
+        rngs = distributed.gather(checkpoint.rng_state(self.batch_gen, self.device))
         sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
         if not distributed.is_main():
             return
-        tensors = {f"model.{k}": v for k, v in trained_weights(self.model).items()}
-        opt = self.optimizer.state_dict()
-        for i, st in opt["state"].items():
-            for k, v in st.items():
-                tensors[f"opt.{i}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
-        for k in rngs[0]:  # one row per rank: rng.torch is (world_size, state bytes)
-            tensors[f"rng.{k}"] = torch.stack([r[k] for r in rngs])
-        meta = {"step": self.step, "run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(),
-                "param_groups": opt["param_groups"], "run_best": self.run_best,
-                "stale_evals": self.stale_evals, "steps": self.tc.steps, "kept": self.kept,
-                "selfplay_from": self.selfplay_from}
-        for r, (sp_tensors, sp_meta) in enumerate(sp_states):
-            meta[selfplay_key(r)] = sp_meta
-            tensors.update({f"{selfplay_key(r)}.{k}": v for k, v in sp_tensors.items()})
-        save_tensors(self.ckpt_dir / f"step_{self.step:08d}.safetensors", tensors, meta)
-        for old in sorted(self.ckpt_dir.glob("step_*.safetensors"))[: -self.tc.keep_checkpoints]:
-            old.unlink()
-        for torn in self.ckpt_dir.glob(".step_*.tmp"):  # left by a kill -9 mid-write: never valid
-            torn.unlink(missing_ok=True)
+        meta = {"run_id": self.run_info["run_id"], "scaler": self.scaler.state_dict(), **asdict(self.best),
+                "steps": self.tc.steps, "selfplay_from": self.selfplay_from}
+        checkpoint.save(self.ckpt_dir, self.step, trained_weights(self.model), self.optimizer, rngs, meta, sp_states,
+                        self.tc.keep_checkpoints)
         self._write_run(self.run_info["status"])
+
+    def restore_latest(self):
+        """Load the newest checkpoint that passes its checksum, falling back to older ones."""
+        self.claimed = True  # run.json is this run's already
+        found = checkpoint.latest(self.ckpt_dir, self.run_info["run_id"])
+        if found is None:  # cut off before the first checkpoint: redo the run from step 0
+            checkpoint.truncate_metrics(self.metrics_path, self.run_info["run_id"], self.step)
+            return {"step": 0, "path": None, "skipped": [], "note": None}
+        path, tensors, meta, skipped = found
+        note = self._restore(tensors, meta)
+        return {"step": self.step, "path": path.name, "skipped": skipped, "note": note}
+
+    def _restore(self, tensors, meta):
+        """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
+        load_trained_weights(self.model, checkpoint.part(tensors, "model"))
+        checkpoint.load_optimizer(self.optimizer, tensors, meta, self.device)
+        if meta["scaler"]:
+            self.scaler.load_state_dict(meta["scaler"])
+        self.step, self.best, self.selfplay_from = meta["step"], Best.from_meta(meta), meta.get("selfplay_from")
+        self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
+        note = checkpoint.restore_rngs(checkpoint.part(tensors, "rng"), self.batch_gen, self.device, self.tc, self.step)
+        key = checkpoint.selfplay_key(distributed.rank())
+        if self.selfplay and key in meta:
+            self.selfplay.load_state(checkpoint.part(tensors, key), meta[key])
+        checkpoint.truncate_metrics(self.metrics_path, self.run_info["run_id"], self.step)
+        return note
 
     def _claim(self):
         """The first step of a new run is done: from now on it is the folder's run to resume, and the
@@ -461,131 +453,10 @@ class Trainer:
                 old.unlink()
         self._write_run("running")
 
-    def restore_latest(self):
-        """Load the newest checkpoint that passes its checksum, falling back to older ones."""
-        self.claimed = True  # run.json is this run's already
-        errors = []
-        for path in sorted(self.ckpt_dir.glob("step_*.safetensors"), reverse=True):
-            try:
-                tensors, meta = load_tensors(path)
-            except CorruptFile as e:
-                errors.append(str(e))
-                continue
-            if meta.get("run_id") != self.run_info["run_id"]:
-                continue  # another run's file: resuming from it would mix two runs
-            note = self._restore(tensors, meta)
-            return {"step": self.step, "path": path.name, "skipped": errors, "note": note}
-        if errors:
-            raise CorruptFile("every checkpoint is damaged: " + "; ".join(errors))
-        self._truncate_metrics()  # cut off before the first checkpoint: redo the run from step 0
-        return {"step": 0, "path": None, "skipped": [], "note": None}
-
-    def _rng_state(self):
-        state = {"torch": torch.get_rng_state(), "batch": self.batch_gen.get_state()}
-        if self.device.type == "cuda":
-            state["cuda"] = torch.cuda.get_rng_state(self.device)
-        return state
-
-    def _set_rng_state(self, state):
-        self.batch_gen.set_state(state["batch"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state:
-            torch.cuda.set_rng_state(state["cuda"], self.device)
-
-    def _restore(self, tensors, meta):
-        """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
-        load_trained_weights(self.model, {k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        state = {}
-        for k, v in tensors.items():
-            if k.startswith("opt."):
-                _, i, key = k.split(".", 2)
-                state.setdefault(int(i), {})[key] = v.to(self.device) if key != "step" else v
-        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-        if meta["scaler"]:
-            self.scaler.load_state_dict(meta["scaler"])
-        self.step, self.run_best, self.stale_evals = meta["step"], meta.get("run_best"), meta.get("stale_evals", 0)
-        self.kept = meta.get("kept") or (self.run_best and [*self.run_best, None])  # None: written before it was kept
-        self.selfplay_from = meta.get("selfplay_from")
-        self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
-        note = self._restore_rngs({k[4:]: v for k, v in tensors.items() if k.startswith("rng.")})
-        key = selfplay_key(distributed.rank())
-        if self.selfplay and key in meta:
-            self.selfplay.load_state({k[len(key) + 1:]: v for k, v in tensors.items() if k.startswith(key + ".")}, meta[key])
-        self._truncate_metrics()
-        return note
-
-    def _restore_rngs(self, saved):
-        """Each rank takes back its own RNG states -> None; or, when the checkpoint was written
-        by another number of processes, rank 0's batch stream and fresh dropout noise -> a note."""
-        saved = {k: v.reshape(-1, v.shape[-1]) for k, v in saved.items()}  # (world_size, bytes); 1-D before DDP
-        n, world, r = len(saved["torch"]), distributed.world_size(), distributed.rank()
-        own = {k: v[r if n == world else 0].clone() for k, v in saved.items()}  # a row of its own: set_state wants one
-        if self.device.type != "cuda":
-            own.pop("cuda", None)
-        self._set_rng_state(own)
-        if n == world:
-            return None
-        if r > 0:
-            torch.manual_seed(self.tc.seed + r)  # rank 0's dropout stream goes on; the others start fresh
-        return (f"the checkpoint was written at world size {n}, this run has world size {world}: training goes on "
-                f"from step {self.step}, but not bit-exact (the global batch is now {self.tc.batch_size} x {world} x "
-                f"{self.tc.grad_accum} windows, and the windows differ from those the run at world size {n} would see)")
-
-    def _truncate_metrics(self):
-        """Drop this run's metric lines past the restored step: the resumed run rewrites them."""
-        path = self.metrics_path
-        if not distributed.is_main() or not path.exists():
-            return
-        keep = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a crash
-            if not (row.get("run") == self.run_info["run_id"] and row.get("step", 0) > self.step):
-                keep.append(line)
-        atomic_write(path, "".join(line + "\n" for line in keep))
-
     def _write_run(self, status, **extra):
         self.run_info.update(status=status, step=self.step, **extra)
         if distributed.is_main() and self.claimed:
             write_json(self.ckpt_dir / "run.json", self.run_info)
-
-    def _track_best(self, val_bpb, repeats=None):
-        """Keep the weights of this run's best evaluation on disk. A small book is memorised after
-        a few hundred steps and val loss climbs again, so a finished run ends on its best weights.
-        With self-play on, "best" is the fewest greedy repeats among the evaluations within
-        STOP_RISE of the lowest val bits/byte (kept_better)."""
-        if self.run_best is None or val_bpb < self.run_best[0]:
-            self.run_best = [val_bpb, self.step]
-        now = [val_bpb, self.step, repeats]
-        if kept_better(now, self.kept, self.run_best[0]):
-            self.kept = now
-            if self.tc.keep_best:
-                save_tensors(self.ckpt_dir / "best.safetensors", trained_weights(self.model), {"step": self.step})
-        # an evaluation within STOP_RISE of the best (a plateau) resets the count: only a rise counts
-        self.stale_evals = self.stale_evals + 1 if val_bpb > self.run_best[0] * (1 + STOP_RISE) else 0
-
-    def early_stop(self):
-        """Patience: the last `patience` evaluations were all more than STOP_RISE above the best.
-
-        Counting every evaluation that is not a new best (plain patience) stops runs that still have
-        far to go: while the learning rate is high, val bits/byte wanders by a fraction of a percent
-        around a plateau that the cosine's low-lr end still breaks through — and under a --minutes
-        budget the schedule is stretched, so that high-lr stretch is long. A model that memorises
-        its book rises well above its best instead, and no later step undoes that. This is
-        Prechelt's "generalization loss" criterion (Early Stopping — But When?, 1998: stop when val
-        is more than alpha percent above its minimum) required for `patience` evaluations in a row."""
-        return bool(self.tc.patience) and self.stale_evals >= self.tc.patience
-
-    def _restore_best(self):
-        """At the end of a run: go back to the kept evaluation's weights if the last is not it.
-        From here run_best names the weights the run ends with (the store records it)."""
-        if self.tc.keep_best and self.kept and self.kept[1] != self.step:
-            tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
-            load_trained_weights(self.model, tensors)
-        if self.tc.keep_best and self.kept:
-            self.run_best = self.kept[:2]
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -595,65 +466,6 @@ def selfplay_due(step, tc):
     """Before a plateau: a self-play step after every selfplay_every-th supervised step of the
     run's tail, from selfplay_start of the steps on."""
     return bool(tc.selfplay_every) and step >= tc.selfplay_start * tc.steps and step % tc.selfplay_every == 0
-
-
-def kept_better(now, kept, best_val):
-    """Should keep-best hold the weights of evaluation `now` = [val_bpb, step, greedy_repeats]
-    instead of `kept`? Without self-play (repeats None): when it is the best. With it: when it is
-    within STOP_RISE of the best val, and `kept` no longer is or repeats itself more."""
-    if kept is None:
-        return True
-    if now[2] is None:
-        return now[0] == best_val and now[0] < kept[0]
-    if now[0] > best_val * (1 + STOP_RISE):
-        return False
-    return kept[0] > best_val * (1 + STOP_RISE) or kept[2] is None or (now[2], now[0]) < (kept[2], kept[0])
-
-
-def selfplay_key(rank):
-    """The checkpoint's name for a rank's self-play state: rank 0's as before DDP ran self-play."""
-    return "selfplay" if rank == 0 else f"selfplay{rank}"
-
-
-class Budget:
-    """A wall-clock budget: its share spent drives the learning-rate schedule, so the schedule ends
-    when the time does, and the run's length in steps is re-fitted from the measured time per step.
-    The clock started when the run was created (tokenizer and token arrays count); a resumed run
-    continues it from run.json."""
-
-    def __init__(self, minutes, run_info, step):
-        self.seconds, self.run_info = minutes * 60, run_info
-        self.t0 = time.time() - run_info.get("elapsed_s", time.time() - run_info["started"])
-        self.start_step = step
-        # (step, time) every 10 steps from the 10th on, the last PACE_STEPS steps' worth: the pace
-        self.marks = collections.deque(maxlen=PACE_STEPS // 10 + 1)
-
-    def elapsed(self):
-        return time.time() - self.t0
-
-    def share(self):
-        """How much of the budget is spent, 0..1: the schedule's clock (lr_share)."""
-        return min(1.0, self.elapsed() / self.seconds)
-
-    def over(self):
-        return self.elapsed() >= self.seconds
-
-    def fit(self, step, steps):
-        """The run's length after `step` (what the page and the ETA show; the schedule follows the
-        clock itself, share()), re-fitted every 10 steps from the time per step of the last
-        PACE_STEPS steps (never the first 10: caches, allocations, compilation). The recent pace,
-        not the run's average: on a machine that slows down an average promises steps that never come."""
-        self.run_info["elapsed_s"] = round(self.elapsed(), 3)
-        if self.over():
-            return step
-        done = step - self.start_step
-        if done < 10 or done % 10:
-            return steps
-        self.marks.append((step, time.time()))
-        if len(self.marks) < 2:
-            return steps
-        (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
-        return step + max(1, int((self.seconds - self.elapsed()) / ((t1 - t0) / (s1 - s0))))
 
 
 def new_run(books, tc, **extra):
@@ -686,57 +498,6 @@ def load_trained_weights(model, tensors):
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])
-
-
-def lr_at(step, tc):
-    """The learning rate of AdamW's groups at `step` (Muon's: muon_lr times the same share)."""
-    return tc.learning_rate * lr_share(step, tc)
-
-
-def lr_share(step, tc, time_share=None):
-    """The schedule, as a share of the peak: linear warm-up to 1, then down to min_lr_ratio at the
-    end, along a cosine (Loshchilov & Hutter 2017) or warmup-stable-decay: flat at the peak, then a
-    straight line over the last WSD_DECAY of the run. The run's progress is its share of the steps,
-    or, in a time budget, `time_share`, the share of the budget spent: the schedule then ends when
-    the time does however the pace changes (other work on the machine, a laptop's heat), where a
-    step count fitted from a pace would end early or late."""
-    floor = tc.min_lr_ratio
-    if step < tc.warmup_steps:
-        return (step + 1) / tc.warmup_steps
-    if tc.schedule == "wsd":
-        if time_share is None:
-            decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
-            progress = (step - decay_start) / max(1, tc.steps - decay_start)
-        else:
-            progress = (time_share - (1 - WSD_DECAY)) / WSD_DECAY
-        return 1 - (1 - floor) * min(1.0, max(0.0, progress))
-    if time_share is None:
-        progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
-    else:
-        progress = time_share
-    return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def compile_choice(cfg, tc, T, device, precision, probe_file=None):
-    """-> (compile?, reason) for the run `tc` describes: speed.compile_decision given its work and,
-    for compile="auto", the probe of this config on this machine saved in `probe_file` (compile?
-    is None when there is none yet: the trainer probes at its start)."""
-    run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
-    key = probe_key(cfg, tc, T, device, precision)
-    measured = speed.load_probe(probe_file, key) if probe_file and tc.compile == "auto" else None
-    run_s = run_seconds(tc, measured.eager_s) if measured else 0.0
-    return speed.compile_decision(tc.compile, device, run_flops, tc.minutes, measured, run_s)
-
-
-def probe_key(cfg, tc, T, device, precision):
-    machine = machine_kind(device) + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
-    return speed.probe_key(machine, cfg, tc.batch_size, T, precision)
-
-
-def run_seconds(tc, eager_s, step=0):
-    """How long the rest of the run would take in eager forward+backward passes: its --minutes
-    budget, or its steps (from `step` on) at eager_s per pass."""
-    return tc.minutes * 60 if tc.minutes else (tc.steps - step) * tc.grad_accum * eager_s
 
 
 def seconds_per_step(model, tc, precision, steps=3):
@@ -789,22 +550,6 @@ def make_optimizer(model, tc):
     # fused: one kernel per tensor for the whole update instead of ~10 elementwise passes over memory
     fused = all(p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-
-
-def muon_groups(named, tc):
-    """Muon for the weight matrices of the blocks, c_attn's as three (q, k and v are three maps);
-    AdamW for the rest: embeddings (wte is also the head: tied), gains, biases, LoRA's A and B
-    (a fine-tune's only parameters: low-rank factors, not maps of their own)."""
-    hidden = {k: p for k, p in named.items() if k.startswith("transformer.h.") and k.endswith(".weight") and p.dim() == 2}
-    qkv = [p for k, p in hidden.items() if k.endswith("attn.c_attn.weight")]
-    other = [p for k, p in hidden.items() if not k.endswith("attn.c_attn.weight")]
-    tables = [p for k, p in named.items() if p.dim() >= 2 and k not in hidden]
-    vectors = [p for p in named.values() if p.dim() < 2]
-    groups = [dict(params=qkv, muon=True, blocks=3, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
-              dict(params=other, muon=True, blocks=1, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
-              dict(params=tables, peak_lr=tc.learning_rate, weight_decay=tc.weight_decay),
-              dict(params=vectors, peak_lr=tc.learning_rate, weight_decay=0.0)]
-    return [{**g, "lr": g["peak_lr"]} for g in groups if g["params"]]
 
 
 @torch.no_grad()

@@ -199,7 +199,7 @@ def train_row(store, preset, cfg, tc, peer, sizes):
         t0 = time.perf_counter()
         name = f"{preset}-{tc.precision}-{k}"
         trainer = make_trainer(store, name, cfg, replace(tc, compile=compile_), tok)
-        trainer.warm_up()
+        trainer.decide_compile()
         tok = store.tokenizer(name)
         setup_s[k] = time.perf_counter() - t0  # token arrays and, for "ours", compilation
         contestants[k] = trainer_step(trainer)
@@ -439,7 +439,7 @@ def profile_train(store, preset, prec, optimizer, device, compile_):
     B, T = SHAPES[preset]
     tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_, optimizer=optimizer)
     step = trainer_step(make_trainer(store, f"{preset}-{prec}-{optimizer}", PRESETS[preset], tc))
-    step.trainer.warm_up()
+    step.trainer.decide_compile()
     print(f"\n### train {preset} {prec} {optimizer}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
     table, prof = top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)], with_prof=True)
     print(table)
@@ -601,7 +601,7 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
     tc = TrainConfig(**{"device": str(device), **changes})
     t0 = time.perf_counter()
     probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))
-    probe.warm_up()  # compiles if needed
+    probe.decide_compile()  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
     try:
         steps = budget[tc.batch_size, probe.T]

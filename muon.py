@@ -91,3 +91,19 @@ def orthogonalise(G):
         A = X @ X.mT  # (..., min, min)
         X = a * X + (b * A + c * A @ A) @ X  # p(s) = a s + b s^3 + c s^5 on each singular value
     return X.mT if tall else X
+
+
+def muon_groups(named, tc):
+    """Muon for the weight matrices of the blocks, c_attn's as three (q, k and v are three maps);
+    AdamW for the rest: embeddings (wte is also the head: tied), gains, biases, LoRA's A and B
+    (a fine-tune's only parameters: low-rank factors, not maps of their own)."""
+    hidden = {k: p for k, p in named.items() if k.startswith("transformer.h.") and k.endswith(".weight") and p.dim() == 2}
+    qkv = [p for k, p in hidden.items() if k.endswith("attn.c_attn.weight")]
+    other = [p for k, p in hidden.items() if not k.endswith("attn.c_attn.weight")]
+    tables = [p for k, p in named.items() if p.dim() >= 2 and k not in hidden]
+    vectors = [p for p in named.values() if p.dim() < 2]
+    groups = [dict(params=qkv, muon=True, blocks=3, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=other, muon=True, blocks=1, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=tables, peak_lr=tc.learning_rate, weight_decay=tc.weight_decay),
+              dict(params=vectors, peak_lr=tc.learning_rate, weight_decay=0.0)]
+    return [{**g, "lr": g["peak_lr"]} for g in groups if g["params"]]

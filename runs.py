@@ -34,15 +34,14 @@ import torch
 
 import distributed
 import records
-from azr_trainer import (TrainConfig, Trainer, compile_choice, evaluate_bpb, new_run, seconds_per_step, unigram_bpb,
-                         window_len)
+from azr_trainer import TrainConfig, Trainer, evaluate_bpb, new_run, seconds_per_step, unigram_bpb, window_len
 from files import CorruptFile, Exists, NotFound, StoreError
 from generate import SamplingConfig, generate
 from hardware import pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
 from sizing import check_training_memory
-from speed import cache_compiles_in
+from speed import cache_compiles_in, compile_choice
 from store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 

@@ -14,7 +14,7 @@ import torch
 import model as M
 import sizing
 import speed
-from azr_trainer import TrainConfig, Trainer, new_run, probe_key
+from azr_trainer import TrainConfig, Trainer, new_run
 from model import GPT
 from runs import train
 from speed import CompileProbe, compile_decision, compile_pays
@@ -128,13 +128,13 @@ def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path
     config reads them instead of probing, and another config (batch size) is probed again."""
     probes = []
 
-    def fake_probe(trainer, try_step):
-        probes.append(trainer.tc.batch_size)
+    def fake_probe(loss, try_step, device, probe_file, key, run_s):
+        probes.append(json.loads(key)["batch_size"])
         probe = CompileProbe(eager_s=0.2, compiled_s=0.3, compile_s=25.0)  # compiled is slower here
-        speed.save_probe(trainer.probe_file, probe_key(trainer.cfg, trainer.tc, trainer.T, trainer.device, "fp32"), probe)
-        trainer.compile_reason = speed.compile_pays(probe, 600, 0.0)[1]
+        speed.save_probe(probe_file, key, probe)
+        return loss, False, speed.compile_pays(probe, run_s(probe.eager_s), 0.0)[1], None
 
-    monkeypatch.setattr(Trainer, "_probe_compile", fake_probe)
+    monkeypatch.setattr(speed, "probe_compile", fake_probe)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler, as far as auto knows
     file = tmp_path / "cache" / "compile_probe.json"
 
@@ -143,7 +143,7 @@ def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path
         data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
         trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
                           new_run(["b"], tc), probe_file=file)
-        trainer.warm_up()
+        trainer.decide_compile()
         return trainer
 
     first = warmed(8)
@@ -196,11 +196,11 @@ def test_probing_and_compiling_count_against_a_minutes_budget(tmp_path, monkeypa
 
     monkeypatch.setattr(time, "time", now)
 
-    def slow_probe(trainer, try_step):
+    def slow_probe(loss, try_step, device, probe_file, key, run_s):
         clock[0] += 11 * 60
-        trainer.compile_reason = "measured: slowly"
+        return loss, False, "measured: slowly", None
 
-    monkeypatch.setattr(Trainer, "_probe_compile", slow_probe)
+    monkeypatch.setattr(speed, "probe_compile", slow_probe)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     tc = quick_train_config(compile="auto", minutes=10, steps=1000)
     data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}

@@ -14,6 +14,7 @@ LAYERS = [
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
     {"muon"},  # the optimizer of the hidden matrices
+    {"schedule", "keep_best", "checkpoint"},  # the learning rate over time; when to stop; the format of resume
     {"azr_trainer"},  # the loop
     {"records"},  # the schema of every record read from disk
     {"store"},  # models, books, adapters on disk

@@ -8,7 +8,8 @@ import torch
 
 import azr_trainer
 import runs
-from azr_trainer import TrainConfig, lr_at, make_optimizer, new_run
+from azr_trainer import TrainConfig, make_optimizer, new_run
+from schedule import lr_at
 from conftest import quick_train_config, tiny_config
 from files import CorruptFile, load_tensors
 from model import GPT
