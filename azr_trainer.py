@@ -3,23 +3,20 @@ checkpoints and exact resume.
 
 One supervised step: sample B random windows of T+1 tokens from the book, predict tokens 1..T
 from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, an optimizer step: AdamW, or
-Muon (muon.py) for the blocks' matrices with AdamW for the rest. The learning rate warms up
-linearly (Adam's moment estimates are noisy in the first steps) and then comes down to a tenth of
-its peak: along a cosine (Loshchilov & Hutter 2017), or flat until the run's last stretch and
-then in a straight line (warmup-stable-decay, `schedule`).
+Muon (muon.py) for the blocks' matrices with AdamW for the rest, at the learning rate the
+schedule gives for this step (schedule.py: warm-up, then down to a tenth of the peak). Every
+`eval_every` steps the run scores the validation split in bits per byte (evaluate.py), keeps the
+weights of its best evaluation and stops early once it is clearly past it (keep_best.py).
 
 Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
 It begins when supervised learning stops paying: where early stopping would end the run, the run
 goes back to its kept weights and goes on with self-play steps only; or, if that never comes, for
 the tail of the run from `selfplay_start` on, one self-play step after every `selfplay_every`
-supervised steps (selfplay.py's docstring says why). Every `eval_every` steps we measure the validation loss in **bits per
-byte**: total cross-entropy in bits over the bytes of text it covers. Unlike per-token loss it
-does not depend on the tokenizer, so models with different vocabularies compare.
+supervised steps (selfplay.py's docstring says why).
 
-Exact resume: a checkpoint holds everything the future depends on — the trained weights, the
-optimizer's moments (AdamW's, Muon's momentum), step, the batch sampler's RNG, the global RNG
-(dropout) — so stopping at step k and resuming reproduces the uninterrupted run's loss at every
-later step, bit for bit (tested). A new run leaves the last run's run.json and checkpoints in its
+Exact resume: a checkpoint holds everything the future depends on (checkpoint.py), so stopping at
+step k and resuming reproduces the uninterrupted run's loss at every later step, bit for bit. A
+new run leaves the last run's run.json and checkpoints in its
 folder until its own first step is done (`_claim`), so a start that fails, or is stopped at once,
 costs the last run nothing.
 
@@ -37,7 +34,6 @@ books live on disk is the store's business; runs.py connects the two.
 """
 
 import json
-import math
 import os
 import time
 import uuid
@@ -51,11 +47,13 @@ import config
 import distributed
 import speed
 from config import SEED_MAX, setting
+from evaluate import evaluate_bpb
 from files import CorruptFile, load_tensors, save_tensors, write_json
 from hardware import autocast, pick_precision
 from keep_best import STOP_RISE, Best
-from muon import Muon, muon_groups
+from muon import apply_gradients, make_optimizer
 from schedule import WSD_DECAY, Budget, lr_share
+from sizing import window_len
 
 
 SAMPLE_PROMPT_MAX_CHARS = 500  # a sample shows how the model continues a line, not a chapter
@@ -474,16 +472,6 @@ def new_run(books, tc, **extra):
             "base_steps": 0, "started": time.time(), **extra}
 
 
-def window_len(tc, cfg):
-    """Tokens per training window: seq_len, or the model's whole context when it is 0. Never
-    more than the context: positions past max_seq_len have no embedding to look up."""
-    T = tc.seq_len or cfg.max_seq_len
-    if T > cfg.max_seq_len:
-        raise ValueError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
-                         f"use at most {cfg.max_seq_len}, or 0 for the whole context")
-    return T
-
-
 def trained_weights(model):
     """The tensors a run changes: every parameter that requires a gradient (a fine-tune: only the
     LoRA adapter; the frozen base stays where it came from). A tied weight appears once."""
@@ -498,94 +486,3 @@ def load_trained_weights(model, tensors):
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(tensors[k])
-
-
-def seconds_per_step(model, tc, precision, steps=3):
-    """A probe: the wall time of one eager training step (forward, backward, clipping, the optimizer's step) of
-    `model` at tc's batch and window, the median of `steps` steps after a warm-up step. The work of
-    a step does not depend on the tokens, so they are random, and the steps change `model`: give it
-    a throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
-    model.train()
-    device = next(model.parameters()).device
-    T = window_len(tc, model.config)
-    loss_fn, optimizer = speed.TrainLoss(model), make_optimizer(model, tc)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    x = torch.randint(model.config.vocab_size, (tc.batch_size, T + 1), device=device)
-    times = []
-    for _ in range(steps + 1):
-        t0 = time.perf_counter()
-        for _ in range(tc.grad_accum):
-            with autocast(device, precision):
-                loss = loss_fn(x[:, :-1], x[:, 1:])
-            scaler.scale(loss).backward()
-        apply_gradients(model, optimizer, scaler, tc.grad_clip)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[steps // 2]
-
-
-def apply_gradients(model, optimizer, scaler, grad_clip):
-    """Unscale (fp16), clip the gradient norm, step the optimizer, zero the gradients -> the norm before clipping."""
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    return norm.item()
-
-
-def make_optimizer(model, tc):
-    """tc.optimizer over the trained parameters. AdamW: weight decay on matrices only, since
-    decaying biases and LayerNorm gains pulls them towards 0, which only hurts (they are few and do
-    not overfit). Muon: muon_groups. Each group keeps its peak lr in `peak_lr` for the schedule."""
-    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if tc.optimizer == "muon":
-        return Muon(muon_groups(named, tc), betas=(0.9, 0.95), eps=1e-8)
-    params = list(named.values())
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups = [{**g, "peak_lr": tc.learning_rate} for g in groups]
-    # fused: one kernel per tensor for the whole update instead of ~10 elementwise passes over memory
-    fused = all(p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
-
-
-@torch.no_grad()
-def evaluate_bpb(model, data, byte_len, T, n_windows, device, precision="fp32", batch_size=16, should_stop=None):
-    """Cross-entropy over up to n_windows evenly spaced, non-overlapping windows of `data`.
-    bits/byte = (sum of losses in nats) / ln 2 / (bytes of text those target tokens spell).
-    Leaves the model in the mode (train or eval) it found it in. None if `should_stop()` turns
-    True between two batches (a Stop during a long evaluation)."""
-    was_training = model.training
-    model.eval()
-    n_windows = max(1, min(n_windows, (len(data) - 1) // T))
-    starts = np.linspace(0, len(data) - T - 1, n_windows).astype(np.int64)
-    nats, n_tokens, n_bytes = 0.0, 0, 0
-    for i in range(0, n_windows, batch_size):
-        if should_stop and should_stop():
-            model.train(was_training)
-            return None
-        s = starts[i:i + batch_size]
-        rows = torch.from_numpy(data[s[:, None] + np.arange(T + 1)].astype(np.int64)).to(device)
-        x, y = rows[:, :-1], rows[:, 1:]
-        with autocast(device, precision):
-            logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
-        nats += loss.item()
-        n_tokens += y.numel()
-        n_bytes += byte_len[y.cpu()].sum().item()
-    model.train(was_training)
-    return {"val_loss": round(nats / n_tokens, 5), "val_ppl": round(math.exp(nats / n_tokens), 3),
-            "val_bpb": round(nats / math.log(2) / max(n_bytes, 1), 5)}
-
-
-def unigram_bpb(data, byte_len):
-    """The baseline a model must beat: bits/byte of val under token frequencies counted on
-    train (add-one smoothed) — what you get knowing which tokens are common, but no context."""
-    V = len(byte_len)
-    counts = np.bincount(np.asarray(data["train"]), minlength=V)[:V] + 1.0
-    logp = np.log2(counts / counts.sum())
-    val = np.asarray(data["val"])
-    return float(-logp[val].sum() / byte_len.numpy()[val].sum())

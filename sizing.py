@@ -94,5 +94,15 @@ def check_training_memory(cfg, batch_size, seq_len=None, precision="fp32", devic
             f"here; lower batch_size or seq_len (grad_accum keeps the tokens per step)")
 
 
+def window_len(tc, cfg):
+    """Tokens per training window: seq_len, or the model's whole context when it is 0. Never
+    more than the context: positions past max_seq_len have no embedding to look up."""
+    T = tc.seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise ValueError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
+                         f"use at most {cfg.max_seq_len}, or 0 for the whole context")
+    return T
+
+
 def gib(n_bytes):
     return f"{n_bytes / 2**30:,.1f}"

@@ -15,6 +15,9 @@
    per machine and config in a small JSON file, so the next run of that config needs no probe.
 3. **Keeping freed memory** (`keep_freed_memory`): no page faults for each step's activations.
 
+For one run, `compile_for_run` applies the decision to the trainer's loss (probing first where
+"auto" has no numbers yet), and `seconds_per_step` times an eager step for the page's estimate.
+
 BENCHMARKS.md measures each (`python bench.py`), as ratios against a peer in the same run.
 """
 
@@ -33,7 +36,8 @@ import torch.nn as nn
 import distributed
 from files import write_json
 from hardware import autocast, machine_kind
-from sizing import HEAD_CHUNK, flops_per_token
+from muon import apply_gradients, make_optimizer
+from sizing import HEAD_CHUNK, flops_per_token, window_len
 
 # "auto" measures compiling only for a run whose matmul work is at least this many FLOPs: about a
 # minute of eager training on 2 cores, enough to win back the compile time
@@ -194,6 +198,31 @@ def save_probe(path, key, probe):
     probes[key] = asdict(probe)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, probes)
+
+
+def seconds_per_step(model, tc, precision, steps=3):
+    """A probe: the wall time of one eager training step (forward, backward, clipping, the optimizer's step) of
+    `model` at tc's batch and window, the median of `steps` steps after a warm-up step. The work of
+    a step does not depend on the tokens, so they are random, and the steps change `model`: give it
+    a throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
+    model.train()
+    device = next(model.parameters()).device
+    T = window_len(tc, model.config)
+    loss_fn, optimizer = TrainLoss(model), make_optimizer(model, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    x = torch.randint(model.config.vocab_size, (tc.batch_size, T + 1), device=device)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        for _ in range(tc.grad_accum):
+            with autocast(device, precision):
+                loss = loss_fn(x[:, :-1], x[:, 1:])
+            scaler.scale(loss).backward()
+        apply_gradients(model, optimizer, scaler, tc.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[steps // 2]
 
 
 def keep_freed_memory():

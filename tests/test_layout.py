@@ -9,12 +9,11 @@ from conftest import ROOT
 LAYERS = [
     {"config", "files", "hardware"},  # settings rules, files that are never half-written, the device
     {"tokenizer", "sizing", "distributed"},  # books -> tokens; how big a config is; several processes
-    {"model"},  # the network
+    {"model", "muon"},  # the network; the optimizer of its hidden matrices
     {"generate", "speed", "quant"},  # running it, training it fast, storing it in 4 bits
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
-    {"muon"},  # the optimizer of the hidden matrices
-    {"schedule", "keep_best", "checkpoint"},  # the learning rate over time; when to stop; the format of resume
+    {"schedule", "keep_best", "checkpoint", "evaluate"},  # lr over time; when to stop; the resume format; bits/byte
     {"azr_trainer"},  # the loop
     {"records"},  # the schema of every record read from disk
     {"store"},  # models, books, adapters on disk
