@@ -18,7 +18,7 @@
 For one run, `compile_for_run` applies the decision to the trainer's loss (probing first where
 "auto" has no numbers yet), and `seconds_per_step` times an eager step for the page's estimate.
 
-BENCHMARKS.md measures each (`python bench.py`), as ratios against a peer in the same run.
+BENCHMARKS.md measures each (`python -m bench`), as ratios against a peer in the same run.
 """
 
 import ctypes

@@ -1,4 +1,4 @@
-"""bench.py --quick: a tiny model through every measurement, checked for shape, not for speed
+"""python -m bench --quick: a tiny model through every measurement, checked for shape, not for speed
 (speed claims live in BENCHMARKS.md, measured side by side with the peer)."""
 
 import json
@@ -15,6 +15,8 @@ import model as M
 import sizing
 import speed
 from azr_trainer import TrainConfig, Trainer, new_run
+from bench.common import format_report
+from bench.speed import step_matmuls
 from model import GPT
 from runs import train
 from speed import CompileProbe, compile_decision, compile_pays
@@ -23,7 +25,7 @@ from conftest import ROOT, quick_train_config, tiny_config
 
 @pytest.fixture(scope="module")
 def quick():
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
@@ -55,23 +57,21 @@ def test_peaks_nf4_and_machine_are_reported(quick):
 
 
 def test_markdown_report_has_a_row_per_measurement():
-    import bench
     fake = {"meta": {"date": "d", "cpu": "c", "cpu_capability": "x", "threads": 2, "device": "cpu", "torch": "t",
-                     "transformers": None, "loadavg_start": None, "command": "python bench.py"},
+                     "transformers": None, "loadavg_start": None, "command": "python -m bench"},
             "peak_gflops": {"fp32": 100.0}, "nf4": None,
             "train": [{"preset": "quick", "precision": "fp32", "batch": 4, "seq_len": 32, "ours_tok_s": 1000.0,
                        "ours_mfu": 0.5, "matmul_only_tok_s": 3000.0, "ours_peak_mb": 2.0, "estimate_mb": 2.0,
                        "ours_setup_s": 1.0}],
             "generate": [{"preset": "quick", "precision": "fp32", "new_tokens": 8, "ours_cache_tok_s": 50.0,
                           "ours_no_cache_tok_s": 10.0, "peer_tok_s": None, "ratio": None}]}
-    text = bench.format_report(fake)
+    text = format_report(fake)
     assert "| quick | fp32 | 4 x 32 | 1,000 | - |" in text and "| quick | fp32 | 8 | 50 | 10 | - | - |" in text
 
 
 def test_matmul_only_ceiling_counts_every_matmul_of_a_step():
-    import bench
     cfg = M.PRESETS["small"]
-    flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in bench.step_matmuls(cfg, 16, 128).items())
+    flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in step_matmuls(cfg, 16, 128).items())
     assert flops == pytest.approx(sizing.flops_per_token(cfg, 128) * 16 * 128, rel=0.01)  # 6N + attention, minus biases
 
 
@@ -174,9 +174,9 @@ def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, b
 
 
 def test_selfplay_ab_runs_both_arms_on_a_book_file(tmp_path):
-    """bench.py selfplay end to end on the example book, in seconds: both arms train and are scored."""
+    """python -m bench selfplay end to end on the example book, in seconds: both arms train and are scored."""
     out = tmp_path / "ab.json"
-    r = subprocess.run([sys.executable, "bench.py", "selfplay", "--book", "books/example_book.txt", "--minutes", "0.04",
+    r = subprocess.run([sys.executable, "-m", "bench", "selfplay", "--book", "books/example_book.txt", "--minutes", "0.04",
                         "--start", "0.4", "--prompts", "2", "--gen_tokens", "12", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -20,7 +20,7 @@ LAYERS = [
     {"runs", "inside", "export"},  # a run of a stored model; looking inside a model; a model for other tools
     {"jobs"},  # the web app's background job
     {"openai_api"},  # OpenAI's API over the web app's models (server.py includes it)
-    {"server", "cli", "bench", "bench_latency"},  # the edges: nothing imports them
+    {"server", "cli", "bench"},  # the edges: nothing imports them (bench: the package of benchmarks)
 ]
 
 
