@@ -28,6 +28,9 @@ vector (each row is updated by its own tokens), and the gains and biases are vec
 AdamW, written out here too, so one optimizer holds one state to checkpoint. A parameter group
 with `muon=True` gets Muon; `blocks` = k splits each matrix into k stacked blocks of rows that are
 orthogonalised separately (the fused q, k, v projection: three maps, not one).
+
+`make_optimizer` builds the training's optimizer (AdamW alone, or Muon with AdamW for the rest)
+and `apply_gradients` takes one clipped step with it.
 """
 
 import torch
@@ -91,3 +94,46 @@ def orthogonalise(G):
         A = X @ X.mT  # (..., min, min)
         X = a * X + (b * A + c * A @ A) @ X  # p(s) = a s + b s^3 + c s^5 on each singular value
     return X.mT if tall else X
+
+
+def make_optimizer(model, tc):
+    """tc.optimizer over the trained parameters. AdamW: weight decay on matrices only, since
+    decaying biases and LayerNorm gains pulls them towards 0, which only hurts (they are few and do
+    not overfit). Muon: muon_groups. Each group keeps its peak lr in `peak_lr` for the schedule."""
+    named = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    if tc.optimizer == "muon":
+        return Muon(muon_groups(named, tc), betas=(0.9, 0.95), eps=1e-8)
+    params = list(named.values())
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{**g, "peak_lr": tc.learning_rate} for g in groups]
+    # fused: one kernel per tensor for the whole update instead of ~10 elementwise passes over memory
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=tc.learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+def apply_gradients(model, optimizer, scaler, grad_clip):
+    """Unscale (fp16), clip the gradient norm, step the optimizer, zero the gradients -> the norm before clipping."""
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return norm.item()
+
+
+def muon_groups(named, tc):
+    """Muon for the weight matrices of the blocks, c_attn's as three (q, k and v are three maps);
+    AdamW for the rest: embeddings (wte is also the head: tied), gains, biases, LoRA's A and B
+    (a fine-tune's only parameters: low-rank factors, not maps of their own)."""
+    hidden = {k: p for k, p in named.items() if k.startswith("transformer.h.") and k.endswith(".weight") and p.dim() == 2}
+    qkv = [p for k, p in hidden.items() if k.endswith("attn.c_attn.weight")]
+    other = [p for k, p in hidden.items() if not k.endswith("attn.c_attn.weight")]
+    tables = [p for k, p in named.items() if p.dim() >= 2 and k not in hidden]
+    vectors = [p for p in named.values() if p.dim() < 2]
+    groups = [dict(params=qkv, muon=True, blocks=3, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=other, muon=True, blocks=1, peak_lr=tc.muon_lr, weight_decay=tc.weight_decay),
+              dict(params=tables, peak_lr=tc.learning_rate, weight_decay=tc.weight_decay),
+              dict(params=vectors, peak_lr=tc.learning_rate, weight_decay=0.0)]
+    return [{**g, "lr": g["peak_lr"]} for g in groups if g["params"]]

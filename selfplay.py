@@ -29,7 +29,7 @@ One self-play step:
               the repeat r greedy wanted, the replacement a it took.
     update    at every decision point, softplus(z_r - z_a) = -log(1 - p~(r)), p~ the softmax over
               the pair {r, a}: unlikelihood (Welleck et al. 2020) inside the pair. The plain form,
-              -log(1 - p(r)) over the whole vocabulary (an ablation in benchmarks/selfplay_ab.py),
+              -log(1 - p(r)) over the whole vocabulary (an ablation in bench/selfplay_ab.py),
               gives r's mass to *every* token:
               on small models that raised never-trained byte tokens and dropped newlines. The pair
               form moves mass only to a token the model itself ranked next — what greedy decoding
@@ -50,7 +50,7 @@ wider batch of shorter rollouts fills each decoding step with more rows for abou
 per step (BENCHMARKS.md has the profile). The reward the page draws is 1 - the share of rollout
 tokens where greedy wanted to repeat, beside the proposer's learnability.
 
-The A/B behind these choices is `python bench.py selfplay` (numbers in BENCHMARKS.md). Tried there
+The A/B behind these choices is `python -m bench selfplay` (numbers in BENCHMARKS.md). Tried there
 and left out: GRPO over several samples per context with rewards against the book's real next
 tokens and a KL penalty to a reference copy (the stage this one replaced), DITTO-style
 pseudo-repetition.

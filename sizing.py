@@ -5,6 +5,7 @@ The page shows these numbers live while a user types a config, and the store and
 check them before they allocate anything, so an absurd config is a message, not a crash.
 """
 
+import config
 from files import StoreError
 from hardware import available_memory
 
@@ -92,6 +93,16 @@ def check_training_memory(cfg, batch_size, seq_len=None, precision="fp32", devic
             f"a training step of batch_size {batch_size} x seq_len {T} on this model needs about {gib(need)} GiB "
             f"({precision}, see /estimate), more than {TRAIN_MEMORY_SHARE:.0%} of the {gib(free)} GiB available "
             f"here; lower batch_size or seq_len (grad_accum keeps the tokens per step)")
+
+
+def window_len(tc, cfg):
+    """Tokens per training window: seq_len, or the model's whole context when it is 0. Never
+    more than the context: positions past max_seq_len have no embedding to look up."""
+    T = tc.seq_len or cfg.max_seq_len
+    if T > cfg.max_seq_len:
+        raise config.SettingError(f"seq_len {T} is longer than the model's context (max_seq_len {cfg.max_seq_len}); "
+                                  f"use at most {cfg.max_seq_len}, or 0 for the whole context", "seq_len")
+    return T
 
 
 def gib(n_bytes):

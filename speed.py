@@ -15,7 +15,10 @@
    per machine and config in a small JSON file, so the next run of that config needs no probe.
 3. **Keeping freed memory** (`keep_freed_memory`): no page faults for each step's activations.
 
-BENCHMARKS.md measures each (`python bench.py`), as ratios against a peer in the same run.
+For one run, `compile_for_run` applies the decision to the trainer's loss (probing first where
+"auto" has no numbers yet), and `seconds_per_step` times an eager step for the page's estimate.
+
+BENCHMARKS.md measures each (`python -m bench`), as ratios against a peer in the same run.
 """
 
 import ctypes
@@ -30,8 +33,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
+import distributed
 from files import write_json
-from sizing import HEAD_CHUNK
+from hardware import autocast, machine_kind
+from muon import apply_gradients, make_optimizer
+from sizing import HEAD_CHUNK, flops_per_token, window_len
 
 # "auto" compiles a CPU run whose matmul work is at least this many FLOPs: enough eager training
 # to win back the compile time (the times on our CPUs: BENCHMARKS.md, "Numbers that were in the code")
@@ -171,13 +177,6 @@ def time_steps(step, n=PROBE_STEPS):
     return statistics.median(times)
 
 
-def probe_key(machine, cfg, batch_size, T, precision):
-    """The cache key of a probe: what its timings depend on (the machine kind names the CPU or GPU,
-    its vector instructions, the threads and the torch version)."""
-    return json.dumps({"machine": machine, "config": cfg.to_dict(), "batch_size": batch_size, "seq_len": T,
-                       "precision": precision}, sort_keys=True)
-
-
 def load_probe(path, key):
     """The CompileProbe cached under `key` in the JSON file at `path`, or None. A file that is
     missing or damaged counts as empty: the probe runs again and rewrites it."""
@@ -199,6 +198,31 @@ def save_probe(path, key, probe):
     probes[key] = asdict(probe)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, probes)
+
+
+def seconds_per_step(model, tc, precision, steps=3):
+    """A probe: the wall time of one eager training step (forward, backward, clipping, the optimizer's step) of
+    `model` at tc's batch and window, the median of `steps` steps after a warm-up step. The work of
+    a step does not depend on the tokens, so they are random, and the steps change `model`: give it
+    a throwaway one. What a page shows before a run starts: time per 1000 steps on this machine."""
+    model.train()
+    device = next(model.parameters()).device
+    T = window_len(tc, model.config)
+    loss_fn, optimizer = TrainLoss(model), make_optimizer(model, tc)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    x = torch.randint(model.config.vocab_size, (tc.batch_size, T + 1), device=device)
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        for _ in range(tc.grad_accum):
+            with autocast(device, precision):
+                loss = loss_fn(x[:, :-1], x[:, 1:])
+            scaler.scale(loss).backward()
+        apply_gradients(model, optimizer, scaler, tc.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[steps // 2]
 
 
 def keep_freed_memory():
@@ -247,3 +271,84 @@ def compile_loss(loss, device, try_step):
         use_fused_attention(loss, True)
         return loss, f"torch.compile failed, training without it: {str(e).strip()[:300]}"
     return compiled, None
+
+
+# ----------------------------------------------------------------------------- one run's decision
+
+
+def compile_choice(cfg, tc, T, device, precision, probe_file=None):
+    """-> (compile?, reason) for the run `tc` describes: compile_decision given its work and,
+    for compile="auto", the probe of this config on this machine saved in `probe_file` (compile?
+    is None when there is none yet: the trainer probes at its start)."""
+    run_flops = tc.steps * tc.grad_accum * tc.batch_size * T * flops_per_token(cfg, T)
+    key = probe_key(cfg, tc, T, device, precision)
+    measured = load_probe(probe_file, key) if probe_file and tc.compile == "auto" else None
+    run_s = run_seconds(tc, measured.eager_s) if measured else 0.0
+    return compile_decision(tc.compile, device, run_flops, tc.minutes, measured, run_s)
+
+
+def probe_key(cfg, tc, T, device, precision):
+    """The cache key of a probe: what its timings depend on (the machine kind names the CPU or GPU,
+    its vector instructions, the threads and the torch version; DDP: the number of processes)."""
+    machine = machine_kind(device) + (f", {distributed.world_size()} processes" if distributed.world_size() > 1 else "")
+    return json.dumps({"machine": machine, "config": cfg.to_dict(), "batch_size": tc.batch_size, "seq_len": T,
+                       "precision": precision}, sort_keys=True)
+
+
+def run_seconds(tc, eager_s, step=0):
+    """How long the rest of the run would take in eager forward+backward passes: its --minutes
+    budget, or its steps (from `step` on) at eager_s per pass."""
+    return tc.minutes * 60 if tc.minutes else (tc.steps - step) * tc.grad_accum * eager_s
+
+
+def compile_for_run(loss, model, tc, T, precision, probe_file=None, step=0):
+    """torch.compile the training `loss` of `model` when compile_decision says it pays, measuring
+    it first when "auto" has no measurement for this config here (once) -> (loss, compiled?,
+    reason, note): the loss to train with, why, and a note if compiling failed. Evaluation and
+    self-play use the eager model: other shapes, no recompiles."""
+    device = next(model.parameters()).device
+    # DDP: rank 0's probe file decides for every rank
+    on, reason = distributed.broadcast(compile_choice(model.config, tc, T, device, precision, probe_file))
+    if on is False:
+        return loss, False, reason, None
+    x = torch.zeros(tc.batch_size, T, dtype=torch.long, device=device)
+
+    def try_step(compiled):
+        model.train()
+        try:
+            with autocast(device, precision):
+                compiled(x, x).backward()
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    if on is None:
+        key = probe_key(model.config, tc, T, device, precision)
+        return probe_compile(loss, try_step, device, probe_file, key, lambda eager_s: run_seconds(tc, eager_s, step))
+    compiled, note = compile_loss(loss, device, try_step)
+    if note:
+        return loss, False, "torch.compile failed", note
+    return compiled, True, reason, None
+
+
+def probe_compile(loss, try_step, device, probe_file, key, run_s):
+    """compile="auto" without a measurement: time forward+backward of the model eager, then
+    compiled; keep the compiled loss if compile_pays over `run_s(eager_s)` seconds of the run, and
+    save the numbers to probe_file under `key` -> as compile_for_run. The probe draws its dropout
+    from a forked RNG: the run's random numbers are the same with it or without it. Its seconds
+    count against a --minutes budget, like the compiling."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        eager_s = time_steps(lambda: try_step(loss))
+        t0 = time.perf_counter()
+        compiled, note = compile_loss(loss, device, try_step)
+        if note:
+            return loss, False, "torch.compile failed", note
+        compile_s = time.perf_counter() - t0
+        probe = CompileProbe(eager_s, time_steps(lambda: try_step(compiled)), compile_s)
+    probe = distributed.broadcast(probe)  # DDP: every rank follows rank 0's numbers
+    if probe_file and distributed.is_main():
+        save_probe(probe_file, key, probe)
+    on, reason = compile_pays(probe, run_s(probe.eager_s), 0.0)
+    if on:
+        return compiled, True, reason, None
+    use_fused_attention(loss, True)
+    return loss, False, reason, None

@@ -34,14 +34,15 @@ import torch
 
 import distributed
 from app.records import BookRef, Run, new_run
-from azr_trainer import TrainConfig, Trainer, compile_choice, evaluate_bpb, seconds_per_step, unigram_bpb, window_len
+from azr_trainer import TrainConfig, Trainer
+from evaluate import evaluate_bpb, unigram_bpb
 from files import CorruptFile, Exists, NotFound, StoreError
 from generate import SamplingConfig, generate
 from hardware import DTYPES, pick_precision
 from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
-from sizing import check_training_memory
-from speed import cache_compiles_in
+from sizing import check_training_memory, window_len
+from speed import cache_compiles_in, compile_choice, seconds_per_step
 from app.store import check_name, merge_books
 from tokenizer import Tokenizer, prepare_tokens
 

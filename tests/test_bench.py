@@ -1,4 +1,4 @@
-"""bench.py --quick: a tiny model through every measurement, checked for shape, not for speed
+"""python -m bench --quick: a tiny model through every measurement, checked for shape, not for speed
 (speed claims live in BENCHMARKS.md, measured side by side with the peer)."""
 
 import json
@@ -16,7 +16,9 @@ import sizing
 import speed
 from app.records import new_run
 from app.runs import train
-from azr_trainer import TrainConfig, Trainer, probe_key
+from azr_trainer import TrainConfig, Trainer
+from bench.common import format_report
+from bench.speed import step_matmuls
 from model import GPT
 from speed import CompileProbe, compile_decision, compile_pays
 from conftest import ROOT, quick_train_config, tiny_config
@@ -24,7 +26,7 @@ from conftest import ROOT, quick_train_config, tiny_config
 
 @pytest.fixture(scope="module")
 def quick():
-    out = subprocess.run([sys.executable, "bench.py", "--quick", "--json"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return json.loads(out.stdout)
@@ -56,23 +58,21 @@ def test_peaks_nf4_and_machine_are_reported(quick):
 
 
 def test_markdown_report_has_a_row_per_measurement():
-    import bench
     fake = {"meta": {"date": "d", "cpu": "c", "cpu_capability": "x", "threads": 2, "device": "cpu", "torch": "t",
-                     "transformers": None, "loadavg_start": None, "command": "python bench.py"},
+                     "transformers": None, "loadavg_start": None, "command": "python -m bench"},
             "peak_gflops": {"fp32": 100.0}, "nf4": None,
             "train": [{"preset": "quick", "precision": "fp32", "batch": 4, "seq_len": 32, "ours_tok_s": 1000.0,
                        "ours_mfu": 0.5, "matmul_only_tok_s": 3000.0, "ours_peak_mb": 2.0, "estimate_mb": 2.0,
                        "ours_setup_s": 1.0}],
             "generate": [{"preset": "quick", "precision": "fp32", "new_tokens": 8, "ours_cache_tok_s": 50.0,
                           "ours_no_cache_tok_s": 10.0, "peer_tok_s": None, "ratio": None}]}
-    text = bench.format_report(fake)
+    text = format_report(fake)
     assert "| quick | fp32 | 4 x 32 | 1,000 | - |" in text and "| quick | fp32 | 8 | 50 | 10 | - | - |" in text
 
 
 def test_matmul_only_ceiling_counts_every_matmul_of_a_step():
-    import bench
     cfg = M.PRESETS["small"]
-    flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in bench.step_matmuls(cfg, 16, 128).items())
+    flops = sum(2 * b * m * k * n * count for (b, m, k, n), count in step_matmuls(cfg, 16, 128).items())
     assert flops == pytest.approx(sizing.flops_per_token(cfg, 128) * 16 * 128, rel=0.01)  # 6N + attention, minus biases
 
 
@@ -129,13 +129,13 @@ def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path
     config reads them instead of probing, and another config (batch size) is probed again."""
     probes = []
 
-    def fake_probe(trainer, try_step):
-        probes.append(trainer.tc.batch_size)
+    def fake_probe(loss, try_step, device, probe_file, key, run_s):
+        probes.append(json.loads(key)["batch_size"])
         probe = CompileProbe(eager_s=0.2, compiled_s=0.3, compile_s=25.0)  # compiled is slower here
-        speed.save_probe(trainer.probe_file, probe_key(trainer.cfg, trainer.tc, trainer.T, trainer.device, "fp32"), probe)
-        trainer.compile_reason = speed.compile_pays(probe, 600, 0.0)[1]
+        speed.save_probe(probe_file, key, probe)
+        return loss, False, speed.compile_pays(probe, run_s(probe.eager_s), 0.0)[1], None
 
-    monkeypatch.setattr(Trainer, "_probe_compile", fake_probe)
+    monkeypatch.setattr(speed, "probe_compile", fake_probe)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)  # a C++ compiler, as far as auto knows
     file = tmp_path / "cache" / "compile_probe.json"
 
@@ -144,7 +144,7 @@ def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path
         data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
         trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
                           new_run(["b"], tc), probe_file=file)
-        trainer.warm_up()
+        trainer.decide_compile()
         return trainer
 
     first = warmed(8)
@@ -175,9 +175,9 @@ def test_a_failing_compiler_falls_back_to_eager_training_with_a_warning(store, b
 
 
 def test_selfplay_ab_runs_both_arms_on_a_book_file(tmp_path):
-    """bench.py selfplay end to end on the example book, in seconds: both arms train and are scored."""
+    """python -m bench selfplay end to end on the example book, in seconds: both arms train and are scored."""
     out = tmp_path / "ab.json"
-    r = subprocess.run([sys.executable, "bench.py", "selfplay", "--book", "books/example_book.txt", "--minutes", "0.04",
+    r = subprocess.run([sys.executable, "-m", "bench", "selfplay", "--book", "books/example_book.txt", "--minutes", "0.04",
                         "--start", "0.4", "--prompts", "2", "--gen_tokens", "12", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -197,11 +197,11 @@ def test_probing_and_compiling_count_against_a_minutes_budget(tmp_path, monkeypa
 
     monkeypatch.setattr(time, "time", now)
 
-    def slow_probe(trainer, try_step):
+    def slow_probe(loss, try_step, device, probe_file, key, run_s):
         clock[0] += 11 * 60
-        trainer.compile_reason = "measured: slowly"
+        return loss, False, "measured: slowly", None
 
-    monkeypatch.setattr(Trainer, "_probe_compile", slow_probe)
+    monkeypatch.setattr(speed, "probe_compile", slow_probe)
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     tc = quick_train_config(compile="auto", minutes=10, steps=1000)
     data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}

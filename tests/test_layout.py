@@ -10,11 +10,11 @@ from conftest import ROOT
 LAYERS = [
     {"config", "files", "hardware"},  # settings rules, files that are never half-written, the device
     {"tokenizer", "sizing", "distributed"},  # books -> tokens; how big a config is; several processes
-    {"model"},  # the network
+    {"model", "muon"},  # the network; the optimizer of its hidden matrices
     {"generate", "speed", "quant"},  # running it, training it fast, storing it in 4 bits
     {"lora"},  # adapters on top of the network
     {"selfplay"},  # the self-play stage
-    {"muon"},  # the optimizer of the hidden matrices
+    {"schedule", "keep_best", "checkpoint", "evaluate"},  # lr over time; when to stop; the resume format; bits/byte
     {"azr_trainer"},  # the loop
     # ---- the product: app/
     {"app.records", "app.books"},  # the schema of every record read from disk; reading book files
@@ -30,7 +30,7 @@ LAYERS = [
     {"app.web.errors"},  # errors as JSON
     {"app.web.books", "app.web.generation", "app.web.inside", "app.web.models", "app.web.openai", "app.web.training"},
     {"app.web.page"},  # the page itself and /health
-    {"server", "cli", "bench", "bench_latency"},  # the edges: nothing imports them
+    {"server", "cli", "bench"},  # the edges: nothing imports them (bench: the package of benchmarks)
 ]
 
 

@@ -5,11 +5,11 @@ import copy
 import pytest
 import torch
 
-from azr_trainer import TrainConfig, make_optimizer
+from azr_trainer import TrainConfig
 from conftest import quick_train_config, tiny_config
 from files import load_tensors
 from model import GPT
-from muon import Muon, orthogonalise
+from muon import Muon, make_optimizer, orthogonalise
 from app.runs import resume, train
 
 

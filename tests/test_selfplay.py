@@ -12,7 +12,9 @@ import torch
 
 import azr_trainer
 import config
-from azr_trainer import STOP_RISE, TrainConfig, kept_better, selfplay_due
+import schedule
+from azr_trainer import TrainConfig, selfplay_due
+from keep_best import STOP_RISE, kept_better
 from conftest import quick_train_config, tiny_config
 from files import weights_of
 from generate import rollouts
@@ -247,7 +249,7 @@ def test_a_plateau_switches_the_run_into_selfplay_and_keep_best_weighs_repeats(s
     # 16, 18, 20 are 3 evaluations over 1 % above the best after the switch: the run ends there,
     # on step 12's weights: within 1 % of the best (2.0) and the fewest repeats (14 is closer, loops more)
     assert out["step"] == 20 and out["best"] == [2.015, 12]
-    assert rows[11]["lr"] == azr_trainer.lr_at(10, tc)
+    assert rows[11]["lr"] == schedule.lr_at(10, tc)
 
 
 def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):

@@ -7,9 +7,12 @@ import pytest
 import torch
 
 import azr_trainer
+import evaluate
 from app import runs
-from azr_trainer import TrainConfig, lr_at, make_optimizer
 from app.records import new_run
+from azr_trainer import TrainConfig
+from muon import make_optimizer
+from schedule import lr_at
 from conftest import quick_train_config, tiny_config
 from files import CorruptFile, load_tensors
 from model import GPT
@@ -115,7 +118,7 @@ def test_bits_per_byte_is_loss_in_bits_over_bytes(trained):
         logits, _ = t.model(x[:, :-1])
     nats = torch.nn.functional.cross_entropy(logits[0], x[0, 1:], reduction="sum").item()
     bytes_ = t.byte_len[x[0, 1:]].sum().item()
-    one = azr_trainer.evaluate_bpb(t.model, t.data["val"][: t.T + 1], t.byte_len, t.T, 1, t.device)
+    one = evaluate.evaluate_bpb(t.model, t.data["val"][: t.T + 1], t.byte_len, t.T, 1, t.device)
     assert one["val_bpb"] == pytest.approx(nats / math.log(2) / bytes_, rel=1e-4)
     assert m["val_ppl"] == pytest.approx(math.exp(m["val_loss"]), rel=1e-3)
 
@@ -124,7 +127,7 @@ def test_unigram_baseline_is_beaten_by_a_trained_model(store, book):
     store.create_model("m", tiny_config())
     s = train(store, "m", [book], quick_train_config(steps=80, eval_every=80, learning_rate=3e-3))
     t = runs.make_trainer(store, "m", new_run([book], quick_train_config()))
-    assert s["best_val_bpb"] < azr_trainer.unigram_bpb(t.data, t.byte_len)
+    assert s["best_val_bpb"] < evaluate.unigram_bpb(t.data, t.byte_len)
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -23,8 +23,8 @@ Evaluation of each arm's final weights (not charged to either clock):
 - rare rate: share of generated tokens seen fewer than 5 times in the train split (catches a
   model that stops repeating by emitting junk tokens).
 
-    python bench.py selfplay --book ../shared/books/tinyshakespeare.txt --minutes 6 --start 0.4 --every 3 --seeds 3
-    python bench.py selfplay --book B --arms "supervised,selfplay,selfplay@loss=ul;every=2"   # variants, one process
+    python -m bench selfplay --book ../shared/books/tinyshakespeare.txt --minutes 6 --start 0.4 --every 3 --seeds 3
+    python -m bench selfplay --book B --arms "supervised,selfplay,selfplay@loss=ul;every=2"   # variants, one process
 
 --user-path instead runs what a user runs: `cli.py create` with every default, then two
 `cli.py train NAME --book B --minutes M --seed S` processes AT ONCE (one thread each, so a
@@ -32,7 +32,7 @@ neighbour's load hits both alike), one with self-play (`--selfplay-every`, the A
 one with `--selfplay-every 0`, every other option the trainer's default (early stopping,
 keep-best, the plateau switch). Then the same evaluation of each finished model.
 
-    python bench.py selfplay --user-path --book ../shared/books/tinyshakespeare.txt --minutes 3 --every 3
+    python -m bench selfplay --user-path --book ../shared/books/tinyshakespeare.txt --minutes 3 --every 3
 """
 
 import argparse
@@ -54,11 +54,14 @@ import torch
 import torch.nn.functional as F
 
 from app import runs
-from azr_trainer import TrainConfig, evaluate_bpb, lr_share
+from azr_trainer import TrainConfig
+from evaluate import evaluate_bpb
+from schedule import lr_share
 from generate import rollouts
 from hardware import autocast
 from app.inside import distinct_n, ngrams, seq_rep_n
 from model import PRESETS
+from schedule import lr_share
 from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
 from app.records import new_run
 from app.store import Store
@@ -87,7 +90,7 @@ class ABConfig:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench selfplay", description=__doc__.split("\n")[0])
     for f in fields(ABConfig):
         p.add_argument("--" + f.name, type=type(f.default) if f.name != "book" else str,
                        default=None if f.name == "book" else f.default, required=f.name == "book")
@@ -447,5 +450,4 @@ def pm(xs):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Does llama.cpp run our GGUF export the way we run the model? A check by the real consumer.
 
     pip install llama-cpp-python        # builds llama.cpp from source (cmake, a C++ compiler)
-    python bench.py llamacpp [--steps 300] [--prompt "The keeper"] [--json]
+    python -m bench llamacpp [--steps 300] [--prompt "The keeper"] [--json]
 
 Trains a small model on the example book (in a temp AZR_HOME), exports it as GGUF in f32, f16
 and q8_0, loads each with llama-cpp-python and compares with our own model, on the same token
@@ -30,7 +30,7 @@ CONFIG = ModelConfig(vocab_size=2000, d_model=128, num_layers=4, num_heads=4, d_
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="bench.py llamacpp", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench llamacpp", description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=300, help="training steps of the model to export (default 300)")
     p.add_argument("--prompt", default="The keeper of the lighthouse", help="the prompt (default: a line of the book)")
     p.add_argument("--new-tokens", type=int, default=20, help="greedy tokens to compare (default 20)")

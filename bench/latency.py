@@ -1,6 +1,6 @@
 """First-streamed-token latency of POST /generate_stream for the small preset, measured by a client.
 
-    python bench_latency.py [--runs 20] [--book books/example_book.txt]
+    python -m bench latency [--runs 20] [--book books/example_book.txt]
 
 Starts `python server.py` on a free port with a temp AZR_HOME, creates a model with preset small,
 trains it a few steps, then times (client side, httpx) from sending the request to receiving the
@@ -9,7 +9,6 @@ first `data:` event. The first request loads the model from disk (cold); the res
 """
 
 import argparse
-import json
 import os
 import socket
 import statistics
@@ -20,7 +19,7 @@ import time
 
 import httpx
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 
 
 def free_port():
@@ -60,11 +59,11 @@ def wait(url):
     return job
 
 
-def main():
-    p = argparse.ArgumentParser()
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench latency", description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--book", default=f"{ROOT}/books/example_book.txt")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     home, port = tempfile.mkdtemp(prefix="azr-bench-"), free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "server.py", "--port", str(port), "--home", home], cwd=ROOT,

@@ -27,9 +27,9 @@ of it, in non-overlapping windows of the model's full context, bits per characte
 With --concurrent the two run at the same time, each in its own process (with --threads 1: one
 core each), so load from other work on the machine hits both alike.
 
-    python bench.py quality --vs-nanogpt --minutes 3,5,15
-    python bench.py quality --vs-nanogpt --preset tiny --minutes 3 --concurrent --threads 1
-    python bench.py quality --vs-nanogpt --minutes 3 --no-nanogpt --model vocab_size=1024 --set batch_size=8
+    python -m bench quality --vs-nanogpt --minutes 3,5,15
+    python -m bench quality --vs-nanogpt --preset tiny --minutes 3 --concurrent --threads 1
+    python -m bench quality --vs-nanogpt --minutes 3 --no-nanogpt --model vocab_size=1024 --set batch_size=8
 """
 
 import argparse
@@ -47,14 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from azr_trainer import evaluate_bpb  # noqa: E402
-from model import PRESETS  # noqa: E402
-from app.store import Store  # noqa: E402
-
-SHAKESPEARE = ROOT.parent / "shared" / "books" / "tinyshakespeare.txt"
+from bench.common import ROOT, SHAKESPEARE
+from evaluate import evaluate_bpb
+from model import PRESETS
+from app.store import Store
 
 # nanoGPT's shakespeare_char config with its README's CPU overrides
 RECIPE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, max_iters=2000, lr_decay_iters=2000,
@@ -74,7 +70,7 @@ def split(text):
 
 def peer_main(book, out, seconds):
     """Run in its own process: nanoGPT's recipe for `seconds`, then bits/char on the whole val text."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    import transformers  # noqa: F401 (peer_model's): imported before the clock starts
     t_start = time.perf_counter()  # like ours: the budget starts once the libraries are imported
     r = dict(RECIPE)
     torch.manual_seed(r["seed"])
@@ -83,15 +79,8 @@ def peer_main(book, out, seconds):
     stoi = {c: i for i, c in enumerate(chars)}
     train = torch.tensor([stoi[c] for c in train_text])
     val = torch.tensor([stoi[c] for c in val_text])
-    model = GPT2LMHeadModel(GPT2Config(
-        vocab_size=len(chars), n_positions=r["block_size"], n_embd=r["n_embd"], n_layer=r["n_layer"],
-        n_head=r["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
-        bos_token_id=None, eos_token_id=None, pad_token_id=0))
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": matrices, "weight_decay": r["weight_decay"]},
-                             {"params": others, "weight_decay": 0.0}],
-                            lr=r["learning_rate"], betas=(r["beta1"], r["beta2"]))
+    model = peer_model(len(chars), r)
+    opt = peer_optimizer(model, r)
 
     def batch(data):
         ix = torch.randint(len(data) - r["block_size"], (r["batch_size"],))
@@ -102,12 +91,6 @@ def peer_main(book, out, seconds):
     def loss_of(x, y):
         logits = model(x).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-
-    def lr_at(it):
-        if it < r["warmup_iters"]:
-            return r["learning_rate"] * (it + 1) / (r["warmup_iters"] + 1)
-        ratio = min(1.0, (it - r["warmup_iters"]) / (r["lr_decay_iters"] - r["warmup_iters"]))
-        return r["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (r["learning_rate"] - r["min_lr"])
 
     best_val, best_state, t_loop, it = math.inf, None, time.perf_counter(), 0
     while True:  # nanoGPT's loop: iterations 0..max_iters
@@ -126,32 +109,62 @@ def peer_main(book, out, seconds):
         if it == r["max_iters"]:
             break
         for g in opt.param_groups:
-            g["lr"] = lr_at(it)
-        loss = loss_of(*batch(train))
-        loss.backward()
+            g["lr"] = recipe_lr(it, r)
+        loss_of(*batch(train)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), r["grad_clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         it += 1
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.eval()
-    T = r["block_size"]
-    n = (len(val) - 1) // T
-    with torch.no_grad():
-        nats = sum(torch.nn.functional.cross_entropy(
-            model(val[i * T:(i + 1) * T][None]).logits[0], val[i * T + 1:(i + 1) * T + 1], reduction="sum").item()
-            for i in range(n))
     Path(out).write_text(json.dumps({"iters": it, "best_val_estimate": round(best_val, 4),
-                                     "bits_per_char": nats / math.log(2) / (n * T),
+                                     "bits_per_char": bits_per_char(model, val, r["block_size"]),
                                      "params": sum(p.numel() for p in model.parameters())}))
+
+
+def peer_model(vocab_size, r):
+    """The recipe's model on transformers' GPT-2 (nanoGPT's without biases is not in transformers)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=vocab_size, n_positions=r["block_size"], n_embd=r["n_embd"], n_layer=r["n_layer"],
+        n_head=r["n_head"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa",
+        bos_token_id=None, eos_token_id=None, pad_token_id=0))
+
+
+def peer_optimizer(model, r):
+    """nanoGPT's configure_optimizers: AdamW, weight decay on matrices only."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": r["weight_decay"]},
+                              {"params": others, "weight_decay": 0.0}],
+                             lr=r["learning_rate"], betas=(r["beta1"], r["beta2"]))
+
+
+def recipe_lr(it, r):
+    """nanoGPT's get_lr: linear warm-up, then a cosine down to min_lr at lr_decay_iters."""
+    if it < r["warmup_iters"]:
+        return r["learning_rate"] * (it + 1) / (r["warmup_iters"] + 1)
+    ratio = min(1.0, (it - r["warmup_iters"]) / (r["lr_decay_iters"] - r["warmup_iters"]))
+    return r["min_lr"] + 0.5 * (1 + math.cos(math.pi * ratio)) * (r["learning_rate"] - r["min_lr"])
+
+
+@torch.no_grad()
+def bits_per_char(model, val, T):
+    """Bits per character on every character of `val`, in non-overlapping windows of T."""
+    model.eval()
+    n = (len(val) - 1) // T
+    nats = sum(torch.nn.functional.cross_entropy(
+        model(val[i * T:(i + 1) * T][None]).logits[0], val[i * T + 1:(i + 1) * T + 1], reduction="sum").item()
+        for i in range(n))
+    return nats / math.log(2) / (n * T)
 
 
 def run_peer(book, minutes, env):
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "peer.json"
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--peer", str(book), str(out), str(minutes * 60)], check=True, env=env)
+        subprocess.run([sys.executable, "-m", "bench.vs_nanogpt", "--peer", str(book), str(out), str(minutes * 60)],
+                       cwd=ROOT, check=True, env=env)
         wall = time.perf_counter() - t0
         return {"who": "nanoGPT recipe (transformers GPT2)", "minutes": minutes, "wall_s": round(wall, 1),
                 **json.loads(out.read_text())}
@@ -202,7 +215,7 @@ def parse_kv(items):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m bench quality --vs-nanogpt", description=__doc__.split("\n")[0])
     p.add_argument("--book", default=str(SHAKESPEARE))
     p.add_argument("--minutes", default="3,5,15", help="comma list of our training budgets")
     p.add_argument("--no-nanogpt", action="store_true", help="skip the peer (rows of ours only)")

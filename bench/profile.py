@@ -1,0 +1,63 @@
+"""Where the time goes (`python -m bench profile`): torch.profiler's top ops for training steps and
+for batch-1 generation, with the optimizer's share of a step."""
+
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from azr_trainer import TrainConfig
+from generate import SamplingConfig, generate_ids
+from hardware import autocast, pick_device
+from model import GPT, PRESETS
+from app.store import Store
+from bench.common import EXAMPLE_BOOK, make_trainer, pick_precisions
+from bench.speed import SHAPES, trainer_step
+
+
+def run_profile(args):
+    """Where the time goes: torch.profiler's top ops for training steps of each preset, precision
+    and optimizer (--presets, --precisions, --optimizers, --compile) with the optimizer's share of
+    a step, and for batch-1 generation with the KV cache."""
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(home)
+        store.add_book("book", EXAMPLE_BOOK.read_bytes(), EXAMPLE_BOOK.name)
+        for name in args.presets.split(","):
+            for prec in pick_precisions(device, args.precisions):
+                for opt in args.optimizers.split(","):
+                    profile_train(store, name, prec, opt, device, args.compile or "on")
+                model = GPT(replace(PRESETS[name], max_seq_len=256)).to(device)
+                sc = SamplingConfig(max_new_tokens=200, seed=0)
+                prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
+                with autocast(device, prec):
+                    print(f"\n### generate {name} {prec}: 200 tokens, batch 1, KV cache")
+                    print(top_ops(lambda: sum(1 for _ in generate_ids(model, prompt, sc))))
+
+
+def profile_train(store, preset, prec, optimizer, device, compile_):
+    """Top ops of 5 training steps, and the share of their time in the optimizer's step (torch.optim
+    marks it as the profiler range "Optimizer.step#<class>.step")."""
+    B, T = SHAPES[preset]
+    tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_, optimizer=optimizer)
+    step = trainer_step(make_trainer(store, f"{preset}-{prec}-{optimizer}", PRESETS[preset], tc))
+    step.trainer.decide_compile()
+    print(f"\n### train {preset} {prec} {optimizer}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
+    table, prof = top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)], with_prof=True)
+    print(table)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    step_s = (time.perf_counter() - t0) / 5
+    opt_s = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("Optimizer.step#")) / 5e6
+    print(f"optimizer step: {opt_s * 1e3:.1f} ms of a {step_s * 1e3:.1f} ms step "
+          f"({opt_s / step_s:.1%}; the step timed without the profiler)")
+
+
+def top_ops(f, warmup=None, rows=12, with_prof=False):
+    (warmup or f)()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        f()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60)
+    return (table, prof) if with_prof else table
