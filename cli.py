@@ -81,7 +81,7 @@ def cmd_finetune(store, args):
 
 
 def cmd_merge(store, args):
-    store.merge_adapter(args.name, args.adapter, args.out)
+    store.adapters.merge(args.name, args.adapter, args.out)
     print(f"created {args.out}: {args.name} with adapter {args.adapter} merged into its weights")
 
 
@@ -125,7 +125,7 @@ def cmd_eval(store, args):
 
 
 def load_for_generation(store, name, adapter, device):
-    model = store.load_adapter(name, adapter, device) if adapter else store.load_model(name, device).eval()
+    model = store.adapters.load(name, adapter, device) if adapter else store.load_model(name, device).eval()
     tok = store.tokenizer(name)
     if tok is None:
         raise ValueError(f"model {name!r} has no tokenizer yet: train it on a book first")
@@ -159,7 +159,7 @@ def cmd_rollback(store, args):
 
 def cmd_delete(store, args):
     if args.adapter:
-        store.delete_adapter(args.name, args.adapter)
+        store.adapters.delete(args.name, args.adapter)
         print(f"deleted adapter {args.adapter} of {args.name}")
         return
     store.delete_model(args.name)
@@ -168,7 +168,7 @@ def cmd_delete(store, args):
 
 def cmd_add_book(store, args):
     with open(args.file, "rb") as f:
-        print(json.dumps(store.add_book(args.name, f.read(), args.file)))
+        print(json.dumps(store.books.add(args.name, f.read(), args.file)))
 
 
 class ProgressBar:

@@ -5,7 +5,10 @@ Nothing in the lesson imports from here; every module here may import the lesson
 
     books.py     reading a book file: any encoding, .txt/.fb2/.epub, Gutenberg's header cut off
     records.py   the schema of every JSON record read from disk: a damaged file is named, not fatal
-    store.py     models, versions, adapters and metrics on disk; locks, atomic writes, names
+    names.py     the one pattern every stored name follows, so a name never becomes a path
+    store.py     models, versions and metrics on disk; locks, atomic writes; holds the two below
+    shelf.py     the store's books (store.books): clean UTF-8 text and how each was read
+    adapters.py  the LoRA adapters of a stored model (store.adapters): save, load, merge, delete
     runs.py      a training run of a stored model: books -> tokens -> Trainer -> back into the store
     jobs.py      the web app's background job: one run at a time, its log, Stop, resume after a restart
     inside.py    looking inside a model: attention, next-token candidates, NF4 error, repetition

@@ -268,10 +268,10 @@ def modelfile(gguf_name, cfg):
 
 def write_peft(store, name, adapter, folder, dtype="f32"):
     """A folder that PeftModel.from_pretrained(base, folder) loads on top of the HF export of `name`."""
-    info = store.adapter_info(name, adapter)
-    store.check_base(name, info)  # on any other weights than the current ones it would be noise
+    info = store.adapters.info(name, adapter)
+    store.adapters.check_base(name, info)  # on any other weights than the current ones it would be noise
     lc = LoRAConfig.from_dict(info["lora"])
-    tensors, _ = load_tensors(store.adapter_dir(name, adapter) / "adapter.safetensors")
+    tensors, _ = load_tensors(store.adapters.dir(name, adapter) / "adapter.safetensors")
     save_file(peft_state(tensors, DTYPES[dtype]), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     write_json(folder / "adapter_config.json", peft_config(lc, name))
     (folder / "README.md").write_text(adapter_card(name, adapter, info), encoding="utf-8")

@@ -77,7 +77,7 @@ def tokenizer_view(store, tok, text="", book=None):
     a book also the book's own numbers: its tokens, bytes per token, the share of it that its
     COMMON_TOKENS commonest tokens cover. Always the longest merges the tokenizer learned."""
     if not text and book:
-        text = store.book_text(book)[:BOOK_TEXT_SHOWN]
+        text = store.books.text(book)[:BOOK_TEXT_SHOWN]
     if not text:
         raise ValueError("paste a text or pick a book to cut into tokens")
     ids = tok.encode(text)
@@ -104,7 +104,7 @@ def book_numbers(store, tok, book):
 def token_counts(store, tok, book):
     """How often each token id occurs in the stored `book`, cut by `tok`: (V,) int64. The token
     arrays are cached on disk (tokenizer.prepare_tokens), so a second look is instant."""
-    data = prepare_tokens(tok, {book: store.book_text(book)}, store.home / "cache" / "tokens")
+    data = prepare_tokens(tok, {book: store.books.text(book)}, store.home / "cache" / "tokens")
     counts = sum(np.bincount(np.asarray(data[s]), minlength=tok.vocab_size) for s in ("train", "val"))
     return counts[:tok.vocab_size]
 
@@ -187,7 +187,7 @@ def embedding_map(model, tok, counts, n=200):
 
 def default_book(store, name):
     """The first of a model's training books that is still in the store (None if none is)."""
-    stored = {b["name"] for b in store.list_books()}
+    stored = {b["name"] for b in store.books.list()}
     return next((b["name"] for b in store.lineage(name)["books"] if b["name"] in stored), None)
 
 

@@ -112,6 +112,17 @@ class Lineage(Record):
     versions: list[Version] = []
 
 
+def merge_books(known, new):
+    """The books of a lineage plus the new ones (by sha256), in order."""
+    seen = {b["sha256"] for b in known}
+    return known + [b for b in new if b["sha256"] not in seen]
+
+
+def now():
+    """The date a record carries (created, added, saved, a version's date), in one format."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
 class BookMeta(Record):
     """books/<name>.json: how a book's text was read, and its sha256."""
     name: str

@@ -33,7 +33,7 @@ from collections import Counter
 import torch
 
 import distributed
-from app.records import BookRef, Run, new_run
+from app.records import BookRef, Run, merge_books, new_run
 from azr_trainer import TrainConfig, Trainer
 from evaluate import evaluate_bpb, unigram_bpb
 from files import CorruptFile, Exists, NotFound, StoreError
@@ -43,7 +43,7 @@ from lora import LoRAConfig, attach_lora, count_params
 from model import GPT
 from sizing import check_training_memory, window_len
 from speed import cache_compiles_in, compile_choice, seconds_per_step
-from app.store import check_name, merge_books
+from app.names import check_name
 from tokenizer import Tokenizer, prepare_tokens
 
 
@@ -67,7 +67,7 @@ def finetune(store, name, books, tc, adapter, lc=None, on_event=None, should_sto
         check_fits(store, name, tc)
         if store.tokenizer(name) is None:
             raise StoreError(f"model {name!r} has no tokenizer yet: train it on a book before fine-tuning it")
-        if adapter in store.list_adapters(name):
+        if adapter in store.adapters.list(name):
             raise Exists(f"model {name!r} already has an adapter {adapter!r}; resume it or pick another name")
         if tc.selfplay_every:
             raise StoreError("self-play is not available for LoRA fine-tuning; set selfplay_every to 0")
@@ -181,7 +181,7 @@ def check_same_books(store, run, changed_data):
 
 def _sha256_now(store, ref, allow_path):
     try:
-        return store.book_sha256(ref, allow_path)
+        return store.books.sha256(ref, allow_path)
     except NotFound as e:
         raise StoreError(f"a book of this run is gone ({e}); upload it again, or start a new run") from None
 
@@ -205,7 +205,7 @@ def make_trainer(store, name, run):
         lc = LoRAConfig.from_dict(run.lora)
         dtype = DTYPES[pick_precision(device, tc.precision)]
         attach_lora(model, lc, dtype, torch.Generator().manual_seed(tc.seed))  # the same seed, the same initial A
-    out_dir = store.adapter_dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
+    out_dir = store.adapters.dir(name, adapter, must_exist=False) if adapter else store.model_dir(name)
     with distributed.main_first():  # DDP: rank 0 writes the tokenizer and the token arrays, the others read them
         tok, data, book_refs, texts = prepare_data(store, name, run.books, tc.val_fraction, run.book_paths)
         if distributed.is_main():
@@ -264,7 +264,7 @@ def prepare_data(store, name, books, val_fraction=0.1, allow_paths=False):
     """Books -> (tokenizer, {train, val} token arrays, [{name, sha256}], [text of each book]). The
     first run of a model trains its tokenizer on its books; later runs reuse it."""
     check_books(books)
-    resolved = [store.resolve_book(b, allow_paths) for b in books]
+    resolved = [store.books.resolve(b, allow_paths) for b in books]
     texts = {f"{n}-{sha[:8]}": text for n, text, sha in resolved}
     tok = store.tokenizer(name) or train_tokenizer(store, name, texts.values())
     data = prepare_tokens(tok, texts, store.home / "cache" / "tokens", val_fraction)
@@ -298,7 +298,7 @@ def record(store, name, trainer, status):
         entry["data_changed"] = run.data_changed
     best = trainer.run_best[0] if trainer.run_best else None
     if run.adapter:
-        store.save_adapter(name, run.adapter, trainer.model, LoRAConfig.from_dict(run.lora), run.base_sha256,
+        store.adapters.save(name, run.adapter, trainer.model, LoRAConfig.from_dict(run.lora), run.base_sha256,
                            {**entry, "best_val_bpb": best})
         return
     with store.locked(name):  # read, change, write: no other update of the lineage in between
@@ -320,7 +320,7 @@ def evaluate_on_book(store, model, tok, book, windows, device, allow_path=False)
     """Loss and bits/byte of `model` on the validation split of `book` (a store name; with
     allow_path, the CLI's path too), cut with its tokenizer; also the unigram baseline and the
     split's size."""
-    name, text, _ = store.resolve_book(book, allow_path)
+    name, text, _ = store.books.resolve(book, allow_path)
     data = prepare_tokens(tok, {name: text}, store.home / "cache" / "tokens")
     T = min(model.config.max_seq_len, len(data["val"]) - 1)
     if T < 8:

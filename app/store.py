@@ -6,13 +6,16 @@
                          lineage.json       parent, books (with sha256), runs, steps: genealogy
                          metrics.jsonl      one line per training step / evaluation
                          versions/vNNN/     a snapshot per finished run, for rollback
-                         adapters/<a>/      LoRA adapters trained on top of this model
+                         adapters/<a>/      LoRA adapters trained on top of this model (adapters.py)
     <home>/checkpoints/<name>/              training state for exact resume (see azr_trainer)
-    <home>/books/<book>.txt + .json         cleaned UTF-8 text + how it was read
+    <home>/books/<book>.txt + .json         cleaned UTF-8 text + how it was read (shelf.py)
     <home>/locks/                           one lock file per model and book (never deleted)
 
-Four rules keep it safe. Names are checked against one pattern (no '/', '..' or NUL can reach
-the file system). Every write goes through files.py: a temp file moved into place with
+A Store holds the models (their weights, lineage, versions and metrics) and two parts of its own
+by kind: `store.books` (shelf.py) and `store.adapters` (adapters.py).
+
+Four rules keep it safe. Names are checked against one pattern (names.py: no '/', '..' or NUL
+can reach the file system). Every write goes through files.py: a temp file moved into place with
 os.replace, which is atomic, so a crash leaves the old file or the new one, never half of one.
 Every change to a model or a book happens under its lock (files.held), across threads and
 processes: "does it exist? then create it" and "read the lineage, add a run, write it back"
@@ -22,38 +25,27 @@ Weights are safetensors with a sha256 of their tensors, never pickle, so loading
 run code and a corrupted file is caught.
 """
 
-import hashlib
 import json
 import os
-import re
 import shutil
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from config import check_seed, echo
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, load_weights, replacing,
-                   save_tensors, tensors_sha256_of_file, weights_of, write_json)
-from lora import LoRAConfig, attach_lora, count_params, merge_lora
+from files import (CorruptFile, Exists, NotFound, StoreError, held, load_tensors, load_weights, replacing, save_tensors,
+                   tensors_sha256_of_file, weights_of, write_json)
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
 from tokenizer import Tokenizer
 
 from app import records
-from app.books import MAX_UNZIPPED_BYTES, BookError, read_book
+from app.adapters import Adapters
+from app.names import NAME_RE, check_name
+from app.shelf import Shelf
 
-NAME_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder above app/
 HOME_HELP = "data folder (default: $AZR_HOME, else the project folder; ~/.azr when installed with pip)"
-
-
-def check_name(name, what="model"):
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
-        raise StoreError(f"invalid {what} name {name[:80]!r}: use 1-64 letters, digits, '_' or '-'"
-                         if isinstance(name, str) else f"invalid {what} name: use 1-64 letters, digits, '_' or '-'")
-    return name
 
 
 def home_dir(home=None):
@@ -80,6 +72,8 @@ class Store:
         except OSError as e:  # a file by that name, a folder we may not write to
             raise StoreError(f"cannot keep data in {self.home} ({e.strerror}): give a folder you can write to "
                              f"(--home, or $AZR_HOME)") from None
+        self.books = Shelf(self.home)  # books/: the texts runs train on
+        self.adapters = Adapters(self)  # models/<name>/adapters/: LoRA corrections of one model
 
     # locks -------------------------------------------------------------------
     def locked(self, name):
@@ -96,10 +90,6 @@ class Store:
                     f"model {name!r} is being trained (by this server or another process, such as "
                     f"`python cli.py train`); wait for the run to finish or stop it first", wait_s=0)
 
-    def book_locked(self, name):
-        return held(self.home / "locks" / f"book-{check_name(name, 'book')}.lock",
-                    f"book {name!r} is busy: another process has been changing it for minutes; try again")
-
     # paths -------------------------------------------------------------------
     def model_dir(self, name, must_exist=True):
         d = self.home / "models" / check_name(name)
@@ -109,16 +99,6 @@ class Store:
 
     def checkpoint_dir(self, name):
         return self.home / "checkpoints" / check_name(name)
-
-    def book_path(self, name):
-        return self.home / "books" / f"{check_name(name, 'book')}.txt"
-
-    def adapter_dir(self, name, adapter, must_exist=True):
-        """models/<name>/adapters/<adapter>/: adapter.safetensors + adapter_config.json (lora.py)."""
-        d = self.model_dir(name) / "adapters" / check_name(adapter, "adapter")
-        if must_exist and not (d / "adapter_config.json").exists():
-            raise NotFound(f"model {name!r} has no adapter {adapter!r}; its adapters: {self.list_adapters(name)}")
-        return d
 
     # models ------------------------------------------------------------------
     def create_model(self, name, cfg, seed=0, parent=None, model=None, tokenizer=None, books=(), steps=0):
@@ -139,7 +119,7 @@ class Store:
             if tokenizer is not None:
                 tokenizer.save(d / "tokenizer.json")
             write_json(d / "lineage.json", {
-                "name": name, "created": _now(), "parent": parent, "books": list(books), "runs": [],
+                "name": name, "created": records.now(), "parent": parent, "books": list(books), "runs": [],
                 "steps": steps, "best_val_bpb": None, "versions": [],
             })
             write_json(d / "config.json", cfg.to_dict())  # written last: it marks the model as complete
@@ -209,7 +189,7 @@ class Store:
                 "name": name, "config": cfg.to_dict(), "params": param_count(cfg), "size_bytes": size,
                 "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "parent": lin["parent"],
                 "books": lin["books"], "versions": lin.get("versions", []), "created": lin["created"],
-                "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.list_adapters(name),
+                "has_tokenizer": (d / "tokenizer.json").exists(), "adapters": self.adapters.list(name),
             }
 
     def list_models(self):
@@ -234,77 +214,6 @@ class Store:
             (d / "config.json").unlink()  # first: a half-deleted model no longer counts as a model
             shutil.rmtree(d)
 
-    def delete_adapter(self, name, adapter):
-        with self.locked(name), self.training(name):
-            d = self.adapter_dir(name, adapter)
-            (d / "adapter_config.json").unlink()  # first: a half-deleted adapter no longer counts
-            shutil.rmtree(d)
-            shutil.rmtree(self.checkpoint_dir(name) / "adapters" / adapter, ignore_errors=True)
-
-    def list_adapters(self, name):
-        d = self.model_dir(name) / "adapters"
-        return sorted(p.parent.name for p in d.glob("*/adapter_config.json")) if d.exists() else []
-
-    # adapters ----------------------------------------------------------------
-    def save_adapter(self, name, adapter, model, lc, base_sha256, run=None):
-        """adapters/<adapter>/adapter.safetensors (A and B of every wrapped layer) + adapter_config.json,
-        written last: its presence marks a complete adapter."""
-        info = {"name": adapter, "base_model": name, "base_sha256": base_sha256, "lora": lc.to_dict(),
-                "params": count_params(model), "run": run, "saved": _now()}
-        with self.locked(name):
-            d = self.adapter_dir(name, adapter, must_exist=False)
-            d.mkdir(parents=True, exist_ok=True)
-            adapter_weights = weights_of(model, trainable_only=True)  # A and B of every wrapped layer
-            save_tensors(d / "adapter.safetensors", adapter_weights, {"base_sha256": base_sha256})
-            write_json(d / "adapter_config.json", info)
-        return info
-
-    def adapter_info(self, name, adapter):
-        try:
-            return records.load(self.adapter_dir(name, adapter) / "adapter_config.json", records.AdapterConfig)
-        except CorruptFile as e:
-            raise CorruptFile(f"{e}; delete the adapter (`python cli.py delete {name} --adapter {adapter}`) and "
-                              f"fine-tune it again") from None
-
-    def load_adapter(self, name, adapter, device="cpu", nf4=None):
-        """The base model `name` with its saved adapter attached, in eval mode.
-
-        nf4=None rebuilds the base as it was during training (NF4 for a QLoRA adapter); False/True
-        force a full-precision or NF4 base. Refuses an adapter trained on other base weights."""
-        info = self.adapter_info(name, adapter)
-        self.check_base(name, info)
-        lc = LoRAConfig.from_dict(info["lora"])
-        model = attach_lora(self.load_model(name, device), lc if nf4 is None else replace(lc, nf4=nf4))
-        tensors, _ = load_tensors(self.adapter_dir(name, adapter) / "adapter.safetensors")
-        load_weights(model, tensors, trainable_only=True)
-        return model.eval()
-
-    def check_base(self, name, info):
-        """An adapter is a correction to one exact set of base weights: anything else is refused."""
-        if info["base_model"] != name:
-            raise StoreError(f"adapter {info['name']!r} was trained on model {info['base_model']!r}, not {name!r}")
-        current = self.weights_sha256(name)
-        if info["base_sha256"] != current:
-            raise StoreError(
-                f"adapter {info['name']!r} was trained on other weights of {name!r} (sha256 "
-                f"{info['base_sha256'][:12]}, now {current[:12]}): the model was trained further or rolled "
-                f"back since. Roll it back to the version the adapter was trained on, or fine-tune again.")
-
-    def merge_adapter(self, name, adapter, out):
-        """A new model `out` = base `name` with `adapter` merged in; copies the tokenizer, and its
-        lineage records parent {model, adapter}.
-
-        A QLoRA adapter is merged into the full-precision base weights W, not into NF4(W): it was
-        trained against NF4(W), so the merged model differs from what it learned with by the
-        quantization error of W (see quant.nf4_report), but it stays a full-precision model."""
-        info = self.adapter_info(name, adapter)
-        model = merge_lora(self.load_adapter(name, adapter, nf4=False))
-        base, run = self.lineage(name), info.get("run") or {}
-        self.create_model(out, model.config, parent={"model": name, "adapter": adapter}, model=model,
-                          tokenizer=self.tokenizer(name), books=merge_books(base["books"], run.get("books", [])),
-                          steps=base["steps"] + run.get("steps", 0))
-        return self.lineage(out)
-
     # versions ----------------------------------------------------------------
     def save_version(self, name, note=""):
         """Snapshot the current weights as the next version vNNN; returns its name."""
@@ -315,7 +224,7 @@ class Store:
             vdir = d / "versions" / version
             vdir.mkdir(parents=True, exist_ok=True)
             copy_file(d / "model.safetensors", vdir / "model.safetensors")
-            entry = {"version": version, "date": _now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
+            entry = {"version": version, "date": records.now(), "steps": lin["steps"], "best_val_bpb": lin["best_val_bpb"], "note": note}
             self.update_lineage(name, versions=lin.get("versions", []) + [entry])
         return version
 
@@ -337,117 +246,13 @@ class Store:
 
     # metrics -----------------------------------------------------------------
     def metrics(self, name, since_line=0, adapter=None):
-        d = self.adapter_dir(name, adapter, must_exist=False) if adapter else self.model_dir(name)
+        d = self.adapters.dir(name, adapter, must_exist=False) if adapter else self.model_dir(name)
         p = d / "metrics.jsonl"
         if not p.exists():
             return []
         with open(p, encoding="utf-8", errors="replace") as f:
             lines = f.readlines()[since_line:]
         return [row for row in map(_json_or_none, lines) if row is not None]
-
-    # books -------------------------------------------------------------------
-    def add_book(self, name, data, filename="book.txt", max_bytes=MAX_UNZIPPED_BYTES):
-        """Read raw bytes (any encoding/format), store the clean UTF-8 text; returns its info.
-        Of two uploads under one name, one is stored, the other gets Exists. `max_bytes` caps
-        what an .epub may inflate to (books.read_book)."""
-        path = self.book_path(name)
-        book = read_book(data, filename, max_bytes)  # the slow part, outside the lock
-        with self.book_locked(name):
-            if path.exists():
-                raise Exists(f"a book named {name!r} already exists; delete it first or pick another name")
-            return self._save_book(path, book, len(data), filename)
-
-    def book_info(self, name):
-        path = self.book_path(name)
-        with self.book_locked(name):
-            if not path.is_file():
-                raise NotFound(f"no book named {name!r}; upload it first (known: {[b['name'] for b in self.list_books()]})")
-            meta = path.with_suffix(".json")
-            if not meta.exists():
-                return self._describe_loose_book(path)
-            try:
-                return records.load(meta, records.BookMeta)
-            except CorruptFile as e:
-                raise CorruptFile(f"{e}; remove that file to have the book's text read again, or delete the book "
-                                  f"(Delete on the Books tab)") from None
-
-    def _describe_loose_book(self, path):
-        """A .txt dropped into books/ by hand: read it like an upload, once."""
-        data = path.read_bytes()
-        return self._save_book(path, read_book(data, path.name), len(data), path.name)
-
-    def _save_book(self, path, book, n_bytes, filename):
-        """The book's clean UTF-8 text at `path` and its info next to it (written last)."""
-        text = book.text.encode("utf-8")
-        info = {"name": path.stem, "filename": os.path.basename(filename), "bytes": n_bytes, "text_bytes": len(text),
-                "sha256": hashlib.sha256(text).hexdigest(), **book.report(), "added": _now()}
-        if not path.exists() or path.read_bytes() != text:
-            atomic_write(path, text)
-        write_json(path.with_suffix(".json"), info)
-        return info
-
-    def book_text(self, name):
-        return self.read_book(name)[1]
-
-    def read_book(self, name):
-        """(info, text) of a stored book, read together: the text is the one its sha256 names."""
-        with self.book_locked(name):
-            info = self.book_info(name)
-            return info, self.book_path(name).read_text(encoding="utf-8")
-
-    def list_books(self):
-        """Every book's info; a book whose info is damaged is listed as {name, damaged: what to do}."""
-        out = []
-        for p in sorted((self.home / "books").glob("*.txt")):
-            if not (NAME_RE.fullmatch(p.stem) and p.is_file()):
-                continue  # a folder named like a book is not one
-            try:
-                out.append(self.book_info(p.stem))
-            except NotFound:
-                continue  # deleted while we listed
-            except BookError:
-                continue  # an unreadable file dropped in by hand is not a book
-            except (StoreError, OSError) as e:
-                out.append({"name": p.stem, "damaged": str(e)})
-        return out
-
-    def delete_book(self, name):
-        """Delete a book's text and info; also of a book whose info is damaged."""
-        path = self.book_path(name)
-        with self.book_locked(name):
-            if not path.is_file():
-                raise NotFound(f"no book named {name!r}")
-            path.unlink()
-            path.with_suffix(".json").unlink(missing_ok=True)
-
-    def resolve_book(self, ref, allow_path=False):
-        """A book given as a store name -> (name, text, sha256). Only the CLI passes allow_path,
-        to name a file by its path; a name from the web API never becomes a path on the server."""
-        if not self._is_path(ref, allow_path):
-            info, text = self.read_book(check_name(ref, "book"))
-            return ref, text, info["sha256"]
-        p = Path(ref)
-        if not p.is_file():
-            raise NotFound(f"no book {ref!r}: not an uploaded book name and not a file")
-        text = read_book(p.read_bytes(), p.name).text
-        stem = re.sub(r"[^A-Za-z0-9_-]", "_", p.stem)[:64] or "book"
-        return stem, text, hashlib.sha256(text.encode()).hexdigest()
-
-    def book_sha256(self, ref, allow_path=False):
-        """The sha256 of a book's text as it is now (a path is read again)."""
-        if not self._is_path(ref, allow_path):
-            return self.book_info(check_name(ref, "book"))["sha256"]
-        return self.resolve_book(ref, allow_path)[2]
-
-    def _is_path(self, ref, allow_path):
-        """Only where allowed (the CLI) is a book named by a path, and a stored book's name wins."""
-        return allow_path and not (NAME_RE.fullmatch(ref) and self.book_path(ref).exists())
-
-
-def merge_books(known, new):
-    """The books of a lineage plus the new ones (by sha256), in order."""
-    seen = {b["sha256"] for b in known}
-    return known + [b for b in new if b["sha256"] not in seen]
 
 
 def copy_file(src, dst):
@@ -464,7 +269,3 @@ def _json_or_none(line):
     except (ValueError, RecursionError):
         return None
     return row if isinstance(row, dict) else None
-
-
-def _now():
-    return time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -30,7 +30,7 @@ def run_ddp(args):
     result = {"meta": machine_info(pick_device(args.device), args, book, None), "rows": []}
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
-        store.add_book("book", book.read_bytes(), book.name)
+        store.books.add("book", book.read_bytes(), book.name)
         for preset, cfg in presets.items():
             B, T = (4, 32) if args.quick else SHAPES[preset]
             global_batch = args.global_batch or 2 * B

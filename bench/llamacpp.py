@@ -40,7 +40,7 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
-        store.add_book("book", (ROOT / "books" / "example_book.txt").read_bytes(), "example_book.txt")
+        store.books.add("book", (ROOT / "books" / "example_book.txt").read_bytes(), "example_book.txt")
         store.create_model("m", CONFIG)
         train(store, "m", ["book"], TrainConfig(steps=args.steps, batch_size=16, precision="fp32", compile="off"))
         model, tok = store.load_model("m").eval(), store.tokenizer("m")

@@ -59,7 +59,7 @@ def lora_finetune(store, base_book, new_book, preset, base_steps, ft_steps, devi
         events = []
         if lc:
             runs.finetune(store, "base", [new_book], tc, label, lc, on_event=events.append)
-            model = store.load_adapter("base", label, device)
+            model = store.adapters.load("base", label, device)
         else:
             runs.train(store, "full", [new_book], tc, on_event=events.append)
             model = store.load_model("full", device)
@@ -67,5 +67,5 @@ def lora_finetune(store, base_book, new_book, preset, base_steps, ft_steps, devi
         step_s = sum(tc.batch_size * fp.config.max_seq_len / e["tokens_per_s"] for e in steps)
         out[label] = {"val_bpb": val_bpb(model), "steps_per_s": len(steps) / step_s,
                       "params": events[0]["params"], "precision": events[0]["precision"]}
-    out["qlora"]["merged_val_bpb"] = val_bpb(merge_lora(store.load_adapter("base", "qlora", device, nf4=False)))
+    out["qlora"]["merged_val_bpb"] = val_bpb(merge_lora(store.adapters.load("base", "qlora", device, nf4=False)))
     return out

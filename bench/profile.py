@@ -23,7 +23,7 @@ def run_profile(args):
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
-        store.add_book("book", EXAMPLE_BOOK.read_bytes(), EXAMPLE_BOOK.name)
+        store.books.add("book", EXAMPLE_BOOK.read_bytes(), EXAMPLE_BOOK.name)
         for name in args.presets.split(","):
             for prec in pick_precisions(device, args.precisions):
                 for opt in args.optimizers.split(","):

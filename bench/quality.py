@@ -41,7 +41,7 @@ def run_quality(args):
     budget = collections.defaultdict(lambda: args.steps) if args.steps else {}  # (batch, seq_len) -> steps
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
-        store.add_book("book", book.read_bytes(), book.name)
+        store.books.add("book", book.read_bytes(), book.name)
         for i, changes in enumerate(candidates):
             row = quality_run(store, f"q{i}", changes, args.minutes, device, budget)
             result["rows"].append(row)

@@ -189,8 +189,8 @@ def one_seed(ab, sp_cfg, seed):
     home = tempfile.mkdtemp(prefix=f"sp-ab{seed}-")
     try:
         store = Store(home)
-        store.add_book(BOOK, Path(ab.book).read_bytes(), Path(ab.book).name)
-        _, text, _ = store.resolve_book(BOOK)
+        store.books.add(BOOK, Path(ab.book).read_bytes(), Path(ab.book).name)
+        _, text, _ = store.books.resolve(BOOK)
         tok_path = store.home / "tokenizer.json"
         Tokenizer.train([text], PRESETS["small"].vocab_size).save(tok_path)
         arms = {a: make_arm(store, f"arm{i}", tok_path, seed, ab) for i, a in enumerate(ab.arms.split(","))}

@@ -48,7 +48,7 @@ def run_speed(args):
         result["peak_gflops"][prec] = matmul_peak(DTYPES[prec], device, sizes["matmul_n"])
     with tempfile.TemporaryDirectory() as home:
         store = Store(home)
-        store.add_book("book", book.read_bytes(), book.name)
+        store.books.add("book", book.read_bytes(), book.name)
         for name, cfg in presets.items():
             B, T = (4, 32) if args.quick else SHAPES[name]
             for prec in precisions:

@@ -44,7 +44,7 @@ def book_text():
 
 @pytest.fixture
 def book(store, book_text):
-    store.add_book("book", book_text.encode("utf-8"), "book.txt")
+    store.books.add("book", book_text.encode("utf-8"), "book.txt")
     return "book"
 
 

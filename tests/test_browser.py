@@ -206,7 +206,7 @@ def test_a_damaged_book_is_listed_with_what_to_do_and_can_be_deleted(server, pag
 
     store = Store(tmp_path / "home")
     for name in ("good", "bad"):
-        store.add_book(name, book_text[:3000].encode(), f"{name}.txt")
+        store.books.add(name, book_text[:3000].encode(), f"{name}.txt")
     (store.home / "books" / "bad.json").write_text("[]")
     page.goto(server)
     page.click("#tabs button[data-tab=books]")

@@ -120,12 +120,12 @@ def test_parallel_versions_and_rollbacks_lose_no_update(store):
 def test_parallel_uploads_of_one_name_store_one_book(store, book_text):
     for r in range(ROUNDS):
         texts = [f"Upload {i} of round {r}. ".encode() + book_text[:5000].encode() for i in range(WRITERS)]
-        out = race(lambda i: store.add_book("same", texts[i], "same.txt"))
+        out = race(lambda i: store.books.add("same", texts[i], "same.txt"))
         assert sum(not isinstance(x, Exception) for x in out) == 1
         assert all(isinstance(x, Exists) for x in out if isinstance(x, Exception))
-        info, text = store.read_book("same")
+        info, text = store.books.read("same")
         assert hashlib.sha256(text.encode()).hexdigest() == info["sha256"] and text.encode() in texts
-        store.delete_book("same")
+        store.books.delete("same")
 
 
 def test_a_training_run_holds_its_model_against_a_second_run_rollback_and_delete(store, book):
@@ -162,7 +162,7 @@ def test_create_after_a_half_finished_delete_starts_clean(store):
     (d / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n')
     (d / "config.json").unlink()  # where delete_model was cut off
     store.create_model("m", tiny_config())
-    assert store.list_adapters("m") == [] and store.metrics("m") == []
+    assert store.adapters.list("m") == [] and store.metrics("m") == []
 
 
 # ----------------------------------------------------------------------------- damaged files
@@ -257,7 +257,7 @@ def test_parallel_uploads_over_http_store_one_book_whose_sha256_matches(live, bo
         got = post_all(url, "/upload_book", [{"files": {"file": ("t.txt", texts[i])}, "data": {"name": "same"}}
                                              for i in range(WRITERS)])
         assert sorted(got) == [201] + [409] * (WRITERS - 1), got
-        info, text = store.read_book("same")
+        info, text = store.books.read("same")
         assert hashlib.sha256(text.encode()).hexdigest() == info["sha256"] and info["text_bytes"] == len(text.encode())
         assert httpx.delete(f"{url}/books/same").status_code == 200
     print(f"\nFIGURES concurrent upload: {WRITERS} uploads of different texts under one name x {ROUNDS} rounds: "

@@ -51,7 +51,7 @@ DAMAGED_JOBS = {"list.json": "[]", "created.json": '{"created": "zzz"}',
 
 def damage_everything(store, book_text):
     """A home with one intact model and book, and every kind of damaged record beside them."""
-    store.add_book("good", book_text.encode(), "good.txt")
+    store.books.add("good", book_text.encode(), "good.txt")
     store.create_model("good", tiny_config(), tokenizer=Tokenizer.train([book_text], 300))
     for name, (file, content) in DAMAGED_MODELS.items():
         store.create_model(name, tiny_config())
@@ -67,7 +67,7 @@ def damage_everything(store, book_text):
         else:
             path.write_text(content, encoding="utf-8")
     for name, content in DAMAGED_BOOKS.items():
-        store.add_book(name, book_text[:2000].encode(), f"{name}.txt")
+        store.books.add(name, book_text[:2000].encode(), f"{name}.txt")
         (store.home / "books" / f"{name}.json").write_text(content)
     (store.home / "books" / "folder.txt").mkdir()  # a folder named like a book is no book
     adapter = store.model_dir("good") / "adapters" / "broken"
@@ -82,7 +82,7 @@ def damage_everything(store, book_text):
 
 def snapshot(store):
     """The bytes of the intact model (without the damaged adapter put in it) and book: what must not be lost."""
-    paths = [*store.model_dir("good").rglob("*"), store.book_path("good"), store.book_path("good").with_suffix(".json")]
+    paths = [*store.model_dir("good").rglob("*"), store.books.path("good"), store.books.path("good").with_suffix(".json")]
     return {str(p): p.read_bytes() for p in paths if p.is_file() and "adapters" not in p.parts}
 
 

@@ -99,7 +99,7 @@ def two_ranks(tmp_path_factory, book_text):
     logged: -> (store, {rank: {paths it wrote into the store}}, {files the run changed})."""
     tmp = tmp_path_factory.mktemp("ddp")
     store = Store(tmp / "home")
-    store.add_book("book", book_text.encode(), "book.txt")
+    store.books.add("book", book_text.encode(), "book.txt")
     store.create_model("m", tiny_config())
     (tmp / "writes").mkdir()
     started = time.time()

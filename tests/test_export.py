@@ -37,7 +37,7 @@ LORA = LoRAConfig(r=4, alpha=8.0, targets=("c_attn", "attn.c_proj", "c_fc"), rsl
 def store(tmp_path_factory, book_text):
     """A tiny model trained on the book, with a LoRA adapter 'ad' fine-tuned on top of it."""
     store = Store(tmp_path_factory.mktemp("export") / "home")
-    store.add_book("book", book_text.encode(), "book.txt")
+    store.books.add("book", book_text.encode(), "book.txt")
     store.create_model("tiny", tiny_config())
     train(store, "tiny", ["book"], quick_train_config())
     model = store.load_model("tiny")
@@ -123,7 +123,7 @@ def peft_model(store, hf_dir, tmp_path_factory):
 
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_peft_gives_our_adapters_logits(store, peft_model, prompt):
-    ours, base = store.load_adapter("tiny", "ad", nf4=False), store.load_model("tiny").eval()
+    ours, base = store.adapters.load("tiny", "ad", nf4=False), store.load_model("tiny").eval()
     idx = ids_of(store, prompt)
     with torch.no_grad():
         assert (ours(idx)[0] - base(idx)[0]).abs().max() > 1e-3  # the adapter changes something
@@ -132,7 +132,7 @@ def test_peft_gives_our_adapters_logits(store, peft_model, prompt):
 
 def test_peft_merge_and_unload_equals_our_merge(store, peft_model):
     merged = peft_model.merge_and_unload().state_dict()
-    ours = export.hf_state(merge_lora(store.load_adapter("tiny", "ad", nf4=False)))
+    ours = export.hf_state(merge_lora(store.adapters.load("tiny", "ad", nf4=False)))
     assert max((merged[k] - v).abs().max().item() for k, v in ours.items()) <= 1e-6
 
 

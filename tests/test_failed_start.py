@@ -41,7 +41,7 @@ def starts(on_list):
 
 def test_a_failed_start_leaves_the_stopped_run_resumable_at_its_step(store, book, book_text):
     files, rows = stopped_run(store, book)
-    store.add_book("short", short_text(book_text).encode(), "short.txt")
+    store.books.add("short", short_text(book_text).encode(), "short.txt")
     with pytest.raises(NotFound):
         train(store, "m", ["no_such_book"], quick_train_config(steps=2))
     with pytest.raises(ValueError, match="too short"):

@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 import cli
 from app.runs import train
 from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
-from app.store import NAME_RE, Store
+from app.names import NAME_RE
+from app.store import Store
 
 CASES = Counter()  # cases tried per group, printed for RELIABILITY.md
 FUZZ = settings(deadline=None, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -42,7 +43,7 @@ def home(tmp_path_factory):
     """A data folder with one book and one tiny trained model ("m"), shared by the cases."""
     home = tmp_path_factory.mktemp("fuzz") / "home"
     store = Store(home)
-    store.add_book("book", (ROOT / "books" / "example_book.txt").read_bytes()[:30_000], "book.txt")
+    store.books.add("book", (ROOT / "books" / "example_book.txt").read_bytes()[:30_000], "book.txt")
     store.create_model("m", tiny_config(vocab_size=400))
     train(store, "m", ["book"], quick_train_config(steps=4, eval_every=4, checkpoint_every=4))
     return home
@@ -274,7 +275,7 @@ def api(tmp_path_factory):
     (base / "tmp").mkdir()
     old_tempdir, tempfile.tempdir = tempfile.tempdir, str(base / "tmp")
     store = Store(base / "home")
-    store.add_book("book", (ROOT / "books" / "example_book.txt").read_bytes()[:30_000], "book.txt")
+    store.books.add("book", (ROOT / "books" / "example_book.txt").read_bytes()[:30_000], "book.txt")
     store.create_model("m", tiny_config(vocab_size=400))
     train(store, "m", ["book"], quick_train_config(steps=4, eval_every=4, checkpoint_every=4))
     with TestClient(create_app(base / "home", max_upload_mb=1), base_url=LOCAL_URL, follow_redirects=False) as client:

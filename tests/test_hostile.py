@@ -225,22 +225,22 @@ def stopped_run(store, book, steps=3):
 
 def test_resume_refuses_a_book_whose_text_changed_unless_told_and_then_the_lineage_says_so(store, book, book_text, capsys):
     stopped_run(store, book)
-    old_sha = store.book_info(book)["sha256"]
-    store.delete_book(book)
-    store.add_book(book, (book_text[20_000:] + book_text[:20_000]).encode(), "other.txt")  # same name, other text
+    old_sha = store.books.info(book)["sha256"]
+    store.books.delete(book)
+    store.books.add(book, (book_text[20_000:] + book_text[:20_000]).encode(), "other.txt")  # same name, other text
     code = cli.main(["--home", str(store.home), "resume", "t"])
     err = capsys.readouterr().err
     assert code == 2 and "changed since this run started" in err and "--changed-data" in err
     assert cli.main(["--home", str(store.home), "resume", "t", "--changed-data"]) == 0
     run = store.lineage("t")["runs"][-1]
-    new_sha = store.book_info(book)["sha256"]
+    new_sha = store.books.info(book)["sha256"]
     assert run["status"] == "done" and run["books"] == [{"name": book, "sha256": new_sha}]
     assert run["data_changed"] == [{"step": 3, "books": [{"book": book, "sha256_then": old_sha, "sha256_now": new_sha}]}]
 
 
 def test_resume_of_a_deleted_book_is_refused(store, book):
     stopped_run(store, book)
-    store.delete_book(book)
+    store.books.delete(book)
     with pytest.raises(StoreError, match="a book of this run is gone"):
         runs.resume(store, "t", changed_data=True)
 
@@ -250,8 +250,8 @@ def test_a_book_name_never_becomes_a_path(store, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "secret").write_text("The server's own file, which no web request may read. " * 20)
     with pytest.raises(NotFound, match="no book named 'secret'"):
-        store.resolve_book("secret")
-    assert store.resolve_book("secret", allow_path=True)[1].startswith("The server's own file")
+        store.books.resolve("secret")
+    assert store.books.resolve("secret", allow_path=True)[1].startswith("The server's own file")
 
 
 # ----------------------------------------------------------------------------- caches

@@ -22,7 +22,7 @@ from test_server import error_of, train, wait_for
 def trained_once(tmp_path_factory, book_text):
     """A tiny model trained for 20 steps, for the tests that only look at it: (store, name)."""
     store = Store(tmp_path_factory.mktemp("home"))
-    store.add_book("book", book_text.encode("utf-8"), "book.txt")
+    store.books.add("book", book_text.encode("utf-8"), "book.txt")
     store.create_model("tiny", tiny_config())
     runs.train(store, "tiny", ["book"], quick_train_config())
     return store, "tiny"
@@ -86,8 +86,8 @@ def test_tokenizer_view_chunks_spell_the_text_and_count_the_book(trained_once):
     assert b"".join(tok.token_bytes(t["id"]) for t in v["tokens"]) == text.encode()
     assert v["n_tokens"] == len(tok.encode(text)) and v["bytes_per_token"] == v["n_bytes"] / v["n_tokens"]
     b = v["book"]
-    assert b["n_tokens"] == len(tok.encode(store.book_text("book")))
-    assert b["n_bytes"] == len(store.book_text("book").encode()) and 0.3 < b["common_share"] < 1
+    assert b["n_tokens"] == len(tok.encode(store.books.text("book")))
+    assert b["n_bytes"] == len(store.books.text("book").encode()) and 0.3 < b["common_share"] < 1
     merges = v["longest_merges"]
     assert all(m["result"] == m["left"] + m["right"] for m in merges)
     assert [len(m["result"].encode()) for m in merges] == sorted((len(m["result"].encode()) for m in merges), reverse=True)

@@ -17,8 +17,10 @@ LAYERS = [
     {"schedule", "keep_best", "checkpoint", "evaluate"},  # lr over time; when to stop; the resume format; bits/byte
     {"azr_trainer"},  # the loop
     # ---- the product: app/
-    {"app.records", "app.books"},  # the schema of every record read from disk; reading book files
-    {"app.store"},  # models, books, adapters on disk
+    # the schema of every record read from disk; reading book files; the one pattern of a stored name
+    {"app.records", "app.books", "app.names"},
+    {"app.shelf", "app.adapters"},  # the store's books; the LoRA adapters of its models
+    {"app.store"},  # models on disk, holding the shelf of books and the adapters
     # a run of a stored model; looking inside a model; a model for other tools
     {"app.runs", "app.inside", "app.export"},
     {"app.jobs"},  # the web app's background job

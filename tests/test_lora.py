@@ -155,10 +155,10 @@ def test_adapter_save_load_round_trip(trained):
     store, name = trained
     lc = LoRAConfig(r=4, alpha=8, targets=("c_attn", "c_fc"))
     model = randomize_B(apply_lora(store.load_model(name), lc).eval())
-    store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
-    assert store.list_adapters(name) == ["a"]
-    assert store.adapter_info(name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
-    loaded = store.load_adapter(name, "a")
+    store.adapters.save(name, "a", model, lc, store.weights_sha256(name))
+    assert store.adapters.list(name) == ["a"]
+    assert store.adapters.info(name, "a")["lora"]["targets"] == ["c_attn", "c_fc"]
+    loaded = store.adapters.load(name, "a")
     assert torch.equal(loaded(IDX)[0], model(IDX)[0])
 
 
@@ -166,17 +166,17 @@ def test_adapter_refused_on_a_different_base(trained):
     store, name = trained
     lc = LoRAConfig(r=4)
     model = apply_lora(store.load_model(name), lc)
-    store.save_adapter(name, "a", model, lc, store.weights_sha256(name))
+    store.adapters.save(name, "a", model, lc, store.weights_sha256(name))
     store.create_model("other", tiny_config())  # same shapes, other weights
     (store.model_dir("other") / "adapters").mkdir()
-    shutil.copytree(store.adapter_dir(name, "a"), store.model_dir("other") / "adapters" / "a")
+    shutil.copytree(store.adapters.dir(name, "a"), store.model_dir("other") / "adapters" / "a")
     with pytest.raises(StoreError, match="trained on model 'tiny', not 'other'"):
-        store.load_adapter("other", "a")
+        store.adapters.load("other", "a")
     train(store, name, ["book"], quick_train_config(steps=2))  # the base itself moves on
     with pytest.raises(StoreError, match="trained on other weights"):
-        store.load_adapter(name, "a")
+        store.adapters.load(name, "a")
     store.rollback(name, "v001")  # back to the weights the adapter knows
-    store.load_adapter(name, "a")
+    store.adapters.load(name, "a")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -191,9 +191,9 @@ def test_finetune_trains_adapter_and_leaves_base_untouched(trained):
     assert summary["status"] == "done" and summary["params"]["trainable"] == events[0]["params"]["trainable"]
     assert 0 < summary["params"]["trainable"] < summary["params"]["total"] / 5
     assert store.weights_sha256(name) == sha and store.lineage(name) == lineage
-    info = store.adapter_info(name, "a")
+    info = store.adapters.info(name, "a")
     assert info["base_sha256"] == sha and info["lora"]["nf4"] and info["run"]["steps"] == 6
-    state = weights_of(store.load_adapter(name, "a"), trainable_only=True)
+    state = weights_of(store.adapters.load(name, "a"), trainable_only=True)
     assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("lora_B"))  # B moved away from 0
     with pytest.raises(StoreError, match="already has an adapter"):
         finetune(store, name, ["book"], quick_train_config(steps=2), "a")
@@ -206,9 +206,9 @@ def test_finetune_stop_and_resume_matches_uninterrupted_run(trained):
     calls = iter(range(100))
     stopped = finetune(store, name, ["book"], tc, "halves", LoRAConfig(r=4, dropout=0.1),
                        should_stop=lambda: next(calls) >= 5)
-    assert stopped["status"] == "stopped" and store.adapter_info(name, "halves")["run"]["status"] == "stopped"
+    assert stopped["status"] == "stopped" and store.adapters.info(name, "halves")["run"]["status"] == "stopped"
     assert resume(store, name, adapter="halves")["status"] == "done"
-    whole, halves = (weights_of(store.load_adapter(name, a), trainable_only=True) for a in ("whole", "halves"))
+    whole, halves = (weights_of(store.adapters.load(name, a), trainable_only=True) for a in ("whole", "halves"))
     assert all(torch.equal(whole[k], halves[k]) for k in whole)
 
 
@@ -237,7 +237,7 @@ def test_cli_finetune_generate_merge(trained, capsys):
     assert lineage["parent"] == {"model": name, "adapter": "ft"} and lineage["steps"] == 20 + 4
     tokenizer_json = (store.model_dir(name) / "tokenizer.json").read_text()
     assert (store.model_dir("merged") / "tokenizer.json").read_text() == tokenizer_json
-    full_precision = store.load_adapter(name, "ft", nf4=False)
+    full_precision = store.adapters.load(name, "ft", nf4=False)
     assert torch.allclose(store.load_model("merged").eval()(IDX)[0], full_precision(IDX)[0], atol=1e-5)
     assert cli.main(["--home", home, "merge", name, "--adapter", "ft", "--out", "merged"]) == 2  # name taken
     assert cli.main(["--home", home, "generate", name, "--adapter", "nope"]) == 2

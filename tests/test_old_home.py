@@ -69,7 +69,7 @@ def test_an_old_home_lists_its_model_and_book(old_home):
     store = Store(home)
     [model] = store.list_models()
     assert "damaged" not in model and model["name"] == "old" and model["steps"] == 20 and model["has_tokenizer"]
-    assert [b["name"] for b in store.list_books()] == ["book"] and "damaged" not in store.list_books()[0]
+    assert [b["name"] for b in store.books.list()] == ["book"] and "damaged" not in store.books.list()[0]
     assert len(store.metrics("old")) == 20
 
 

@@ -28,7 +28,7 @@ openai = pytest.importorskip("openai")
 def home(tmp_path_factory, book_text):
     """A tiny trained model 'tiny' with an adapter 'ad', and a model 'fresh' that was never trained."""
     store = Store(tmp_path_factory.mktemp("v1") / "home")
-    store.add_book("book", book_text.encode(), "book.txt")
+    store.books.add("book", book_text.encode(), "book.txt")
     store.create_model("tiny", tiny_config())
     train(store, "tiny", ["book"], quick_train_config())
     finetune(store, "tiny", ["book"], quick_train_config(steps=5), "ad", LoRAConfig(r=2))

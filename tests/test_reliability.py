@@ -302,7 +302,7 @@ def test_corrupted_weights_are_a_clear_error_for_every_command(trained, capsys, 
     data[len(data) // 2] ^= 0x55
     path.write_bytes(bytes(data))
     book = tmp_path / "b.txt"
-    book.write_text(store.book_text("book"))
+    book.write_text(store.books.text("book"))
     for args in (["generate", name, "--prompt", "a"], ["eval", name, "--book", str(book)],
                  ["train", name, "--book", "book", "--steps", "2"]):
         assert cli.main(["--home", str(store.home), *args]) == 2
@@ -394,11 +394,11 @@ def test_disk_full_writing_a_book_or_json_leaves_nothing_half_written(store, mon
 
     monkeypatch.setattr(S.os, "fsync", full)  # the write got as far as flushing, then the disk was full
     with pytest.raises(OSError, match="No space"):
-        store.add_book("b", book_text.encode(), "b.txt")
+        store.books.add("b", book_text.encode(), "b.txt")
     with pytest.raises(OSError, match="No space"):
         store.create_model("m", tiny_config())
     monkeypatch.undo()
-    assert store.list_books() == [] and store.list_models() == []
+    assert store.books.list() == [] and store.list_models() == []
     assert [p for p in store.home.rglob("*") if p.is_file() and p.parent.name != "locks"] == []  # locks stay, empty
 
 
@@ -514,7 +514,7 @@ def test_20_clients_generate_while_a_job_trains(tmp_path, book_text):
     and a second training request is refused with 409."""
     home = tmp_path / "home"
     store = S.Store(home)
-    store.add_book("book", book_text.encode(), "book.txt")
+    store.books.add("book", book_text.encode(), "book.txt")
     for name in ("t", "g"):
         store.create_model(name, tiny_config())
     train(store, "g", ["book"], quick_train_config(steps=4, eval_every=4))  # g: the model clients sample
@@ -596,7 +596,7 @@ def test_generations_whose_clients_left_stop_and_health_never_waits_for_them(tmp
     Retry-After; /health answers within a second throughout."""
     home = tmp_path / "home"
     store = S.Store(home)
-    store.add_book("book", book_text.encode(), "book.txt")
+    store.books.add("book", book_text.encode(), "book.txt")
     store.create_model("g", tiny_config(d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_seq_len=256))
     train(store, "g", ["book"], quick_train_config(steps=1, eval_every=1))  # slow enough to decode
     body = {"model": "g", "prompt": "The keeper", "max_new_tokens": 10_000}

@@ -70,19 +70,19 @@ def test_delete_model_removes_everything(store):
 
 def test_books_are_stored_as_clean_utf8_with_their_story(store):
     raw = ("Глава первая.\r\nСмотритель зажёг лампу в сумерках, как всегда.\r\n" * 20).encode("cp1251")
-    info = store.add_book("ru", raw, "ru.txt")
+    info = store.books.add("ru", raw, "ru.txt")
     assert info["encoding"] == "cp1251" and info["language"] == "ru" and info["bytes"] == len(raw)
-    assert store.book_text("ru").startswith("Глава первая.\nСмотритель")
-    assert [b["name"] for b in store.list_books()] == ["ru"]
-    store.delete_book("ru")
-    assert store.list_books() == []
+    assert store.books.text("ru").startswith("Глава первая.\nСмотритель")
+    assert [b["name"] for b in store.books.list()] == ["ru"]
+    store.books.delete("ru")
+    assert store.books.list() == []
     with pytest.raises(NotFound):
-        store.book_text("ru")
+        store.books.text("ru")
 
 
 def test_a_book_dropped_into_the_folder_by_hand_is_listed(store):
     (store.home / "books" / "loose.txt").write_text("A book copied in by hand, line after line.\n" * 10)
-    assert [b["name"] for b in store.list_books()] == ["loose"]
+    assert [b["name"] for b in store.books.list()] == ["loose"]
 
 
 def test_home_defaults_to_env_var(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from app import runs
 from app.web.common import Answer, Azr, Damaged
 from app.web.errors import TooLarge, too_big
-from app.store import check_name
+from app.names import check_name
 
 router = APIRouter(tags=["books"])
 
@@ -27,24 +27,24 @@ class BookInfo(Answer):
 def upload_book(azr: Azr, file: UploadFile = File(...), name: str | None = Form(None)):
     data = read_upload(file, azr.max_upload_bytes)
     name = check_name(name or book_name_from(file.filename), "book")
-    info = azr.store.add_book(name, data, file.filename or "book.txt", max_bytes=azr.max_upload_bytes)
-    return {**info, "preview": preview(azr.store.book_text(name))}
+    info = azr.store.books.add(name, data, file.filename or "book.txt", max_bytes=azr.max_upload_bytes)
+    return {**info, "preview": preview(azr.store.books.text(name))}
 
 
 @router.get("/books", summary="Uploaded books with size, encoding and language (a book whose info cannot be read: "
                               "{name, damaged})", response_model=list[BookInfo | Damaged])
 def list_books(azr: Azr):
-    return [{**b, "first_line": first_line_of(azr.store, b["name"])} for b in azr.store.list_books()]
+    return [{**b, "first_line": first_line_of(azr.store, b["name"])} for b in azr.store.books.list()]
 
 
 @router.get("/books/{name}", summary="One book's info and the first lines of its text")
 def book_info(name: str, azr: Azr):
-    return {**azr.store.book_info(name), "preview": preview(azr.store.book_text(name))}
+    return {**azr.store.books.info(name), "preview": preview(azr.store.books.text(name))}
 
 
 @router.delete("/books/{name}", summary="Delete a book")
 def delete_book(name: str, azr: Azr):
-    azr.store.delete_book(name)
+    azr.store.books.delete(name)
     return {"deleted": name}
 
 
@@ -68,7 +68,7 @@ def first_line_of(store, name, chars=4096):
     """A book's first line, the page's default prompt for a model trained on it (as the samples'
     while training, runs.first_line); only the start of the book is read."""
     try:
-        with store.book_path(name).open(encoding="utf-8") as f:
+        with store.books.path(name).open(encoding="utf-8") as f:
             return runs.first_line(f.read(chars))
     except (OSError, ValueError):  # deleted meanwhile, or not UTF-8 yet (dropped in by hand): no default
         return None

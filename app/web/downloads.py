@@ -124,5 +124,5 @@ def zip_folder(folder, names, prefix, path, extra=None):
 
 def build_adapter_zip(store, name, adapter, tmp):
     """The adapter's files (only those), zipped into folder `tmp`."""
-    d = store.adapter_dir(name, adapter)
+    d = store.adapters.dir(name, adapter)
     return zip_folder(d, [f for f in ADAPTER_FILES if (d / f).exists()], adapter, tmp / f"{adapter}.zip")

@@ -134,7 +134,7 @@ def arena_sides(cancelled, azr, req):
     if sc.seed is None:  # both sides draw the same random numbers: a fair comparison
         sc.seed = secrets.randbelow(2**31)  # not torch's generator: training re-seeds it
     if req.book:
-        azr.store.book_info(req.book)
+        azr.store.books.info(req.book)
     sides = {}
     for side, name, adapter in (("a", req.model_a, req.adapter_a), ("b", req.model_b, req.adapter_b)):
         model, tok = azr.models.get(name, adapter)

@@ -26,7 +26,7 @@ class ModelCache:
         d = self.store.model_dir(name)
         files = [d / f for f in ("model.safetensors", "tokenizer.json", "config.json")]
         if adapter:
-            files.append(self.store.adapter_dir(name, adapter) / "adapter.safetensors")
+            files.append(self.store.adapters.dir(name, adapter) / "adapter.safetensors")
         key = tuple(file_key(f) for f in files)
         with self.lock:
             hit = self.entries.get((name, adapter))
@@ -38,7 +38,7 @@ class ModelCache:
             if tok is None:
                 raise HTTPException(409, f"model {name!r} has no tokenizer yet: train it on a book first")
             if adapter:
-                model = self.store.load_adapter(name, adapter, self.device)
+                model = self.store.adapters.load(name, adapter, self.device)
             else:
                 model = self.store.load_model(name, self.device).eval()
         with self.lock:
@@ -61,7 +61,7 @@ def gone_is_not_found(store, name, adapter=None):
     try:
         yield
     except Exception:
-        store.adapter_dir(name, adapter) if adapter else store.model_dir(name)  # NotFound once it is gone
+        store.adapters.dir(name, adapter) if adapter else store.model_dir(name)  # NotFound once it is gone
         raise
 
 

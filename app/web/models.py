@@ -106,7 +106,7 @@ def model_info(name: str, azr: Azr):
 
 def adapter_or_damaged(store, name, adapter):
     try:
-        return store.adapter_info(name, adapter)
+        return store.adapters.info(name, adapter)
     except CorruptFile as e:
         return {"name": adapter, "damaged": str(e)}
 
@@ -155,7 +155,7 @@ def delete_model(name: str, azr: Azr):
 @router.delete("/models/{name}/adapters/{adapter}", summary="Delete one LoRA adapter of a model")
 def delete_adapter(name: str, adapter: str, azr: Azr):
     refuse_while_training(azr.jobs, name, "delete an adapter of")
-    azr.store.delete_adapter(name, adapter)
+    azr.store.adapters.delete(name, adapter)
     azr.models.forget(name)
     return {"deleted": adapter, "model": name}
 
@@ -174,7 +174,7 @@ def refuse_while_training(jobs, name, what):
 
 @router.post("/merge", status_code=201, summary="Merge a LoRA adapter into a new model", response_model=ModelInfo)
 def merge(req: MergeRequest, azr: Azr):
-    azr.store.merge_adapter(req.model, req.adapter, req.out)
+    azr.store.adapters.merge(req.model, req.adapter, req.out)
     return azr.store.info(req.out)
 
 

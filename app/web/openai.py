@@ -46,7 +46,7 @@ from app.web.generation_queue import until
 from config import SettingError
 from files import NotFound
 from generate import SamplingConfig, stream
-from app.store import check_name
+from app.names import check_name
 
 OPENAI_NAMES = {"max_new_tokens": "max_tokens"}  # SamplingConfig's name -> OpenAI's, where they differ
 MAX_STOPS = 4  # OpenAI's limit
@@ -308,8 +308,8 @@ def generating_models(store):
         yield m["name"], epoch(m["created"])
         for adapter in m["adapters"]:
             try:
-                info = store.adapter_info(m["name"], adapter)
-                store.check_base(m["name"], info)
+                info = store.adapters.info(m["name"], adapter)
+                store.adapters.check_base(m["name"], info)
             except (ValueError, OSError, KeyError):  # damaged, or trained on other weights
                 continue
             yield f"{m['name']}:{adapter}", epoch(info.get("saved", m["created"]))

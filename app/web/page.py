@@ -70,7 +70,7 @@ def docs():
 @router.get("/health", summary="Server is up: device, counts, job state, generations running or waiting; the "
                                "models, books and job files that are damaged", response_model=Health)
 def health(azr: Azr):
-    models, books = azr.store.list_models(), azr.store.list_books()
+    models, books = azr.store.list_models(), azr.store.books.list()
     return {"ok": True, "device": str(azr.device), "models": len(models),
             "damaged": [m["name"] for m in models if "damaged" in m],
             "books": len(books), "damaged_books": [b["name"] for b in books if "damaged" in b],

@@ -14,7 +14,7 @@ from azr_trainer import TrainConfig
 from files import CorruptFile, Exists, NotFound
 from app.jobs import RESUMABLE, Busy
 from lora import LoRAConfig
-from app.store import check_name
+from app.names import check_name
 
 SERVER_CHOOSES = {"device"}  # TrainConfig fields the web API does not offer: the server's device is used
 
@@ -89,7 +89,7 @@ def check_training_inputs(store, model, books):
         raise ValueError("choose at least one book to train on")
     runs.check_books(books)
     for b in books:
-        store.book_info(b)
+        store.books.info(b)
 
 
 def lora_config(store, req):
@@ -99,7 +99,7 @@ def lora_config(store, req):
     check_name(req.adapter, "adapter")
     if store.tokenizer(req.model) is None:
         raise ValueError(f"model {req.model!r} has no tokenizer yet: train it on a book before fine-tuning it")
-    if req.adapter in store.list_adapters(req.model):
+    if req.adapter in store.adapters.list(req.model):
         raise Exists(f"model {req.model!r} already has an adapter {req.adapter!r}; pick another name")
     return settings_from(req, LoRAConfig, prefix="lora_")
 
