@@ -448,8 +448,8 @@ class Trainer:
         save_tensors(self.ckpt_dir / f"step_{self.step:08d}.safetensors", tensors, meta)
         for old in sorted(self.ckpt_dir.glob("step_*.safetensors"))[: -self.tc.keep_checkpoints]:
             old.unlink()
-        for torn in self.ckpt_dir.glob(".step_*.tmp"):  # left by a kill -9 mid-write: never valid
-            torn.unlink(missing_ok=True)
+        for torn in self.ckpt_dir.glob(".*.tmp"):  # a checkpoint, best or run.json a kill -9 cut off: never valid
+            torn.unlink(missing_ok=True)  # (and no one else writes here: the run holds its model's lease)
         self._write_run(self.run_info["status"])
 
     def _claim(self):
