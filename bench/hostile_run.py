@@ -341,13 +341,16 @@ class HostileRun:
         (cut in half): that resume must start at the one before, and say so."""
         c = self.client
         expect(c.post("/train", json={"model": "t", "book": "bk", "steps": 100000, "checkpoint_every": 5,
-                                      **FAST_TRAIN}), 202)
+                                      "patience": 0, **FAST_TRAIN}), 202)  # no early stop: a run to kill
         torn_at = max(1, self.args.kills // 2)
         for k in range(1, self.args.kills + 1):
             if time.time() > self.deadline:
                 break
             target = self.status().get("step", 0) + self.rng.randint(3, 12)
             reached = self.wait_until(lambda: self.status().get("step", 0) >= target, 90)
+            if self.status().get("state") not in ("queued", "running"):
+                self.tally.finding(f"kill -9: the job is {self.status().get('state')}, not running, before kill {k}")
+                break
             racing = threading.Thread(target=self.fire, args=("races during kill -9", self.race_batch(30)))
             racing.start()
             time.sleep(self.rng.uniform(0.2, 1.5))
