@@ -294,6 +294,7 @@ class App:
 
     def __init__(self, home, max_upload_mb, api_key=None):
         self.store = Store(home)
+        self.store.sweep_temp_files()  # left by a kill -9 of the last server, or of a CLI run
         sweep_downloads()
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ import torch
 
 from config import check_seed, echo
 import records
-from files import (CorruptFile, Exists, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
+from files import (CorruptFile, Exists, InUse, NotFound, StoreError, atomic_write, held, load_tensors, replacing, save_tensors,
                    tensors_sha256_of_file, write_json)
 from azr_trainer import load_trained_weights
 from lora import LoRAConfig, attach_lora, count_params, lora_state, merge_lora
@@ -98,6 +99,31 @@ class Store:
     def book_locked(self, name):
         return held(self.home / "locks" / f"book-{check_name(name, 'book')}.lock",
                     f"book {name!r} is busy: another process has been changing it for minutes; try again")
+
+    def sweep_temp_files(self):
+        """Remove the temp files a kill -9 left mid-write in books/ and models/ (files.replacing's
+        hidden `.FILE.*.tmp`: never read, but litter that grows with every crash). Only those of an
+        object whose locks are free at this moment: a live writer, here or in another process,
+        holds its object's lock (a training run: its lease) while its temp file grows."""
+        swept = []
+        for tmp in (self.home / "books").glob(".*.tmp"):
+            swept += self._sweep(tmp, [f"book-{tmp.name[1:].split('.')[0]}"])
+        for tmp in (self.home / "models").glob("*/**/.*.tmp"):
+            name = tmp.relative_to(self.home / "models").parts[0]
+            swept += self._sweep(tmp, [f"model-{name}", f"model-{name}.run"])
+        return swept
+
+    def _sweep(self, tmp, locks):
+        if not all(NAME_RE.fullmatch(lock.split("-", 1)[1].removesuffix(".run")) for lock in locks):
+            return []  # not the temp file of a stored object: not ours to remove
+        try:
+            with ExitStack() as stack:
+                for lock in locks:
+                    stack.enter_context(held(self.home / "locks" / f"{lock}.lock", "in use", wait_s=0))
+                tmp.unlink(missing_ok=True)
+                return [tmp]
+        except InUse:
+            return []
 
     # paths -------------------------------------------------------------------
     def model_dir(self, name, must_exist=True):

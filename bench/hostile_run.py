@@ -75,7 +75,7 @@ def main(argv=None):
             print(f"home kept: {run.server.home}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
-    return 1 if run.tally.findings or report["lost"] or report["corrupt"] else 0
+    return 1 if run.tally.findings or report["lost"] or report["corrupt"] or report["leftovers"] else 0
 
 
 def parse_args(argv):

@@ -198,6 +198,38 @@ def test_temp_files_a_kill_left_beside_the_checkpoints_go_at_the_next_checkpoint
     assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
 
 
+def test_temp_files_a_kill_left_in_books_and_models_go_at_the_next_start_but_not_a_live_writers(tmp_path):
+    """A kill -9 in the middle of an upload or a model write leaves its hidden temp file (found by
+    bench/hostile_run.py: 4 in books/ after 17 kills). The next server start removes them, except
+    the one of an object whose lock another writer holds right now."""
+    store = S.Store(tmp_path)
+    store.add_book("b", b"a short book of plain words. " * 40, "b.txt")
+    store.create_model("m", tiny_config())
+    litter = [tmp_path / "books" / ".b.txt.k1ll.tmp", tmp_path / "books" / ".gone.json.k1ll.tmp",
+              tmp_path / "models" / "m" / ".lineage.json.k1ll.tmp"]
+    live = tmp_path / "books" / ".busy.txt.w0rk.tmp"
+    for p in [*litter, live]:
+        p.write_bytes(b"half of a file")
+    holding, done = threading.Event(), threading.Event()
+
+    def writer():  # another writer, busy with book "busy" while the server starts
+        with store.book_locked("busy"):
+            holding.set()
+            done.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    holding.wait(10)
+    try:
+        server.create_app(tmp_path)
+    finally:
+        done.set()
+        t.join()
+    assert [p for p in litter if p.exists()] == [] and live.exists()
+    assert store.book_text("b") == "a short book of plain words. " * 40
+    store.load_model("m")
+
+
 def test_a_crash_before_the_first_checkpoint_resumes_from_step_0_without_duplicate_rows(store, book):
     store.create_model("straight", tiny_config())
     store.create_model("crashy", tiny_config())
