@@ -28,6 +28,7 @@ the last full run are in RELIABILITY.md.
 """
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -49,6 +50,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from bench/: the project's modules live one folder up
+import records  # noqa: E402 -- the project's own loaders, for the check after the run, and its name rule
+from files import load_tensors  # noqa: E402
+from store import NAME_RE, Store  # noqa: E402
 
 TINY = dict(vocab_size=512, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_seq_len=32)
 FAST_TRAIN = dict(batch_size=8, eval_every=10, eval_batches=2, warmup_steps=5, compile="off", sample_tokens=0)
@@ -104,7 +108,7 @@ class HostileRun:
         self.args, self.rng = args, random.Random(args.seed)
         self.server = Server(tmp / "home", tmp / "server.log")
         self.tally = Tally()
-        self.kills, self.resumes = 0, []  # resumes: (expected step, started step, warned of a torn file)
+        self.kills, self.resumes = 0, []  # (newest intact checkpoint, step resumed at, warned if torn, killed on time)
         self.keep = {"models": {"t"}, "books": {"bk"}}  # acknowledged objects nobody deletes
         self.planted = {}  # path -> bytes of each damaged file we wrote
         self.torn = set()  # checkpoints we cut in half
@@ -441,9 +445,6 @@ class HostileRun:
 
     def check_store(self):
         """With the server down: open every object with the project's loaders."""
-        import records
-        from files import load_tensors
-        from store import Store
         home = self.server.home
         s, corrupt, checked = Store(home), [], Counter()
 
@@ -490,7 +491,6 @@ class HostileRun:
 
 
 def check_book(s, name):
-    import hashlib
     info, text = s.book_info(name), s.book_text(name)
     if hashlib.sha256(text.encode()).hexdigest() != info["sha256"]:
         raise ValueError("text does not match its recorded sha256")
@@ -589,7 +589,6 @@ def judge_name(r, bad):
 
 
 def valid_name(name):
-    from store import NAME_RE
     return bool(NAME_RE.fullmatch(name))
 
 
