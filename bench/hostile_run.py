@@ -485,6 +485,7 @@ class HostileRun:
         lost += [f"damaged file {p.relative_to(home)} changed or gone" for p, b in self.planted.items()
                  if not (p.is_file() and p.read_bytes() == b)]
         leftovers = [str(p.relative_to(home)) for p in home.rglob("*") if ".tmp" in p.name or p.name.startswith("azr-")]
+        leftovers += [f"beside the home: {p.name}" for p in home.parent.iterdir() if p not in (home, self.server.log)]
         return dict(checked=checked, corrupt=corrupt, lost=lost, leftovers=leftovers,
                     tracebacks=self.server.log.read_text(errors="replace").count("Traceback"))
 
