@@ -463,7 +463,9 @@ class HostileRun:
             opens(f"model {name}", lambda: s.load_model(name))
             if (d / "tokenizer.json").exists():
                 opens(f"tokenizer {name}", lambda: s.tokenizer(name))
-            for v in s.lineage(name).get("versions", []) if not corrupt else []:
+            versions = []
+            opens(f"lineage {name}", lambda: versions.extend(s.lineage(name).get("versions", [])))
+            for v in versions:
                 opens(f"version {name}/{v['version']}", lambda v=v: s.load_model(name, version=v["version"]))
             for a in (d / "adapters").glob("*") if (d / "adapters").exists() else []:
                 # its own files only: an adapter of weights trained further since is refused by design
