@@ -39,7 +39,7 @@ def save(ckpt_dir, step, weights, optimizer, rngs, meta, selfplay_states=(), kee
     save_tensors(ckpt_dir / f"step_{step:08d}.safetensors", tensors, meta)
     for old in sorted(ckpt_dir.glob("step_*.safetensors"))[:-keep]:
         old.unlink()
-    for torn in ckpt_dir.glob(".step_*.tmp"):  # left by a kill -9 mid-write: never valid
+    for torn in ckpt_dir.glob(".*.tmp"):  # a checkpoint, best or run.json a kill -9 cut off: never valid
         torn.unlink(missing_ok=True)
 
 

@@ -45,6 +45,8 @@ class JobRunner:
         self.stop_requested = threading.Event()
         self.thread = None
         self.damaged = []  # [{name, damaged}]: job files that could not be read, skipped
+        for torn in self.dir.glob(".*.tmp"):  # a job file a kill -9 cut off mid-write; one server per home
+            torn.unlink(missing_ok=True)  # writes here (as _load_latest assumes): no live writer's
         self.job = self._load_latest()
         self.events = deque(self.job["events"] if self.job else [], maxlen=LOG_EVENTS)
         self.seq = self.events[-1]["seq"] if self.events else 0

@@ -28,12 +28,13 @@ run code and a corrupted file is caught.
 import json
 import os
 import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 
 from config import check_seed, echo
-from files import (CorruptFile, Exists, NotFound, StoreError, held, load_tensors, load_weights, replacing, save_tensors,
+from files import (CorruptFile, Exists, InUse, NotFound, StoreError, held, load_tensors, load_weights, replacing, save_tensors,
                    tensors_sha256_of_file, weights_of, write_json)
 from model import GPT, ModelConfig
 from sizing import check_fits_in_memory, param_count
@@ -269,3 +270,30 @@ def _json_or_none(line):
     except (ValueError, RecursionError):
         return None
     return row if isinstance(row, dict) else None
+
+
+def sweep_temp_files(home):
+    """Remove the temp files a kill -9 left mid-write in books/ and models/ (files.replacing's
+    hidden `.FILE.*.tmp`: never read, but litter that grows with every crash). Only those of an
+    object whose locks are free at this moment: a live writer, here or in another process,
+    holds its object's lock (a training run: its lease) while its temp file grows."""
+    swept = []
+    for tmp in (home / "books").glob(".*.tmp"):
+        swept += _sweep(home, tmp, [f"book-{tmp.name[1:].split('.')[0]}"])
+    for tmp in (home / "models").glob("*/**/.*.tmp"):
+        name = tmp.relative_to(home / "models").parts[0]
+        swept += _sweep(home, tmp, [f"model-{name}", f"model-{name}.run"])
+    return swept
+
+
+def _sweep(home, tmp, locks):
+    if not all(NAME_RE.fullmatch(lock.split("-", 1)[1].removesuffix(".run")) for lock in locks):
+        return []  # not the temp file of a stored object: not ours to remove
+    try:
+        with ExitStack() as stack:
+            for lock in locks:
+                stack.enter_context(held(home / "locks" / f"{lock}.lock", "in use", wait_s=0))
+            tmp.unlink(missing_ok=True)
+            return [tmp]
+    except InUse:
+        return []

@@ -19,6 +19,8 @@ BENCHMARKS.md.
     python -m bench latency     latency.py: the first streamed token of the web API
     python -m bench selfplay    selfplay_ab.py: the self-play A/B and its metrics
     python -m bench llamacpp    llamacpp.py: llama.cpp on our GGUF export against our model
+    python -m bench.hostile_run hostile_run.py: everything a hostile client can throw at a live
+                                server, at once, then a count of what survived (RELIABILITY.md)
 
 common.py holds what they share: the books (../shared/books beside the repository, never
 committed), the peer, timing in rounds, the machine's description and the report tables.

@@ -184,6 +184,54 @@ def test_kill_9_in_the_middle_of_writing_a_checkpoint(tmp_path):
     assert same_weights(store, "killed", "straight")
 
 
+def test_temp_files_a_kill_left_beside_the_checkpoints_go_at_the_next_checkpoint(store, book):
+    """A kill -9 inside any write of a run's folder (a checkpoint, best.safetensors, run.json) leaves
+    a hidden temp file; the next run there removes them all when it checkpoints (bench/hostile_run.py
+    found a run.json one left behind after 10 kills)."""
+    store.create_model("m", tiny_config())
+    train(store, "m", [book], quick_train_config(steps=2, checkpoint_every=2))
+    ckpt = store.checkpoint_dir("m")
+    litter = [ckpt / n for n in (".run.json.k1ll.tmp", ".best.safetensors.k1ll.tmp", ".step_00000004.safetensors.k1ll.tmp")]
+    for p in litter:
+        p.write_bytes(b"half of a file")
+    train(store, "m", [book], quick_train_config(steps=4, checkpoint_every=2))
+    assert [p.name for p in ckpt.iterdir() if p.name.startswith(".")] == []
+
+
+def test_temp_files_a_kill_left_in_books_and_models_go_at_the_next_start_but_not_a_live_writers(tmp_path):
+    """A kill -9 in the middle of an upload, a model write or a job's progress leaves its hidden temp
+    file (found by bench/hostile_run.py: 4 in books/, 2 in jobs/ after 17 kills). The next server
+    start removes them, except the one of an object whose lock another writer holds right now."""
+    from server import create_app
+    store = S.Store(tmp_path)
+    store.books.add("b", b"a short book of plain words. " * 40, "b.txt")
+    store.create_model("m", tiny_config())
+    (tmp_path / "jobs").mkdir()
+    litter = [tmp_path / "books" / ".b.txt.k1ll.tmp", tmp_path / "books" / ".gone.json.k1ll.tmp",
+              tmp_path / "models" / "m" / ".lineage.json.k1ll.tmp", tmp_path / "jobs" / ".f8a43a82.json.k1ll.tmp"]
+    live = tmp_path / "books" / ".busy.txt.w0rk.tmp"
+    for p in [*litter, live]:
+        p.write_bytes(b"half of a file")
+    holding, done = threading.Event(), threading.Event()
+
+    def writer():  # another writer, busy with book "busy" while the server starts
+        with store.books.locked("busy"):
+            holding.set()
+            done.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    holding.wait(10)
+    try:
+        create_app(tmp_path)
+    finally:
+        done.set()
+        t.join()
+    assert [p for p in litter if p.exists()] == [] and live.exists()
+    assert store.books.text("b") == "a short book of plain words. " * 40
+    store.load_model("m")
+
+
 def test_a_crash_before_the_first_checkpoint_resumes_from_step_0_without_duplicate_rows(store, book):
     store.create_model("straight", tiny_config())
     store.create_model("crashy", tiny_config())

@@ -14,7 +14,7 @@ from app.web.generation_queue import GenerationQueue
 from app.web.model_cache import ModelCache
 from hardware import pick_device
 from app.jobs import JobRunner
-from app.store import Store
+from app.store import Store, sweep_temp_files
 
 MAX_UPLOAD_MB = 50
 MAX_PROMPT_CHARS = 100_000  # the model sees at most max_seq_len tokens of it anyway
@@ -32,6 +32,7 @@ class App:
 
     def __init__(self, home, max_upload_mb, api_key=None):
         self.store = Store(home)
+        sweep_temp_files(self.store.home)  # left by a kill -9 of the last server, or of a CLI run
         sweep_downloads()
         self.jobs = JobRunner(self.store)
         self.device = pick_device("auto")
