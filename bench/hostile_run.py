@@ -50,7 +50,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from bench/: the project's modules live one folder up
-import records  # noqa: E402 -- the project's own loaders, for the check after the run, and its name rule
+from app import records  # noqa: E402 -- the project's own loaders, for the check after the run, and its name rule
 from files import load_tensors  # noqa: E402
 from app.names import NAME_RE  # noqa: E402
 from app.store import Store  # noqa: E402
@@ -470,7 +470,7 @@ class HostileRun:
                 opens(f"version {name}/{v['version']}", lambda v=v: s.load_model(name, version=v["version"]))
             for a in (d / "adapters").glob("*") if (d / "adapters").exists() else []:
                 # its own files only: an adapter of weights trained further since is refused by design
-                opens(f"adapter {name}/{a.name}", lambda a=a: [s.adapter_info(name, a.name)] +
+                opens(f"adapter {name}/{a.name}", lambda a=a: [s.adapters.info(name, a.name)] +
                       [load_tensors(w) for w in a.glob("*.safetensors")])
         for p in sorted((home / "books").glob("*.txt")):
             if p.is_file() and p not in self.planted:
@@ -495,7 +495,7 @@ class HostileRun:
 
 
 def check_book(s, name):
-    info, text = s.book_info(name), s.book_text(name)
+    info, text = s.books.info(name), s.books.text(name)
     if hashlib.sha256(text.encode()).hexdigest() != info["sha256"]:
         raise ValueError("text does not match its recorded sha256")
 
