@@ -337,6 +337,7 @@ class Stepper:
     learning rate comes from the loop, as a share of each group's peak (schedule.py)."""
 
     def __init__(self, model, train_tokens, tc, T, precision, probe_file=None):
+        # from tc: the batch, accumulation, clipping and peak lr; the run's length is the loop's
         self.model, self.data, self.tc, self.T, self.precision = model, train_tokens, tc, T, precision
         self.probe_file = probe_file  # compile="auto"'s measurements, per machine and config (a JSON file)
         self.device = next(model.parameters()).device
