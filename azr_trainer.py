@@ -16,9 +16,8 @@ supervised steps (selfplay.py's docstring says why).
 
 Exact resume: a checkpoint holds everything the future depends on (checkpoint.py), so stopping at
 step k and resuming reproduces the uninterrupted run's loss at every later step, bit for bit. A
-new run leaves the last run's run.json and checkpoints in its
-folder until its own first step is done (`_claim`), so a start that fails, or is stopped at once,
-costs the last run nothing.
+new run leaves the last run's run.json and checkpoints in its folder until its own first step is
+done (checkpoint.RunFolder), so a start that fails, or is stopped at once, costs the last run nothing.
 
 Several processes (torchrun, distributed.py): every rank runs this same loop on its own batches,
 and DistributedDataParallel averages the gradients, so one step trains on a global batch of
@@ -29,12 +28,14 @@ every rank, so a resume on as many processes is exact too. Self-play: each rank 
 contexts, and its update's gradients are averaged by hand (its forward needs logits, so it goes
 around the DDP wrapper, which only knows the training loss).
 
+`Trainer` is the loop: when to step, evaluate, keep, switch to self-play, checkpoint and stop.
+`Stepper` is the update it calls: the optimizer, the gradient scaler, the batches, the loss module.
+
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
 books live on disk is the store's business; app/runs.py connects the two.
 """
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -44,10 +45,10 @@ import torch
 import checkpoint
 import config
 import distributed
+import keep_best
 import speed
 from config import SEED_MAX, setting
 from evaluate import evaluate_bpb
-from files import load_tensors, load_weights, save_tensors, weights_of
 from hardware import autocast, pick_precision
 from keep_best import STOP_RISE, Best
 from muon import apply_gradients, make_optimizer
@@ -141,41 +142,26 @@ class Trainer:
     def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None, probe_file=None):
         self.model, self.data, self.byte_len, self.tc = model, data, byte_len, tc.validate()
         self.sample = sample
-        self.probe_file = probe_file  # compile="auto"'s measurements, per machine and config (a JSON file)
-        self.ckpt_dir, self.metrics_path, self.run_info = ckpt_dir, metrics_path, run_info
+        self.folder, self.run_info = checkpoint.RunFolder(ckpt_dir, metrics_path, run_info), run_info
         self.device = next(model.parameters()).device
         if self.device.type == "cpu":
             speed.keep_freed_memory()
         self.precision = pick_precision(self.device, tc.precision)
         self.cfg = model.config
-        self.T = window_len(tc, self.cfg)
-        short = min(len(d) for d in data.values())
-        if short <= self.T + 1:
-            raise ValueError(f"the book is too short: its validation split has {short} tokens but one "
-                             f"window needs {self.T + 1}; give a longer book or a smaller seq_len")
-        self.optimizer = make_optimizer(model, tc)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
-        # DDP: the wrapped loss module runs the model forward; its backward all-reduces the gradients
-        self.loss = distributed.wrap(speed.TrainLoss(model))  # compiled as well when compiling pays
-        self.compiled = self.compile_decided = False
-        self.compile_reason = None
+        self.T = check_fits(data, window_len(tc, self.cfg))
+        self.stepper = Stepper(model, data["train"], self.tc, self.T, self.precision, probe_file)
         self.step = 0
         self.should_stop = lambda: False  # run() takes the caller's
         torch.manual_seed(tc.seed + distributed.rank())  # DDP: dropout noise, each rank its own; saved in checkpoints
-        self.batch_gen = torch.Generator().manual_seed(tc.seed)
         self.selfplay = None
         if tc.selfplay_every:
             from selfplay import SelfPlay  # only needed when the stage is on
             # DDP: each rank proposes and rolls out its own contexts
-            self.selfplay = SelfPlay(model, self.optimizer_step, data["train"], self.precision, tc.seed + distributed.rank())
+            self.selfplay = SelfPlay(model, self.stepper.optimizer_step, data["train"], self.precision,
+                                     tc.seed + distributed.rank())
         self.time_share = None  # in a time budget, the share of it spent: the schedule's clock (lr_share)
         self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
         self.best = Best()  # the best evaluation, the kept one (best.safetensors), early stopping's count
-        # A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
-        # step is done: a start that fails (a short book, no memory, compiling) destroys nothing
-        self.claimed = False
-        if distributed.is_main():  # DDP: the others never write
-            ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def run_best(self):
@@ -190,19 +176,19 @@ class Trainer:
         emit = on_event or (lambda e: None)
         self.should_stop = should_stop or self.should_stop
         main = distributed.is_main()  # DDP: rank 0 writes; the others only train
-        self._write_run("running", world_size=distributed.world_size())
+        self.folder.write_run("running", self.step, world_size=distributed.world_size())
         self._start(emit)
-        metrics = open(self.metrics_path if main else os.devnull, "a", encoding="utf-8")
+        metrics = self.folder.open_metrics()
         try:
             status, end_reason = self._steps(emit, metrics)
-            if main and status == "done":
-                self._restore_best()
+            if main and status == "done" and self.tc.keep_best:
+                keep_best.end_on_kept(self.best, self.folder.ckpt_dir, self.model, self.step)
             if main and on_finish:
                 on_finish(status)
-            self._write_run(status)
+            self.folder.write_run(status, self.step)
             distributed.barrier()  # DDP: the job ends when rank 0 has saved the result
         except Exception as e:  # a full disk in on_finish fails the run like any other error
-            self._write_run("failed", error=str(e))
+            self.folder.write_run("failed", self.step, error=str(e))
             emit({"type": "failed", "step": self.step, "error": str(e)})
             raise
         finally:
@@ -211,15 +197,15 @@ class Trainer:
               "end_reason": end_reason})
         return {"status": status, "end_reason": end_reason, "step": self.step, "total": self.tc.steps,
                 "best": self.run_best, "device": str(self.device), "precision": self.precision,
-                "compiled": self.compiled}
+                "compiled": self.stepper.compiled}
 
     def _start(self, emit):
         """Decide on torch.compile, then tell the caller what is about to run."""
-        note = self.decide_compile()
+        note = self.stepper.decide_compile(self.tc, self.step)
         emit({"type": "start", "step": self.step, "total": self.tc.steps, "device": str(self.device),
               "precision": self.precision, "tokens": {s: len(d) for s, d in self.data.items()},
-              "params": self.run_info.params, "run_id": self.run_info.run_id, "compiled": self.compiled,
-              "compile_reason": self.compile_reason})
+              "params": self.run_info.params, "run_id": self.run_info.run_id, "compiled": self.stepper.compiled,
+              "compile_reason": self.stepper.compile_reason})
         if note:
             emit({"type": "warning", "message": note})
 
@@ -236,11 +222,13 @@ class Trainer:
                     raise StepAbandoned
                 row = self._one_step()
             except StepAbandoned:  # Stop, before or in the middle of a step: resume redoes it
-                if self.claimed:  # stopped before its first step: the last run stays the one to resume
+                if self.folder.claimed:  # stopped before its first step: the last run stays the one to resume
                     self.save_checkpoint()
                 return "stopped", "stopped"
-            if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock)
-                self._end_now(row)
+            if budget and distributed.broadcast(budget.over()):  # time is up (rank 0's clock): the last step
+                self.tc = replace(self.tc, steps=self.step)
+                if "val_bpb" not in row and distributed.is_main():  # and it is evaluated
+                    self._score(row)
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
             if budget:
@@ -255,78 +243,138 @@ class Trainer:
                                                      f"{self.best.kept[1]}, self-play steps from here on"})
                     self.save_checkpoint()  # a resume must not replay the switch: best.safetensors moves on
                     continue
-                self._say_early_stop(emit)
+                emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
+                                                 f"{STOP_RISE:.0%} above its best for {self.tc.patience} evaluations "
+                                                 f"(best {self.run_best[0]:.4f} at step {self.run_best[1]})"})
                 return "done", "early_stop"
             if self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.steps:
                 self.save_checkpoint()
         return "done", "budget" if budget else "steps"
 
-    def _end_now(self, row):
-        """The time budget is spent: this step is the run's last, and it is evaluated."""
-        self.tc = replace(self.tc, steps=self.step)
-        if "val_bpb" not in row and distributed.is_main():
-            row.update(self.evaluate())
-            if "val_bpb" in row:
-                self._track_best(row["val_bpb"], row.get("greedy_repeats"))
-
-    def _say_early_stop(self, emit):
-        emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
-                                         f"{STOP_RISE:.0%} above its best for {self.tc.patience} evaluations (best "
-                                         f"{self.run_best[0]:.4f} at step {self.run_best[1]})"})
-
     def _one_step(self):
         """A supervised step, then self-play and evaluation when they are due -> its metrics row.
         After a plateau the step is a self-play step alone (its row has no supervised loss)."""
-        t0 = time.time()
+        t0, share = time.time(), lr_share(self.step, self.tc, self.time_share)  # by the step, or the clock
         if self.selfplay_from is None:
-            row = self.train_step()
+            row = self.stepper.train_step(share, self.should_stop)
         else:
-            row = {"lr": self._set_lr(), "selfplay": self.selfplay.step()}
+            row = {"lr": self.stepper.set_lr(share), "selfplay": self.selfplay.step()}
         self.step += 1
-        if not self.claimed:
-            self._claim()
+        if not self.folder.claimed:
+            self.folder.claim(self.step)
         tokens = self.tc.batch_size * distributed.world_size() * self.tc.grad_accum * self.T  # the global batch
         row.update(run=self.run_info.run_id, step=self.step, time=round(time.time(), 3),
                    tokens_per_s=round(tokens / (time.time() - t0), 1))
         if self.selfplay_from is None and selfplay_due(self.step, self.tc):
             row["selfplay"] = self.selfplay.step()
         if self._evaluated(self.step) and distributed.is_main():  # DDP: the others wait at the next step's all-reduce
-            row.update(self.evaluate())
-            if "val_bpb" in row:  # else Stop cut the evaluation short: the step stands, unscored
-                if self.sample:
-                    row["sample"] = self.sample(self.model)
-                self._track_best(row["val_bpb"], row.get("greedy_repeats"))
+            self._score(row)
         return row
 
     def _evaluated(self, step):
         return step % self.tc.eval_every == 0 or step == self.tc.steps
 
-    def get_batch(self, split="train"):
-        """B random windows -> x, y (B, T): y is x shifted left by one token. DDP: every rank draws
-        the starts of the whole global batch from the same generator and keeps its own B of them,
-        so the ranks see different windows, and together the ones one process would draw."""
-        data, B, r = self.data[split], self.tc.batch_size, distributed.rank()
-        starts = torch.randint(len(data) - self.T - 1, (B * distributed.world_size(),), generator=self.batch_gen)
-        ix = starts[r * B:(r + 1) * B].numpy()
-        rows = data[ix[:, None] + np.arange(self.T + 1)].astype(np.int64)  # (B, T+1)
-        xy = torch.from_numpy(rows).to(self.device, non_blocking=True)
-        return xy[:, :-1], xy[:, 1:]
+    @torch.no_grad()
+    def evaluate(self, max_windows=None):
+        """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split: as many
+        as eval_batches global batches (DDP: rank 0 scores them all). {} if Stop came first."""
+        n = max_windows or self.tc.eval_batches * self.tc.batch_size * distributed.world_size()
+        out = evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision,
+                           should_stop=self.should_stop) or {}
+        if out and self.selfplay:  # what keep-best weighs against val bits/byte
+            out["greedy_repeats"] = self.selfplay.greedy_repeats(self.data["val"])
+        return out
 
-    def train_step(self):
-        """One optimizer step over grad_accum micro-batches; returns {loss, lr, grad_norm}.
-        Stop is checked before each micro-batch: a step of many can take minutes. A step stopped
-        half-way is dropped (StepAbandoned) as if it never began: its gradients are zeroed and the
-        RNGs set back, so the resumed run draws the same batches the whole step would have."""
+    # keep-best and the plateau (keep_best.py) --------------------------------------
+    def _score(self, row):
+        """Evaluate into the step's `row`, with a sample, and keep the weights on disk if they are the
+        run's best evaluation (keep_best.py says which is best)."""
+        row.update(self.evaluate())
+        if "val_bpb" not in row:  # Stop cut the evaluation short: the step stands, unscored
+            return
+        if self.sample:
+            row["sample"] = self.sample(self.model)
+        if self.best.track(row["val_bpb"], self.step, row.get("greedy_repeats")) and self.tc.keep_best:
+            keep_best.save_kept(self.folder.ckpt_dir, self.model, self.step)
+
+    def switch_to_selfplay(self):
+        """The plateau: supervised steps stopped paying. Go back to the kept weights and go on with
+        self-play steps; if they cost likelihood, early stopping ends the run as it would have here."""
+        self.selfplay_from = self.step
+        keep_best.back_to_kept(self.best, self.folder.ckpt_dir, self.model, weights=self.tc.keep_best)
+
+    # checkpoints (checkpoint.py: the format) -------------------------------------
+    def save_checkpoint(self):
+        """Everything the run's future depends on, in one file, then run.json (DDP: every rank calls it)."""
+        loop = {"run_id": self.run_info.run_id, **asdict(self.best), "steps": self.tc.steps,
+                "selfplay_from": self.selfplay_from}  # what the loop decided so far
+        s = self.stepper
+        checkpoint.save_run(self.folder.ckpt_dir, self.step, loop, self.model, s.optimizer, s.scaler, s.batch_gen,
+                            self.selfplay, self.tc.keep_checkpoints)
+        self.folder.write_run(self.run_info.status, self.step)
+
+    def restore_latest(self):
+        """Load the newest checkpoint that passes its checksum, falling back to older ones; with
+        none (cut off before the first one), the run starts again from step 0."""
+        found = self.folder.latest()
+        path, skipped, note = None, [], None
+        if found:
+            path, tensors, meta, skipped = found
+            self.step, self.best, self.selfplay_from = meta["step"], Best.from_meta(meta), meta.get("selfplay_from")
+            self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
+            s = self.stepper
+            note = checkpoint.restore_run(tensors, meta, self.tc, self.model, s.optimizer, s.scaler, s.batch_gen,
+                                          self.selfplay)
+        self.folder.truncate_metrics(self.step)
+        return {"step": self.step, "path": path and path.name, "skipped": skipped, "note": note}
+
+
+class Stepper:
+    """The update: one optimizer step, on a batch of the book (`train_step`) or on a loss handed in
+    (`optimizer_step`: self-play's). It holds what a step changes besides the weights: the optimizer
+    (AdamW, or Muon for the blocks' matrices and AdamW for the rest) with its state, the gradient
+    scaler (fp16), the batch sampler's generator; and the loss module that runs the model. The
+    learning rate comes from the loop, as a share of each group's peak (schedule.py)."""
+
+    def __init__(self, model, train_tokens, tc, T, precision, probe_file=None):
+        # from tc: the batch, accumulation, clipping and peak lr; the run's length is the loop's
+        self.model, self.data, self.tc, self.T, self.precision = model, train_tokens, tc, T, precision
+        self.probe_file = probe_file  # compile="auto"'s measurements, per machine and config (a JSON file)
+        self.device = next(model.parameters()).device
+        self.optimizer = make_optimizer(model, tc)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
+        # DDP: the wrapped loss module runs the model forward; its backward all-reduces the gradients
+        self.loss = distributed.wrap(speed.TrainLoss(model))  # compiled as well when compiling pays (decide_compile)
+        self.batch_gen = torch.Generator().manual_seed(tc.seed)
+        self.compiled = self.compile_decided = False
+        self.compile_reason = None
+
+    def decide_compile(self, tc, step):
+        """Once, before the first step: torch.compile the loss if it pays for the run `tc` from `step`
+        on (speed.compile_for_run: the setting, or a probe of a few steps) -> a note if compiling failed."""
+        if self.compile_decided:
+            return None
+        self.compile_decided = True
+        self.loss, self.compiled, self.compile_reason, note = speed.compile_for_run(
+            self.loss, self.model, tc, self.T, self.precision, self.probe_file, step)
+        return note
+
+    def train_step(self, share, should_stop=lambda: False):
+        """One optimizer step over grad_accum micro-batches at `share` of the peak learning rates;
+        returns {loss, lr, grad_norm}. Stop is checked before each micro-batch: a step of many can
+        take minutes. A step stopped half-way is dropped (StepAbandoned) as if it never began: its
+        gradients are zeroed and the RNGs set back, so the resumed run draws the same batches the
+        whole step would have."""
         tc = self.tc
         self.model.train()
-        lr = self._set_lr()
+        lr = self.set_lr(share)
         total, rngs = 0.0, checkpoint.rng_state(self.batch_gen, self.device)
         for i in range(tc.grad_accum):
-            if i and self.should_stop():
+            if i and should_stop():
                 self.optimizer.zero_grad(set_to_none=True)
                 checkpoint.set_rng_state(self.batch_gen, rngs, self.device)
                 raise StepAbandoned
-            x, y = self.get_batch("train")
+            x, y = get_batch(self.data, tc.batch_size, self.T, self.batch_gen, self.device)
             with distributed.no_sync(self.loss, skip=i < tc.grad_accum - 1):  # DDP: all-reduce at the last one
                 with autocast(self.device, self.precision):
                     loss = self.loss(x, y)
@@ -336,10 +384,9 @@ class Trainer:
         norm = apply_gradients(self.model, self.optimizer, self.scaler, tc.grad_clip)
         return {"loss": round(total, 5), "lr": lr, "grad_norm": round(norm, 4)}
 
-    def _set_lr(self):
-        """Each group at its own peak (Muon's matrices, AdamW's rest) times the schedule's share
+    def set_lr(self, share):
+        """Each group at its own peak (Muon's matrices, AdamW's rest) times the schedule's `share`
         -> AdamW's learning rate, the one the metrics show."""
-        share = lr_share(self.step, self.tc, self.time_share)
         for group in self.optimizer.param_groups:
             group["lr"] = group["peak_lr"] * share
         return self.tc.learning_rate * share
@@ -356,108 +403,6 @@ class Trainer:
             return 0.0
         return apply_gradients(self.model, self.optimizer, self.scaler, self.tc.grad_clip)
 
-    def decide_compile(self):
-        """Once, before the first step: torch.compile the loss if it pays here (speed.compile_for_run:
-        the setting, or a probe of a few steps) -> a note if compiling failed."""
-        if self.compile_decided:
-            return None
-        self.compile_decided = True
-        self.loss, self.compiled, self.compile_reason, note = speed.compile_for_run(
-            self.loss, self.model, self.tc, self.T, self.precision, self.probe_file, self.step)
-        return note
-
-    @torch.no_grad()
-    def evaluate(self, max_windows=None):
-        """Loss, perplexity and bits/byte on fixed, evenly spaced windows of the val split: as many
-        as eval_batches global batches (DDP: rank 0 scores them all). {} if Stop came first."""
-        n = max_windows or self.tc.eval_batches * self.tc.batch_size * distributed.world_size()
-        out = evaluate_bpb(self.model, self.data["val"], self.byte_len, self.T, n, self.device, self.precision,
-                           should_stop=self.should_stop) or {}
-        if out and self.selfplay:  # what keep-best weighs against val bits/byte
-            out["greedy_repeats"] = self.selfplay.greedy_repeats(self.data["val"])
-        return out
-
-    # keep-best and the plateau -------------------------------------------------
-    def _track_best(self, val_bpb, repeats=None):
-        """Keep the weights of this run's best evaluation on disk (keep_best.py says which is best)."""
-        if self.best.track(val_bpb, self.step, repeats) and self.tc.keep_best:
-            save_tensors(self.ckpt_dir / "best.safetensors", weights_of(self.model, trainable_only=True),
-                         {"step": self.step})
-
-    def switch_to_selfplay(self):
-        """The plateau: supervised steps stopped paying. Go back to the kept weights (every rank:
-        rank 0 reads them and sends them) and go on with self-play steps; the early-stopping count
-        starts again, so a self-play phase that costs likelihood ends the run as a plateau would."""
-        self.selfplay_from, self.best.stale_evals = self.step, 0
-        if self.tc.keep_best:
-            best = load_tensors(self.ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
-            load_weights(self.model, distributed.broadcast(best), trainable_only=True)
-        self.best.kept = distributed.broadcast(self.best.kept)
-
-    def _restore_best(self):
-        """At the end of a run: go back to the kept evaluation's weights if the last is not it.
-        From here run_best names the weights the run ends with (the store records it)."""
-        kept = self.best.kept
-        if self.tc.keep_best and kept and kept[1] != self.step:
-            tensors, _ = load_tensors(self.ckpt_dir / "best.safetensors")
-            load_weights(self.model, tensors, trainable_only=True)
-        if self.tc.keep_best and kept:
-            self.best.run_best = kept[:2]
-
-    # checkpoints (checkpoint.py: the format) -------------------------------------
-    def save_checkpoint(self):
-        """Everything the run's future depends on, in one file. DDP: every rank calls it; rank 0
-        gathers their RNG states and self-play states and writes the file."""
-        rngs = distributed.gather(checkpoint.rng_state(self.batch_gen, self.device))
-        sp_states = distributed.gather(self.selfplay.state()) if self.selfplay else []  # DDP: each rank's proposer
-        if not distributed.is_main():
-            return
-        meta = {"run_id": self.run_info.run_id, "scaler": self.scaler.state_dict(), **asdict(self.best),
-                "steps": self.tc.steps, "selfplay_from": self.selfplay_from}
-        checkpoint.save(self.ckpt_dir, self.step, weights_of(self.model, trainable_only=True), self.optimizer, rngs,
-                        meta, sp_states, self.tc.keep_checkpoints)
-        self._write_run(self.run_info.status)
-
-    def restore_latest(self):
-        """Load the newest checkpoint that passes its checksum, falling back to older ones."""
-        self.claimed = True  # run.json is this run's already
-        found = checkpoint.latest(self.ckpt_dir, self.run_info.run_id)
-        if found is None:  # cut off before the first checkpoint: redo the run from step 0
-            checkpoint.truncate_metrics(self.metrics_path, self.run_info.run_id, self.step)
-            return {"step": 0, "path": None, "skipped": [], "note": None}
-        path, tensors, meta, skipped = found
-        note = self._restore(tensors, meta)
-        return {"step": self.step, "path": path.name, "skipped": skipped, "note": note}
-
-    def _restore(self, tensors, meta):
-        """Load a checkpoint -> None, or a note when the resume cannot be bit-exact."""
-        load_weights(self.model, checkpoint.part(tensors, "model"), trainable_only=True)
-        checkpoint.load_optimizer(self.optimizer, tensors, meta, self.device)
-        if meta["scaler"]:
-            self.scaler.load_state_dict(meta["scaler"])
-        self.step, self.best, self.selfplay_from = meta["step"], Best.from_meta(meta), meta.get("selfplay_from")
-        self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
-        note = checkpoint.restore_rngs(checkpoint.part(tensors, "rng"), self.batch_gen, self.device, self.tc, self.step)
-        key = checkpoint.selfplay_key(distributed.rank())
-        if self.selfplay and key in meta:
-            self.selfplay.load_state(checkpoint.part(tensors, key), meta[key])
-        checkpoint.truncate_metrics(self.metrics_path, self.run_info.run_id, self.step)
-        return note
-
-    def _claim(self):
-        """The first step of a new run is done: from now on it is the folder's run to resume, and the
-        files of the run before it (never resumable now) go."""
-        self.claimed = True
-        if distributed.is_main():  # DDP: the others never write
-            for old in self.ckpt_dir.glob("*.safetensors"):
-                old.unlink()
-        self._write_run("running")
-
-    def _write_run(self, status, **extra):
-        self.run_info.update(status=status, step=self.step, **extra)
-        if distributed.is_main() and self.claimed:
-            self.run_info.save(self.ckpt_dir / "run.json")
-
 
 # ----------------------------------------------------------------------------- pieces
 
@@ -466,3 +411,24 @@ def selfplay_due(step, tc):
     """Before a plateau: a self-play step after every selfplay_every-th supervised step of the
     run's tail, from selfplay_start of the steps on."""
     return bool(tc.selfplay_every) and step >= tc.selfplay_start * tc.steps and step % tc.selfplay_every == 0
+
+
+def check_fits(data, T):
+    """-> T, if every split of the book holds a window of T+1 tokens (x and its shifted y)."""
+    short = min(len(d) for d in data.values())
+    if short <= T + 1:
+        raise ValueError(f"the book is too short: its validation split has {short} tokens but one "
+                         f"window needs {T + 1}; give a longer book or a smaller seq_len")
+    return T
+
+
+def get_batch(data, B, T, gen, device):
+    """B random windows of `data` -> x, y (B, T): y is x shifted left by one token. DDP: every rank
+    draws the starts of the whole global batch from the same generator `gen` and keeps its own B of
+    them, so the ranks see different windows, and together the ones one process would draw."""
+    r = distributed.rank()
+    starts = torch.randint(len(data) - T - 1, (B * distributed.world_size(),), generator=gen)
+    ix = starts[r * B:(r + 1) * B].numpy()
+    rows = data[ix[:, None] + np.arange(T + 1)].astype(np.int64)  # (B, T+1)
+    xy = torch.from_numpy(rows).to(device, non_blocking=True)
+    return xy[:, :-1], xy[:, 1:]

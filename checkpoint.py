@@ -11,14 +11,95 @@ One file per checkpoint, `step_00000100.safetensors`: tensors under prefixes ("m
 "opt.<param>.<key>", "rng.<name>", "selfplay.<key>"), the rest as JSON in the file's metadata,
 checksummed and written atomically (files.save_tensors), so a damaged or half-written file is
 skipped for the one before it. DDP: rank 0 writes the file, with one row of RNG state per rank.
+
+The checkpoints live in the run's folder (`RunFolder`) beside run.json, which says whose they are:
+a new run leaves the last run's files there, resumable, until its own first step is done.
 """
 
 import json
+import os
 
 import torch
 
 import distributed
-from files import CorruptFile, atomic_write, load_tensors, save_tensors
+from files import CorruptFile, atomic_write, load_tensors, load_weights, save_tensors, weights_of
+
+
+# ----------------------------------------------------------------------------- a run's folder
+
+
+class RunFolder:
+    """The folder of a run: its checkpoints and best.safetensors, run.json (the Run record
+    `run_info`: status, step, ...), and apart from them its metrics file, one JSON line per step.
+    A new run leaves the folder's last run (run.json, checkpoints) resumable until its own first
+    step is done (`claim`): a start that fails (a short book, no memory, compiling) or is stopped
+    at once destroys nothing. DDP: rank 0 alone writes."""
+
+    def __init__(self, ckpt_dir, metrics_path, run_info):
+        self.ckpt_dir, self.metrics_path, self.run_info = ckpt_dir, metrics_path, run_info
+        self.claimed = False  # whether run.json is this run's
+        if distributed.is_main():
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    def claim(self, step):
+        """The first step of a new run is done: from now on it is the folder's run to resume, and the
+        files of the run before it (never resumable now) go."""
+        self.claimed = True
+        if distributed.is_main():
+            for old in self.ckpt_dir.glob("*.safetensors"):
+                old.unlink()
+        self.write_run("running", step)
+
+    def write_run(self, status, step, **extra):
+        self.run_info.update(status=status, step=step, **extra)
+        if distributed.is_main() and self.claimed:
+            self.run_info.save(self.ckpt_dir / "run.json")
+
+    def open_metrics(self):
+        """The metrics file, to append to (DDP: rank 0's; the others write nowhere)."""
+        return open(self.metrics_path if distributed.is_main() else os.devnull, "a", encoding="utf-8")
+
+    def latest(self):
+        """A resume: run.json is this run's already -> `latest` of its checkpoints."""
+        self.claimed = True
+        return latest(self.ckpt_dir, self.run_info.run_id)
+
+    def truncate_metrics(self, step):
+        truncate_metrics(self.metrics_path, self.run_info.run_id, step)
+
+
+# ----------------------------------------------------------------------------- a run's state
+
+
+def save_run(ckpt_dir, step, loop, model, optimizer, scaler, batch_gen, selfplay=None, keep=3):
+    """A running trainer's checkpoint: the weights it trains, its optimizer and gradient scaler,
+    every rank's RNGs and self-play state, and `loop` (what the loop decided so far: JSON).
+    DDP: every rank calls it; rank 0 gathers the others' states and writes the file."""
+    device = next(model.parameters()).device
+    rngs = distributed.gather(rng_state(batch_gen, device))
+    sp_states = distributed.gather(selfplay.state()) if selfplay else []  # DDP: each rank's proposer
+    if distributed.is_main():
+        meta = {**loop, "scaler": scaler.state_dict()}
+        save(ckpt_dir, step, weights_of(model, trainable_only=True), optimizer, rngs, meta, sp_states, keep)
+
+
+def restore_run(tensors, meta, tc, model, optimizer, scaler, batch_gen, selfplay=None):
+    """Put a checkpoint (`latest`) back into the pieces save_run took: weights, optimizer, scaler,
+    this rank's RNGs and self-play state -> None, or a note when the resume cannot be bit-exact.
+    What the loop decided (meta's step, best, ...) is the loop's to take back."""
+    device = next(model.parameters()).device
+    load_weights(model, part(tensors, "model"), trainable_only=True)
+    load_optimizer(optimizer, tensors, meta, device)
+    if meta["scaler"]:
+        scaler.load_state_dict(meta["scaler"])
+    note = restore_rngs(part(tensors, "rng"), batch_gen, device, tc, meta["step"])
+    key = selfplay_key(distributed.rank())
+    if selfplay and key in meta:
+        selfplay.load_state(part(tensors, key), meta[key])
+    return note
+
+
+# ----------------------------------------------------------------------------- the file
 
 
 def save(ckpt_dir, step, weights, optimizer, rngs, meta, selfplay_states=(), keep=3):

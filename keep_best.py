@@ -15,9 +15,16 @@ alpha percent above its minimum), required for `patience` evaluations in a row.
 
 With self-play on, the kept weights are not simply the lowest val bits/byte: among evaluations
 within STOP_RISE of it, the one whose greedy continuations loop the least (`kept_better`).
+
+The kept weights live in the run's folder: written at each new keeper (`save_kept`), put back at
+the end of the run (`end_on_kept`), or at a plateau, where the run goes on with self-play
+(`back_to_kept`).
 """
 
 from dataclasses import dataclass
+
+import distributed
+from files import load_tensors, load_weights, save_tensors, weights_of
 
 # early stopping counts an evaluation only when val bits/byte is this share above its best
 STOP_RISE = 0.01
@@ -64,3 +71,31 @@ def kept_better(now, kept, best_val):
     if now[0] > best_val * (1 + STOP_RISE):
         return False
     return kept[0] > best_val * (1 + STOP_RISE) or kept[2] is None or (now[2], now[0]) < (kept[2], kept[0])
+
+
+# ----------------------------------------------------------------------------- the kept weights on disk
+
+
+def save_kept(ckpt_dir, model, step):
+    """Write the weights keep-best holds: the ones the run trains, and the step they are of."""
+    save_tensors(ckpt_dir / "best.safetensors", weights_of(model, trainable_only=True), {"step": step})
+
+
+def end_on_kept(best, ckpt_dir, model, step):
+    """At the end of a run (rank 0): go back to the kept evaluation's weights if the last step's are
+    not them. From here run_best names the weights the run ends with (the store records it)."""
+    if best.kept and best.kept[1] != step:
+        load_weights(model, load_tensors(ckpt_dir / "best.safetensors")[0], trainable_only=True)
+    if best.kept:
+        best.run_best = best.kept[:2]
+
+
+def back_to_kept(best, ckpt_dir, model, weights=True):
+    """A plateau: go back to the kept weights (with `weights`; DDP: every rank calls it, rank 0
+    reads them and sends them) and start early stopping's count again, so that what the run does
+    next ends it, as the plateau would have, if it costs likelihood."""
+    best.stale_evals = 0
+    if weights:
+        kept = load_tensors(ckpt_dir / "best.safetensors")[0] if distributed.is_main() else None
+        load_weights(model, distributed.broadcast(kept), trainable_only=True)
+    best.kept = distributed.broadcast(best.kept)

@@ -19,7 +19,7 @@ A run holds its model's lease (store.training) from the first step to the record
 run of the model — from this server or a CLI in another terminal — is refused, not interleaved.
 Everything a run needs (books, their length, config, memory) is checked before anything is
 written, and a new run replaces the last run's run.json and checkpoints only once its own first
-step is done (Trainer._claim): a start that fails leaves a stopped run resumable at its step.
+step is done (checkpoint.RunFolder.claim): a start that fails leaves a stopped run resumable at its step.
 Resume continues on the data the run started with: run.json keeps each book's sha256, and a book
 whose text changed since is refused unless the user says to go on with the new text
 (`changed_data`), which the run and the lineage then record.

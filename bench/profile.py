@@ -42,8 +42,8 @@ def profile_train(store, preset, prec, optimizer, device, compile_):
     B, T = SHAPES[preset]
     tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_, optimizer=optimizer)
     step = trainer_step(make_trainer(store, f"{preset}-{prec}-{optimizer}", PRESETS[preset], tc))
-    step.trainer.decide_compile()
-    print(f"\n### train {preset} {prec} {optimizer}, compiled {step.trainer.compiled}, 5 steps of {B} x {T}")
+    step.trainer.stepper.decide_compile(step.trainer.tc, step.trainer.step)
+    print(f"\n### train {preset} {prec} {optimizer}, compiled {step.trainer.stepper.compiled}, 5 steps of {B} x {T}")
     table, prof = top_ops(lambda: [step() for _ in range(5)], lambda: [step() for _ in range(3)], with_prof=True)
     print(table)
     t0 = time.perf_counter()

@@ -59,7 +59,7 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
     tc = TrainConfig(**{"device": str(device), **changes})
     t0 = time.perf_counter()
     probe = make_trainer(store, name + "-probe", PRESETS["small"], replace(tc, steps=10**6))
-    probe.decide_compile()  # compiles if needed
+    probe.stepper.decide_compile(probe.tc, probe.step)  # compiles if needed
     setup_s = time.perf_counter() - t0  # an upper bound for the real run: it reuses the tokenizer
     try:
         steps = budget[tc.batch_size, probe.T]
@@ -76,7 +76,7 @@ def quality_run(store, name, changes, minutes, device, budget, probe_steps=210):
     T = trainer.cfg.max_seq_len
     val = evaluate_bpb(trainer.model, trainer.data["val"], trainer.byte_len, T, 10**9, trainer.device, trainer.precision)
     return {"changes": changes, "steps": steps, "tokens": steps * tc.batch_size * trainer.T, "wall_s": wall_s,
-            "precision": trainer.precision, "compiled": trainer.compiled,
+            "precision": trainer.precision, "compiled": trainer.stepper.compiled,
             "best_step": trainer.run_best[1] if trainer.run_best else None, **val}
 
 

@@ -233,7 +233,8 @@ def arm_options(arm, ab, sp_cfg):
 def make_stage(arm, tr, sp_cfg, seed, ab):
     if arm.startswith("selfplay"):
         stage = ULSelfPlay if "loss=ul" in arm else SelfPlay
-        return stage(tr.model, tr.optimizer_step, tr.data["train"], tr.precision, seed, arm_options(arm, ab, sp_cfg)[2])
+        return stage(tr.model, tr.stepper.optimizer_step, tr.data["train"], tr.precision, seed,
+                     arm_options(arm, ab, sp_cfg)[2])
     return None
 
 
@@ -269,11 +270,12 @@ def shared_prefix(arms, ab, seed):
     tr = arms["supervised"]
     res = train_for_budget({"supervised": tr}, {"supervised": None}, replace(ab, minutes=ab.minutes * ab.start), seed,
                            {"used": 0.0, "steps": 0, "curve": []}, schedule_minutes=ab.minutes)["supervised"]
-    state = {"model": tr.model.state_dict(), "opt": tr.optimizer.state_dict(), "batch": tr.batch_gen.get_state()}
+    state = {"model": tr.model.state_dict(), "opt": tr.stepper.optimizer.state_dict(),
+             "batch": tr.stepper.batch_gen.get_state()}
     for a in arms.values():
         a.model.load_state_dict(state["model"])
-        a.optimizer.load_state_dict(copy.deepcopy(state["opt"]))
-        a.batch_gen.set_state(state["batch"])
+        a.stepper.optimizer.load_state_dict(copy.deepcopy(state["opt"]))
+        a.stepper.batch_gen.set_state(state["batch"])
     return {"used": res["seconds"], "steps": res["steps"], "curve": res["curve"]}
 
 
@@ -310,12 +312,11 @@ def train_for_budget(arms, stages, ab, seed, start, schedule_minutes=None, sched
         every, sp_start = (sched or {}).get(a, (0, 0))
         if every and frac >= sp_start and steps[a] % every == every - 1:
             kind = "sp"
-            for g in tr.optimizer.param_groups:
-                g["lr"] = g["peak_lr"] * lr_share(tr.step, tr.tc)
+            tr.stepper.set_lr(lr_share(tr.step, tr.tc))
             sp_rows[a].append(stage.step())
             sp_time[a] += time.perf_counter() - t0
         else:
-            tr.train_step()
+            tr.stepper.train_step(lr_share(tr.step, tr.tc))
         steps[a] += 1
         used[a] += charge(a, kind, time.perf_counter() - t0)
         if time.perf_counter() > next_log:

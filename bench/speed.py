@@ -17,9 +17,10 @@ from dataclasses import replace
 import torch
 
 import quant
-from azr_trainer import TrainConfig
+from azr_trainer import TrainConfig, get_batch
 from hardware import autocast, pick_device
 from model import GPT, PRESETS
+from schedule import lr_share
 from sizing import flops_per_token, memory_estimate
 from app.store import Store
 from bench.common import (DTYPES, EXAMPLE_BOOK, SHAKESPEARE, TINY, interleave, load_average, load_peer, log,
@@ -79,7 +80,7 @@ def train_row(store, preset, cfg, tc, peer, sizes):
         t0 = time.perf_counter()
         name = f"{preset}-{tc.precision}-{k}"
         trainer = make_trainer(store, name, cfg, replace(tc, compile=compile_), tok)
-        trainer.decide_compile()
+        trainer.stepper.decide_compile(trainer.tc, trainer.step)
         tok = store.tokenizer(name)
         setup_s[k] = time.perf_counter() - t0  # token arrays and, for "ours", compilation
         contestants[k] = trainer_step(trainer)
@@ -95,8 +96,8 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
            "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
            "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4,
-                                          compiled=contestants["ours"].trainer.compiled)["total"] / 2**20,
-           "ours_compiled": contestants["ours"].trainer.compiled,
+                                          compiled=contestants["ours"].trainer.stepper.compiled)["total"] / 2**20,
+           "ours_compiled": contestants["ours"].trainer.stepper.compiled,
            "matmul_only_tok_s": matmul_only_tok_s(cfg, tc.batch_size, trainer.T, DTYPES[trainer.precision], trainer.device)}
     for k, step in contestants.items():
         row[f"{k}_tok_s"] = statistics.median(rate[k])
@@ -114,10 +115,10 @@ def train_row(store, preset, cfg, tc, peer, sizes):
 
 def trainer_step(trainer):
     def step():
-        trainer.train_step()
+        trainer.stepper.train_step(lr_share(trainer.step, trainer.tc))
         trainer.step += 1
 
-    step.trainer, step.model, step.optimizer = trainer, trainer.model, trainer.optimizer
+    step.trainer, step.model, step.optimizer = trainer, trainer.model, trainer.stepper.optimizer
     return step
 
 
@@ -127,7 +128,8 @@ def peer_train_step(peer, trainer):
     optimizer = peer_optimizer(model, trainer.tc)
 
     def step():
-        x, _ = trainer.get_batch("train")
+        x, _ = get_batch(trainer.data["train"], trainer.tc.batch_size, trainer.T, trainer.stepper.batch_gen,
+                         trainer.device)
         with autocast(trainer.device, trainer.precision):
             loss = model(input_ids=x, labels=x).loss  # HF shifts the labels itself
         loss.backward()

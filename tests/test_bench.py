@@ -144,8 +144,8 @@ def test_auto_probes_once_per_config_and_machine_and_reuses_the_numbers(tmp_path
         data = {"train": np.zeros(500, np.uint16), "val": np.zeros(500, np.uint16)}
         trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
                           new_run(["b"], tc), probe_file=file)
-        trainer.decide_compile()
-        return trainer
+        trainer.stepper.decide_compile(trainer.tc, trainer.step)
+        return trainer.stepper
 
     first = warmed(8)
     assert probes == [8] and not first.compiled and "eager 200 ms, compiled 300 ms" in first.compile_reason

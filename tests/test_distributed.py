@@ -56,14 +56,14 @@ if os.environ.get("AZR_TEST_WRITES"):
 import azr_trainer, cli
 if os.environ.get("AZR_TEST_FAULT"):
     how, who, at = os.environ["AZR_TEST_FAULT"].split(":")
-    train_step = azr_trainer.Trainer.train_step
+    one_step = azr_trainer.Trainer._one_step
     def faulty_step(self):
         if int(who) == rank and self.step + 1 == int(at):
             if how == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"rank {rank} fails on purpose at step {at}")
-        return train_step(self)
-    azr_trainer.Trainer.train_step = faulty_step
+        return one_step(self)
+    azr_trainer.Trainer._one_step = faulty_step
 if os.environ.get("AZR_TEST_WEIGHTS"):  # every rank saves its weights at the end of its run
     import torch
     run = azr_trainer.Trainer.run

@@ -16,7 +16,7 @@ import schedule
 from azr_trainer import TrainConfig, selfplay_due
 from keep_best import STOP_RISE, kept_better
 from conftest import quick_train_config, tiny_config
-from files import weights_of
+from files import load_tensors, weights_of
 from generate import rollouts
 from model import GPT
 from app.runs import resume, train
@@ -258,7 +258,7 @@ def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):
     switch = azr_trainer.Trainer.switch_to_selfplay
 
     def spy(self):
-        kept, meta = azr_trainer.load_tensors(self.ckpt_dir / "best.safetensors")
+        kept, meta = load_tensors(self.folder.ckpt_dir / "best.safetensors")
         last = {k: v.clone() for k, v in weights_of(self.model, trainable_only=True).items()}
         switch(self)
         now = weights_of(self.model, trainable_only=True)
