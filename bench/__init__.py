@@ -20,7 +20,10 @@ BENCHMARKS.md.
     python -m bench selfplay    selfplay_ab.py: the self-play A/B and its metrics
     python -m bench llamacpp    llamacpp.py: llama.cpp on our GGUF export against our model
     python -m bench.hostile_run hostile_run.py: everything a hostile client can throw at a live
-                                server, at once, then a count of what survived (RELIABILITY.md)
+                                server, at once, then a count of what survived (RELIABILITY.md);
+                                the attacks in hostile_phases.py, their targets read from the
+                                API by hostile_spec.py, requests and the tally in hostile_http.py,
+                                the server and the store check after in hostile_checks.py
 
 common.py holds what they share: the books (../shared/books beside the repository, never
 committed), the peer, timing in rounds, the machine's description and the report tables.
