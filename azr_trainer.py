@@ -136,7 +136,7 @@ class Trainer:
     checkpoints, run.json and best.safetensors in `ckpt_dir` and one metrics line per step.
 
     `sample`, if given, turns the model into a short text at each evaluation ({prompt, text}:
-    runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
+    app/runs.py writes it with the tokenizer, which the trainer does not know); it goes into the
     evaluation's metrics row, so a run's samples show what the model learned step by step."""
 
     def __init__(self, model, data, byte_len, tc, ckpt_dir, metrics_path, run_info, sample=None, probe_file=None):

@@ -10,7 +10,7 @@ documents every endpoint at /docs. The API is a few routers in app/web/, one per
 plus OpenAI's API on /v1 for other tools; this file puts them together and starts the server.
 Three pieces hold the state that outlives a request (app/web/common.py: App):
 
-- JobRunner (jobs.py): the one training job, in a background thread, persisted under jobs/.
+- JobRunner (app/jobs.py): the one training job, in a background thread, persisted under jobs/.
 - ModelCache (app/web/model_cache.py): each model loaded once for generation, reloaded when its
   files change on disk, so generating stays fast and never shows stale weights.
 - The store: everything else is files, read on every request.

@@ -1,4 +1,4 @@
-"""LoRA and QLoRA (lora.py): the layer, merging, adapters on disk (store.py), fine-tuning (runs.py), the CLI."""
+"""LoRA and QLoRA (lora.py): the layer, merging, adapters on disk (app/adapters.py), fine-tuning (app/runs.py), the CLI."""
 
 import copy
 import shutil
