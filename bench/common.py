@@ -12,7 +12,7 @@ import torch
 
 from app import runs
 from app.records import new_run
-from hardware import DTYPES, pick_precision
+from hardware import pick_precision
 from model import ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository

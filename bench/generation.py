@@ -6,7 +6,6 @@ from dataclasses import replace
 
 import torch
 
-from app import runs
 from generate import SamplingConfig, generate_ids, sample_next
 from hardware import autocast
 from model import GPT

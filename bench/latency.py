@@ -40,7 +40,6 @@ def first_token(url, body):
 
 
 def measure(url, runs, label):
-    cold = None
     firsts, totals = [], []
     for i in range(runs):
         f, t = first_token(url, {"model": "small", "prompt": "Once upon a time", "max_new_tokens": 50, "seed": i})

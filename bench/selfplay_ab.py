@@ -61,7 +61,6 @@ from generate import rollouts
 from hardware import autocast
 from app.inside import distinct_n, ngrams, seq_rep_n
 from model import PRESETS
-from schedule import lr_share
 from selfplay import SelfPlay, SelfPlayConfig, mark_repeats, windows
 from app.records import new_run
 from app.store import Store

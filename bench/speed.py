@@ -18,12 +18,12 @@ import torch
 
 import quant
 from azr_trainer import TrainConfig, get_batch
-from hardware import autocast, pick_device
+from hardware import DTYPES, autocast, pick_device
 from model import GPT, PRESETS
 from schedule import lr_share
 from sizing import flops_per_token, memory_estimate
 from app.store import Store
-from bench.common import (DTYPES, EXAMPLE_BOOK, SHAKESPEARE, TINY, interleave, load_average, load_peer, log,
+from bench.common import (EXAMPLE_BOOK, SHAKESPEARE, TINY, interleave, load_average, load_peer, log,
                           machine_info, make_trainer, pick_precisions, timed)
 from bench.generation import generate_row
 from bench.memory import step_peak_bytes
