@@ -17,13 +17,18 @@ export async function refreshModels() {
   lists.models = all.filter(m => !m.damaged);
   lists.damaged = all.filter(m => m.damaged);
   for (const sel of $$("select.model-select")) {
-    const keep = sel.value;
     const none = sel.classList.contains("optional") ? [el("option", {value: ""}, "(none)")] : [];
-    sel.replaceChildren(...none, ...lists.models.map(m => el("option", {value: m.name}, m.name)));
-    if (lists.models.some(m => m.name === keep)) sel.value = keep;
+    refill(sel, none, lists.models.map(m => m.name));
   }
   $$("select.adapter-select").forEach(fillAdapterSelect);
   modelListeners.forEach(fn => fn(lists.models));
+}
+
+// a select's options become `first` (e.g. "(none)") and `names`; the chosen one stays chosen while it is there
+function refill(sel, first, names) {
+  const keep = sel.value;
+  sel.replaceChildren(...first, ...names.map(n => el("option", {value: n}, n)));
+  sel.value = names.includes(keep) ? keep : first.length ? "" : sel.value;
 }
 
 // an adapter select lists the adapters of the model chosen in the select named by data-model
@@ -43,10 +48,7 @@ export async function refreshBooks() {
   lists.books = all.filter(b => !b.damaged);
   lists.damagedBooks = all.filter(b => b.damaged);
   for (const sel of $$("select.book-select")) {
-    const keep = sel.value;
-    sel.replaceChildren(el("option", {value: ""}, sel.dataset.none || "(none)"),
-                        ...lists.books.map(b => el("option", {value: b.name}, b.name)));
-    sel.value = lists.books.some(b => b.name === keep) ? keep : "";
+    refill(sel, [el("option", {value: ""}, sel.dataset.none || "(none)")], lists.books.map(b => b.name));
   }
   bookListeners.forEach(fn => fn(lists.books));
   modelListeners.forEach(fn => fn(lists.models));  // their default prompts come from the books

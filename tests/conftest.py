@@ -48,6 +48,16 @@ def book(store, book_text):
     return "book"
 
 
+def trained_store(home, book_text, name="tiny"):
+    """A store at `home` holding the book 'book' and model `name`, trained on it for 20 steps: for
+    module-scoped fixtures, which cannot use the per-test `trained`."""
+    store = Store(home)
+    store.books.add("book", book_text.encode("utf-8"), "book.txt")
+    store.create_model(name, tiny_config())
+    train(store, name, ["book"], quick_train_config())
+    return store
+
+
 @pytest.fixture
 def trained(store, book):
     """A tiny model trained for 20 steps on the book: (store, name)."""

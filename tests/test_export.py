@@ -16,13 +16,12 @@ from fastapi.testclient import TestClient
 
 import cli
 from app import export
-from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
+from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config, trained_store
 from files import Exists, StoreError
 from generate import SamplingConfig, generate_ids
 from lora import LoRAConfig, merge_lora
-from app.runs import finetune, train
+from app.runs import finetune
 from server import create_app
-from app.store import Store
 from tokenizer import Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -36,10 +35,7 @@ LORA = LoRAConfig(r=4, alpha=8.0, targets=("c_attn", "attn.c_proj", "c_fc"), rsl
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, book_text):
     """A tiny model trained on the book, with a LoRA adapter 'ad' fine-tuned on top of it."""
-    store = Store(tmp_path_factory.mktemp("export") / "home")
-    store.books.add("book", book_text.encode(), "book.txt")
-    store.create_model("tiny", tiny_config())
-    train(store, "tiny", ["book"], quick_train_config())
+    store = trained_store(tmp_path_factory.mktemp("export") / "home", book_text)
     model = store.load_model("tiny")
     with torch.no_grad():  # MLP inputs of a few units, where GELU's exact and tanh forms differ by ~1e-4
         for block in model.transformer.h:

@@ -15,10 +15,10 @@ import server
 from app.web import openai as v1
 from app.web.generation_queue import GENERATION_QUEUE, GENERATION_RETRY_AFTER_S
 from app.web.openai import Message, TextPart, chat_prompt, first_stop, stop_prefix_len, stops_of
-from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config
+from conftest import LOCAL_URL, ROOT, quick_train_config, tiny_config, trained_store
 from generate import SamplingConfig, generate, stream
 from lora import LoRAConfig
-from app.runs import finetune, train
+from app.runs import finetune
 from app.store import Store
 
 openai = pytest.importorskip("openai")
@@ -27,10 +27,7 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, book_text):
     """A tiny trained model 'tiny' with an adapter 'ad', and a model 'fresh' that was never trained."""
-    store = Store(tmp_path_factory.mktemp("v1") / "home")
-    store.books.add("book", book_text.encode(), "book.txt")
-    store.create_model("tiny", tiny_config())
-    train(store, "tiny", ["book"], quick_train_config())
+    store = trained_store(tmp_path_factory.mktemp("v1") / "home", book_text)
     finetune(store, "tiny", ["book"], quick_train_config(steps=5), "ad", LoRAConfig(r=2))
     store.create_model("fresh", tiny_config())
     return store.home
