@@ -73,7 +73,7 @@ class TrainConfig:
     # "Muon and warmup-stable-decay")
     optimizer: str = setting("muon", "adamw, or muon: the blocks' weight matrices take orthogonalised steps, every "
                                      "direction alike (Jordan et al. 2024); AdamW for the rest", choices=("adamw", "muon"))
-    muon_lr: float = setting(5e-3, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
+    muon_lr: float = setting(1e-2, "peak learning rate of Muon's matrices (used with optimizer muon)", 1e-8, 1.0)
     schedule: str = setting("wsd", "after the warm-up: a cosine down to the floor, or wsd: constant, then a "
                                    f"straight line down to the floor over the last {WSD_DECAY * 100:g} percent of the steps",
                             choices=("cosine", "wsd"))

@@ -39,12 +39,17 @@ from hardware import autocast, machine_kind
 from muon import apply_gradients, make_optimizer
 from sizing import HEAD_CHUNK, flops_per_token, window_len
 
-# "auto" compiles a CPU run whose matmul work is at least this many FLOPs: enough eager training
-# to win back the compile time (the times on our CPUs: BENCHMARKS.md, "Numbers that were in the code")
-COMPILE_MIN_FLOPS = 5e12
-# ... and a run with a wall-clock budget (--minutes) at least this long, so that compiling takes
-# only a small share of it
+# "auto" probes a run (times eager and compiled steps, compiling once) only if it is long enough
+# to win the probe back. Matmul work of about a minute of eager training on 2 cores:
+FLOPS_PER_MINUTE = 5e12
+# a run shorter than this is not probed (shorter than a few compiles) ...
 COMPILE_MIN_MINUTES = 2.0
+# ... nor, on a CPU in fp32, one so short that even the best gain compiling has given there would
+# not pay for a probe: fp32 steps gained at most this share on the CPUs we measured (bf16 several
+# times more), and a probe, compiling included, costs about PROBE_COST_S (BENCHMARKS.md, "Numbers
+# that were in the code")
+CPU_FP32_BEST_GAIN = 0.10
+PROBE_COST_S = 30.0
 PROBE_STEPS = 3  # timed forward+backward passes of each arm of the probe, after one untimed
 # compiled steps must be at least this much faster than eager to be chosen: less is within the
 # noise of a few steps on a shared machine, and "auto" must never be slower than eager
@@ -115,27 +120,36 @@ class TrainLoss(nn.Module):
         return HeadLoss.apply(x.flatten(0, 1), self.model.lm_head.weight, targets.flatten())
 
 
-def compile_decision(setting, device, run_flops, minutes=0.0, measured=None, run_s=0.0):
+def compile_decision(setting, device, run_flops, minutes=0.0, measured=None, run_s=0.0, precision="fp32"):
     """-> (compile?, reason): whether to torch.compile the training loss, and why, in words the
     trainer shows. "on" and "off" are obeyed. "auto" decides by measurement: `measured`, a
     CompileProbe of this config on this machine, and `run_s`, the seconds the run would take in
     eager steps (see compile_pays). Without a measurement yet -> (None, reason): probe first.
-    A run too short to win back any compile time is not even probed; nor is one without a C++
-    compiler (CPU) or on a device inductor does not cover (mps)."""
+    A run too short to win back a probe is not even probed (min_probe_minutes); nor is one
+    without a C++ compiler (CPU) or on a device inductor does not cover (mps)."""
     if setting != "auto":
         return setting == "on", f"compile={setting} was asked for"
     if device.type not in ("cpu", "cuda"):
         return False, f"compile=auto measures compiling on CPU and CUDA only, not on {device.type}"
     if device.type == "cpu" and not any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         return False, "no C++ compiler for inductor's kernels"
-    if minutes:
-        if minutes < COMPILE_MIN_MINUTES:
-            return False, f"a {minutes:g}-minute budget: compiling would take too much of it"
-    elif run_flops < COMPILE_MIN_FLOPS:
-        return False, f"a short run ({run_flops:.1e} FLOPs): compiling would not pay back"
+    need, why = min_probe_minutes(device, precision)
+    run_minutes = minutes or run_flops / FLOPS_PER_MINUTE
+    if run_minutes < need:
+        run = f"a {minutes:g}-minute budget" if minutes else f"a short run ({run_flops:.1e} FLOPs)"
+        return False, f"{run}: {why}"
     if measured is None:
         return None, "not measured for this config on this machine yet: the run times eager and compiled steps first"
     return compile_pays(measured, run_s, measured.compile_s)
+
+
+def min_probe_minutes(device, precision):
+    """-> (minutes, reason): the shortest run for which compile="auto" probes, and why not below it."""
+    if device.type == "cpu" and precision == "fp32":
+        need = PROBE_COST_S / CPU_FP32_BEST_GAIN / 60
+        return need, (f"in fp32 on a CPU compiling has saved at most {CPU_FP32_BEST_GAIN:.0%} of a step, too little "
+                      f"to win back a ~{PROBE_COST_S:.0f} s probe in under {need:g} minutes")
+    return COMPILE_MIN_MINUTES, "compiling would not pay back"
 
 
 @dataclass
@@ -284,7 +298,7 @@ def compile_choice(cfg, tc, T, device, precision, probe_file=None):
     key = probe_key(cfg, tc, T, device, precision)
     measured = load_probe(probe_file, key) if probe_file and tc.compile == "auto" else None
     run_s = run_seconds(tc, measured.eager_s) if measured else 0.0
-    return compile_decision(tc.compile, device, run_flops, tc.minutes, measured, run_s)
+    return compile_decision(tc.compile, device, run_flops, tc.minutes, measured, run_s, precision)
 
 
 def probe_key(cfg, tc, T, device, precision):

@@ -102,12 +102,19 @@ def test_written_out_attention_used_under_compile_matches_the_fused_kernel():
 def test_on_and_off_are_obeyed_and_auto_probes_only_runs_long_enough_to_pay():
     cpu = torch.device("cpu")
     assert compile_decision("on", cpu, 1)[0] is True and compile_decision("off", cpu, 1e15)[0] is False
-    assert compile_decision("auto", cpu, 1e9) == (False, "a short run (1.0e+09 FLOPs): compiling would not pay back")
-    on, reason = compile_decision("auto", cpu, 1e15, minutes=0.5)  # a budget: its length decides
-    assert on is False and "budget" in reason
-    if shutil.which("g++"):
-        assert compile_decision("auto", cpu, 1e15)[0] is None  # long enough: measure first
-        assert compile_decision("auto", cpu, 1e9, minutes=10)[0] is None
+    if not shutil.which("g++"):
+        assert compile_decision("auto", cpu, 1e15) == (False, "no C++ compiler for inductor's kernels")
+        return
+    on, reason = compile_decision("auto", cpu, 1e9, precision="bf16")
+    assert (on, reason) == (False, "a short run (1.0e+09 FLOPs): compiling would not pay back")
+    on, reason = compile_decision("auto", cpu, 1e15, minutes=0.5, precision="bf16")  # a budget: its length decides
+    assert on is False and "0.5-minute budget" in reason
+    assert compile_decision("auto", cpu, 1e15, minutes=3, precision="bf16")[0] is None  # long enough: measure first
+    # fp32 on a CPU: the best gain compiling has given there cannot win back a probe in 3 minutes
+    on, reason = compile_decision("auto", cpu, 1e15, minutes=3, precision="fp32")
+    assert on is False and "3-minute budget" in reason and "fp32" in reason
+    assert compile_decision("auto", cpu, 1e15, minutes=10, precision="fp32")[0] is None
+    assert compile_decision("auto", cpu, 1e15, precision="fp32")[0] is None
     with pytest.raises(ValueError, match="compile"):
         TrainConfig(compile="yes").validate()
 
