@@ -37,10 +37,12 @@ def flops_per_token(cfg, seq_len=None):
     return 6 * n_matmul + 12 * cfg.num_layers * T * cfg.d_model
 
 
-def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=False):
+def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=False, optimizer="adamw"):
     """Peak memory of one training step in bytes, counted from what this code keeps alive.
 
-    Before the step: fp32 weights (4 bytes per parameter) and AdamW's two moments (8). The peak
+    Before the step: fp32 weights (4 bytes per parameter) and the optimizer's state: AdamW's two
+    moments (8), or for Muon one momentum (4) per weight of the blocks' matrices and AdamW's two
+    moments for the rest (muon.muon_groups); "adamw", the larger, is the default. The peak
     comes late in the forward, inside the chunked loss, before any gradient exists, so the
     gradients (4 per parameter, alive only after the activations are freed) count only if larger.
     At that moment autograd holds, per token and block: the block's input and its post-attention
@@ -60,8 +62,10 @@ def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=
     casts = bytes_per_act * (V * C + L * (4 * C * C + 2 * C * F_)) if low else 0  # the head and every Linear
     if compiled:
         acts += L * B * cfg.num_heads * T * T * bytes_per_act
-    est = {"weights": 4 * n + casts, "grads": 4 * n, "adam": 8 * n, "activations": int(acts)}
-    est["total"] = est["weights"] + est["adam"] + max(est["activations"], est["grads"])
+    matrices = L * (4 * C * C + 2 * C * F_) if optimizer == "muon" else 0  # Muon's: c_attn, c_proj, c_fc, c_proj
+    state = 4 * matrices + 8 * (n - matrices)
+    est = {"weights": 4 * n + casts, "grads": 4 * n, "optimizer_state": state, "activations": int(acts)}
+    est["total"] = est["weights"] + est["optimizer_state"] + max(est["activations"], est["grads"])
     return est
 
 
@@ -81,12 +85,12 @@ def check_fits_in_memory(cfg):
             f"available here; the store only creates models this machine can train: make it smaller")
 
 
-def check_training_memory(cfg, batch_size, seq_len=None, precision="fp32", device=None):
+def check_training_memory(cfg, batch_size, seq_len=None, precision="fp32", device=None, optimizer="adamw"):
     """Refuse a training step that would not fit: its memory_estimate (at 2 bytes per activation
     under bf16/fp16 autocast, 4 in fp32) against TRAIN_MEMORY_SHARE of what `device` has available
     now. Run before the job starts, so the user gets the numbers instead of the OOM killer."""
     T = seq_len or cfg.max_seq_len
-    need = memory_estimate(cfg, batch_size, T, bytes_per_act=2 if precision in ("bf16", "fp16") else 4)["total"]
+    need = memory_estimate(cfg, batch_size, T, 2 if precision in ("bf16", "fp16") else 4, optimizer=optimizer)["total"]
     free = available_memory(device)
     if free is not None and need > TRAIN_MEMORY_SHARE * free:
         raise StoreError(

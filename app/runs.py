@@ -110,7 +110,8 @@ def check_fits(store, name, tc):
     tc.validate()
     cfg = store.config(name)
     device = distributed.device_for_rank(tc.device)
-    check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device)
+    check_training_memory(cfg, tc.batch_size, window_len(tc, cfg), pick_precision(device, tc.precision), device,
+                          tc.optimizer)
     tokens = tc.batch_size * tc.grad_accum * window_len(tc, cfg)
     if tokens > MAX_TOKENS_PER_STEP:
         raise StoreError(f"one step of batch_size {tc.batch_size} x grad_accum {tc.grad_accum} x seq_len "

@@ -54,7 +54,9 @@ def run_speed(args):
             B, T = (4, 32) if args.quick else SHAPES[name]
             for prec in precisions:
                 compile_ = args.compile or ("off" if args.quick else "on")
-                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_)
+                # AdamW, the peer's optimizer: these rows time the engine (Muon's cost: `python -m bench profile`)
+                tc = TrainConfig(batch_size=B, seq_len=T, precision=prec, device=str(device), compile=compile_,
+                                 optimizer="adamw")
                 if not args.generate_only:
                     result["train"].append(train_row(store, name, cfg, tc, peer, sizes))
                     log(result["train"][-1])
@@ -96,7 +98,8 @@ def train_row(store, preset, cfg, tc, peer, sizes):
     row = {"preset": preset, "precision": trainer.precision, "batch": tc.batch_size, "seq_len": trainer.T,
            "params": sum(p.numel() for p in trainer.model.parameters()), "flops_per_token": flops_per_token(cfg, trainer.T),
            "estimate_mb": memory_estimate(cfg, tc.batch_size, trainer.T, 2 if trainer.precision != "fp32" else 4,
-                                          compiled=contestants["ours"].trainer.stepper.compiled)["total"] / 2**20,
+                                          compiled=contestants["ours"].trainer.stepper.compiled,
+                                          optimizer=tc.optimizer)["total"] / 2**20,
            "ours_compiled": contestants["ours"].trainer.stepper.compiled,
            "matmul_only_tok_s": matmul_only_tok_s(cfg, tc.batch_size, trainer.T, DTYPES[trainer.precision], trainer.device)}
     for k, step in contestants.items():

@@ -46,8 +46,8 @@ function showEstimate(e) {
     ` (${fmt.int(e.params)}) · memory for training at its peak ≈ `,
     el("strong", {}, fmt.bytes(m.total)),
     ` at batch ${e.batch_size}: weights ${fmt.bytes(m.weights)} + ` +
-    `the optimizer's running averages ${fmt.bytes(m.adam)}` +
-    ` (AdamW) + activations ${fmt.bytes(m.activations)} (the gradients, ${fmt.bytes(m.grads)}, come after them) · ` +
+    `the optimizer's running averages ${fmt.bytes(m.optimizer_state)}` +
+    ` (${e.optimizer}) + activations ${fmt.bytes(m.activations)} (the gradients, ${fmt.bytes(m.grads)}, come after them) · ` +
     `${fmt.params(e.flops_per_token)} arithmetic operations per token `, el("small", {className: "sym"}, "(FLOPs)"));
 }
 

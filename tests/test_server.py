@@ -163,7 +163,13 @@ def test_estimate_counts_parameters_and_memory(client):
     e = client.get("/estimate", params=TINY).json()
     assert e["params"] == 512 * 32 + 32 * 32 + 2 * (4 * 32 + 32 * 96 + 96 + 32 * 32 + 32 + 32 * 64 + 64 + 64 * 32 + 32) + 64
     m = e["memory"]  # the peak: gradients only exist once the activations are freed
-    assert m["total"] == m["weights"] + m["adam"] + max(m["activations"], m["grads"])
+    assert m["total"] == m["weights"] + m["optimizer_state"] + max(m["activations"], m["grads"])
+    assert e["optimizer"] == TrainConfig.optimizer
+    adamw = client.get("/estimate", params={**TINY, "optimizer": "adamw"}).json()["memory"]
+    assert adamw["optimizer_state"] == 8 * e["params"]  # two moments per parameter
+    # Muon keeps one momentum per weight of the blocks' matrices (2 blocks of 32 x 96, 32 x 32, 32 x 64, 64 x 32)
+    muon = client.get("/estimate", params={**TINY, "optimizer": "muon"}).json()["memory"]
+    assert muon["optimizer_state"] == adamw["optimizer_state"] - 4 * 2 * (32 * 96 + 32 * 32 + 32 * 64 + 64 * 32)
 
 
 def test_estimate_explains_a_bad_config_and_names_the_field(client):

@@ -74,11 +74,11 @@ DOWNLOADED = {200: {"content": {"application/zip": {}, "application/octet-stream
 def estimate(vocab_size: int = ModelConfig.vocab_size, d_model: int = ModelConfig.d_model,
              num_layers: int = ModelConfig.num_layers, num_heads: int = ModelConfig.num_heads,
              d_ff: int = ModelConfig.d_ff, max_seq_len: int = ModelConfig.max_seq_len,
-             batch_size: int = TrainConfig.batch_size):
+             batch_size: int = TrainConfig.batch_size, optimizer: str = TrainConfig.optimizer):
     cfg = ModelConfig(vocab_size, d_model, num_layers, num_heads, d_ff, max_seq_len).validate()
-    TrainConfig(batch_size=batch_size).validate()
-    return {"params": param_count(cfg), "memory": memory_estimate(cfg, batch_size),
-            "flops_per_token": flops_per_token(cfg), "batch_size": batch_size}
+    TrainConfig(batch_size=batch_size, optimizer=optimizer).validate()
+    return {"params": param_count(cfg), "memory": memory_estimate(cfg, batch_size, optimizer=optimizer),
+            "flops_per_token": flops_per_token(cfg), "batch_size": batch_size, "optimizer": optimizer}
 
 
 @router.post("/create_model", status_code=201, summary="Create a model from a preset or the config numbers",
