@@ -187,7 +187,9 @@ class ProgressBar:
                        f"torch.compile {'on' if e.get('compiled') else 'off'}: {e.get('compile_reason')}")
         elif e["type"] == "step":
             self.bar.update(1)
-            post = {"loss": f"{e['loss']:.3f}", "tok/s": f"{e['tokens_per_s']:.0f}"}
+            # after a plateau a step is self-play alone: no supervised loss (its repeat rate is below)
+            post = {"loss": f"{e['loss']:.3f}"} if "loss" in e else {}
+            post["tok/s"] = f"{e['tokens_per_s']:.0f}"
             if "val_bpb" in e:
                 post["val_bpb"] = f"{e['val_bpb']:.3f}"
                 tqdm.write(f"step {e['step']}: val loss {e['val_loss']:.4f}, bits/byte {e['val_bpb']:.4f}")

@@ -200,7 +200,7 @@ function logLine(e) {
     case "start": return `${t} started at step ${e.step}/${e.total} on ${e.device} (${e.precision}); ` +
       `${fmt.int(e.tokens.train)} training and ${fmt.int(e.tokens.val)} held-out tokens; ` +
       `torch.compile ${e.compiled ? "on" : "off"} (${e.compile_reason})`;
-    case "step": return `${t} step ${e.step}/${e.total} loss ${fmt.num(e.loss)}` +
+    case "step": return `${t} step ${e.step}/${e.total} ` + (e.loss != null ? `loss ${fmt.num(e.loss)}` : "self-play") +
       (e.val_loss != null ? ` · held-out loss ${fmt.num(e.val_loss)} · bits per byte ${fmt.num(e.val_bpb)}` : "") +
       (e.elapsed_s != null ? ` · ${fmt.clock(e.elapsed_s)} of ${fmt.clock(e.budget_s)}` : "") +
       ` · ${fmt.int(Math.round(e.tokens_per_s))} tokens/s`;

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import azr_trainer
+import cli
 import config
 import schedule
 from azr_trainer import TrainConfig, selfplay_due
@@ -227,7 +228,7 @@ def test_keep_best_prefers_fewer_repeats_within_the_tolerance():
 def fake_curve(monkeypatch, curve, repeats):
     """Trainer.evaluate answers from a hand-made curve: {step: val_bpb} and {step: greedy_repeats}."""
     def evaluate(self, max_windows=None):
-        return {"val_bpb": curve[self.step], "greedy_repeats": repeats[self.step]}
+        return {"val_loss": curve[self.step], "val_bpb": curve[self.step], "greedy_repeats": repeats[self.step]}
     monkeypatch.setattr(azr_trainer.Trainer, "evaluate", evaluate)
 
 
@@ -250,6 +251,16 @@ def test_a_plateau_switches_the_run_into_selfplay_and_keep_best_weighs_repeats(s
     # on step 12's weights: within 1 % of the best (2.0) and the fewest repeats (14 is closer, loops more)
     assert out["step"] == 20 and out["best"] == [2.015, 12]
     assert rows[11]["lr"] == schedule.lr_at(10, tc)
+
+
+def test_the_cli_progress_bar_follows_a_run_through_the_plateau(store, book, monkeypatch, capsys):
+    """After the switch a step row has no supervised loss: the command line's bar shows it anyway."""
+    fake_curve(monkeypatch, CURVE, REPEATS)
+    store.create_model("m", tiny_config())
+    with cli.ProgressBar() as bar:
+        train(store, "m", [book], quick_train_config(steps=40, eval_every=2, selfplay_every=3, selfplay_start=1.0),
+              on_event=bar.update)
+    assert "plateau at step 10" in capsys.readouterr().out
 
 
 def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):
