@@ -42,7 +42,7 @@ from sizing import HEAD_CHUNK, flops_per_token, window_len
 # "auto" probes a run (times eager and compiled steps, compiling once) only if it is long enough
 # to win the probe back. Matmul work of about a minute of eager training on 2 cores:
 FLOPS_PER_MINUTE = 5e12
-# a run shorter than this is not probed (shorter than a few compiles) ...
+# a run shorter than this many minutes is not probed: the probe's compiling would take too much of it ...
 COMPILE_MIN_MINUTES = 2.0
 # ... nor, on a CPU in fp32, one so short that even the best gain compiling has given there would
 # not pay for a probe: fp32 steps gained at most this share on the CPUs we measured (bf16 several
