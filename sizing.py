@@ -15,18 +15,19 @@ TRAIN_MEMORY_SHARE = 0.8  # a training step may plan on this share of the memory
 CREATE_MEMORY_SHARE = 0.5  # a new model must train (one window per step) in this share of it
 
 
+def block_matrices(cfg):
+    """Weights in the linear layers' matrices of one block: c_attn (C x 3C), attn.c_proj (C x C),
+    c_fc (C x F) and mlp.c_proj (F x C) — what Muon steps and bf16 autocast casts."""
+    C, F_ = cfg.d_model, cfg.d_ff
+    return 4 * C * C + 2 * C * F_
+
+
 def param_count(cfg):
     """Parameters of the model, counted from the config (the head is tied to wte: no extra)."""
-    C, F_, L = cfg.d_model, cfg.d_ff, cfg.num_layers
-    per_block = (
-        2 * C  # ln_1
-        + C * 3 * C + 3 * C  # c_attn
-        + C * C + C  # attn.c_proj
-        + 2 * C  # ln_2
-        + C * F_ + F_  # c_fc
-        + F_ * C + C  # mlp.c_proj
-    )
-    return cfg.vocab_size * C + cfg.max_seq_len * C + L * per_block + 2 * C
+    C, F_ = cfg.d_model, cfg.d_ff
+    gains_and_biases = 2 * C + 3 * C + C + 2 * C + F_ + C  # ln_1, c_attn, attn.c_proj, ln_2, c_fc, mlp.c_proj
+    per_block = block_matrices(cfg) + gains_and_biases
+    return cfg.vocab_size * C + cfg.max_seq_len * C + cfg.num_layers * per_block + 2 * C
 
 
 def flops_per_token(cfg, seq_len=None):
@@ -59,10 +60,10 @@ def memory_estimate(cfg, batch_size=16, seq_len=None, bytes_per_act=4, compiled=
     low = bytes_per_act < 4
     per_token = 8 * C + 2 * (6 * C + 2 * F_) if low else 4 * (8 * C + 2 * F_)
     acts = L * N * per_token + 4 * (3 * N * C + V * C + 2 * HEAD_CHUNK * V)
-    casts = bytes_per_act * (V * C + L * (4 * C * C + 2 * C * F_)) if low else 0  # the head and every Linear
+    casts = bytes_per_act * (V * C + L * block_matrices(cfg)) if low else 0  # the head and every Linear
     if compiled:
         acts += L * B * cfg.num_heads * T * T * bytes_per_act
-    matrices = L * (4 * C * C + 2 * C * F_) if optimizer == "muon" else 0  # Muon's: c_attn, c_proj, c_fc, c_proj
+    matrices = L * block_matrices(cfg) if optimizer == "muon" else 0  # Muon's share of the weights
     state = 4 * matrices + 8 * (n - matrices)
     est = {"weights": 4 * n + casts, "grads": 4 * n, "optimizer_state": state, "activations": int(acts)}
     est["total"] = est["weights"] + est["optimizer_state"] + max(est["activations"], est["grads"])
