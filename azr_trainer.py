@@ -6,7 +6,9 @@ from 0..T-1, cross-entropy, backward, clip the gradient norm to 1, an optimizer 
 Muon (muon.py) for the blocks' matrices with AdamW for the rest, at the learning rate the
 schedule gives for this step (schedule.py: warm-up, then down to a tenth of the peak). Every
 `eval_every` steps the run scores the validation split in bits per byte (evaluate.py), keeps the
-weights of its best evaluation and stops early once it is clearly past it (keep_best.py).
+weights of its best evaluation and stops early once it is clearly past it (keep_best.py) — unless
+the learning rate is still at warmup-stable-decay's peak: then the run goes back to its kept weights
+and the decay starts (schedule.py says why).
 
 Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
 It begins when supervised learning stops paying: where early stopping would end the run, the run
@@ -28,7 +30,8 @@ every rank, so a resume on as many processes is exact too. Self-play: each rank 
 contexts, and its update's gradients are averaged by hand (its forward needs logits, so it goes
 around the DDP wrapper, which only knows the training loss).
 
-`Trainer` is the loop: when to step, evaluate, keep, switch to self-play, checkpoint and stop.
+`Trainer` is the loop: when to step, evaluate, keep, start the decay, switch to self-play, checkpoint
+and stop.
 `Stepper` is the update it calls: the optimizer, the gradient scaler, the batches, the loss module.
 
 The trainer knows a model, its token arrays and a folder for its checkpoints. Where models and
@@ -52,7 +55,7 @@ from evaluate import evaluate_bpb
 from hardware import autocast, pick_precision
 from keep_best import STOP_RISE, Best
 from muon import apply_gradients, make_optimizer
-from schedule import WSD_DECAY, Budget, lr_share
+from schedule import WSD_DECAY, Budget, at_peak, decay_now, lr_share
 from sizing import window_len
 
 
@@ -160,6 +163,7 @@ class Trainer:
             self.selfplay = SelfPlay(model, self.stepper.optimizer_step, data["train"], self.precision,
                                      tc.seed + distributed.rank())
         self.time_share = None  # in a time budget, the share of it spent: the schedule's clock (lr_share)
+        self.decay_from = None  # the step where a plateau at the peak learning rate started the decay
         self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
         self.best = Best()  # the best evaluation, the kept one (best.safetensors), early stopping's count
 
@@ -237,6 +241,15 @@ class Trainer:
             clock = {"elapsed_s": round(budget.elapsed(), 1), "budget_s": budget.seconds} if budget else {}
             emit({"type": "step", "total": self.tc.steps, **row, **clock})
             if self._evaluated(self.step) and distributed.broadcast(self.best.early_stop(self.tc.patience)):
+                if at_peak(self.step, self.tc, self.time_share):  # a plateau at the peak lr: the decay, not the end
+                    kept = self.best.kept[1]
+                    self.decay_from_plateau(budget)
+                    end = f"{budget.seconds / 60:.1f} minutes" if budget else f"step {self.tc.steps}"
+                    emit({"type": "info", "message": f"plateau at step {self.step} at the peak learning rate: back to "
+                                                     f"the weights of step {kept}; the learning rate comes down from "
+                                                     f"here, and the run ends at {end}"})
+                    self.save_checkpoint()  # a resume must not replay it: best.safetensors moves on
+                    continue
                 if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
                     self.switch_to_selfplay()
                     emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
@@ -249,7 +262,7 @@ class Trainer:
                 return "done", "early_stop"
             if self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.steps:
                 self.save_checkpoint()
-        return "done", "budget" if budget else "steps"
+        return "done", "plateau" if self.decay_from is not None else "budget" if budget else "steps"
 
     def _one_step(self):
         """A supervised step, then self-play and evaluation when they are due -> its metrics row.
@@ -297,6 +310,15 @@ class Trainer:
         if self.best.track(row["val_bpb"], self.step, row.get("greedy_repeats")) and self.tc.keep_best:
             keep_best.save_kept(self.folder.ckpt_dir, self.model, self.step)
 
+    def decay_from_plateau(self, budget):
+        """A plateau at warmup-stable-decay's peak: go back to the kept weights and bring the learning
+        rate down from here, the run's end moving in to match (schedule.decay_now says why)."""
+        self.decay_from = self.step
+        keep_best.back_to_kept(self.best, self.folder.ckpt_dir, self.model, weights=self.tc.keep_best)
+        self.tc = decay_now(self.step, self.tc, self.time_share)
+        if budget:
+            budget.seconds = self.tc.minutes * 60
+
     def switch_to_selfplay(self):
         """The plateau: supervised steps stopped paying. Go back to the kept weights and go on with
         self-play steps; if they cost likelihood, early stopping ends the run as it would have here."""
@@ -306,8 +328,8 @@ class Trainer:
     # checkpoints (checkpoint.py: the format) -------------------------------------
     def save_checkpoint(self):
         """Everything the run's future depends on, in one file, then run.json (DDP: every rank calls it)."""
-        loop = {"run_id": self.run_info.run_id, **asdict(self.best), "steps": self.tc.steps,
-                "selfplay_from": self.selfplay_from}  # what the loop decided so far
+        loop = {"run_id": self.run_info.run_id, **asdict(self.best), "steps": self.tc.steps, "minutes": self.tc.minutes,
+                "decay_from": self.decay_from, "selfplay_from": self.selfplay_from}  # what the loop decided so far
         s = self.stepper
         checkpoint.save_run(self.folder.ckpt_dir, self.step, loop, self.model, s.optimizer, s.scaler, s.batch_gen,
                             self.selfplay, self.tc.keep_checkpoints)
@@ -320,8 +342,10 @@ class Trainer:
         path, skipped, note = None, [], None
         if found:
             path, tensors, meta, skipped = found
-            self.step, self.best, self.selfplay_from = meta["step"], Best.from_meta(meta), meta.get("selfplay_from")
-            self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps))  # a budget run's fitted schedule
+            self.step, self.best = meta["step"], Best.from_meta(meta)
+            self.decay_from, self.selfplay_from = meta.get("decay_from"), meta.get("selfplay_from")
+            # a budget run's fitted steps; a plateau's shortened run
+            self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps), minutes=meta.get("minutes", self.tc.minutes))
             s = self.stepper
             note = checkpoint.restore_run(tensors, meta, self.tc, self.model, s.optimizer, s.scaler, s.batch_gen,
                                           self.selfplay)

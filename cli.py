@@ -186,6 +186,7 @@ class ProgressBar:
             tqdm.write(f"device {e['device']}, precision {e['precision']}, tokens {e['tokens']}; "
                        f"torch.compile {'on' if e.get('compiled') else 'off'}: {e.get('compile_reason')}")
         elif e["type"] == "step":
+            self.bar.total = e["total"]  # a time budget re-fits it; a plateau brings the end in
             self.bar.update(1)
             # after a plateau a step is self-play alone: no supervised loss (its repeat rate is below)
             post = {"loss": f"{e['loss']:.3f}"} if "loss" in e else {}

@@ -6,11 +6,18 @@ tenth of its peak by the end of the run: along a cosine (Loshchilov & Hutter 201
 warmup-stable-decay, flat at the peak until the run's last stretch and then a straight line down
 (Hägele et al. 2024). A run with a wall-clock budget (--minutes) measures its progress in time
 spent instead of steps taken (`Budget`), so the schedule ends when the time does.
+
+A plateau in warmup-stable-decay's flat phase is not the end of learning: at the peak learning rate
+val wanders around a level that only a lower rate gets below (in WSD the loss falls steeply during
+the decay, Hägele et al. 2024; BENCHMARKS.md, issue 28, has a run flat for 3,600 steps that the decay
+took 7 % lower). So early stopping there starts the decay instead of ending the run (`decay_now`):
+the run so far becomes the flat part of a shorter run of the same shape.
 """
 
 import collections
 import math
 import time
+from dataclasses import replace
 
 # warmup-stable-decay spends this share of the steps coming down from the peak (Hägele et al. 2024)
 WSD_DECAY = 0.2
@@ -33,17 +40,34 @@ def lr_share(step, tc, time_share=None):
     if step < tc.warmup_steps:
         return (step + 1) / tc.warmup_steps
     if tc.schedule == "wsd":
-        if time_share is None:
-            decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
-            progress = (step - decay_start) / max(1, tc.steps - decay_start)
-        else:
-            progress = (time_share - (1 - WSD_DECAY)) / WSD_DECAY
-        return 1 - (1 - floor) * min(1.0, max(0.0, progress))
+        return 1 - (1 - floor) * min(1.0, max(0.0, decay_progress(step, tc, time_share)))
     if time_share is None:
         progress = (step - tc.warmup_steps) / max(1, tc.steps - tc.warmup_steps)
     else:
         progress = time_share
     return floor + 0.5 * (1 - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def decay_progress(step, tc, time_share=None):
+    """How far warmup-stable-decay's straight line down has come at `step`: 0 where it starts, 1 at
+    the end of the run, below 0 in the flat phase before it."""
+    if time_share is None:
+        decay_start = max(tc.warmup_steps, tc.steps * (1 - WSD_DECAY))
+        return (step - decay_start) / max(1, tc.steps - decay_start)
+    return (time_share - (1 - WSD_DECAY)) / WSD_DECAY
+
+
+def at_peak(step, tc, time_share=None):
+    """In warmup-stable-decay's flat phase: warmed up, not yet coming down."""
+    return tc.schedule == "wsd" and step >= tc.warmup_steps and decay_progress(step, tc, time_share) < 0
+
+
+def decay_now(step, tc, time_share=None):
+    """`tc` shortened so that the decay starts at `step` (or at `time_share` of a time budget): what
+    has run is the flat (1 - WSD_DECAY) of a run planned this long, and the decay its last WSD_DECAY."""
+    if time_share is None:
+        return replace(tc, steps=min(tc.steps, math.ceil(step / (1 - WSD_DECAY))))
+    return replace(tc, minutes=tc.minutes * time_share / (1 - WSD_DECAY))
 
 
 class Budget:

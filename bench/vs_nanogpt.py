@@ -199,7 +199,9 @@ def run_ours(book, minutes, preset, model_changes, train_changes, env):
         evals = [[r["step"], r["val_bpb"]] for r in store.metrics("q") if "val_bpb" in r]  # on our own val split
     return {"who": "ours", "minutes": minutes, "preset": preset, "model": model_changes, "train": train_changes,
             "wall_s": round(wall, 1), "steps": steps, "bits_per_char": score["val_bpb"],
-            "log": log.strip().splitlines()[:1], "evals": evals, **{k: summary.get(k) for k in ("precision", "compiled", "best", "status")}}
+            "log": log.strip().splitlines()[:1], "evals": evals,
+            "why": [line for line in log.splitlines() if line.startswith(("plateau", "early stop"))],
+            **{k: summary.get(k) for k in ("precision", "compiled", "best", "status", "end_reason")}}
 
 
 def flags(changes):

@@ -136,6 +136,8 @@ function endReason(job) {
     budget: `Ended: the ${c.minutes}-minute time budget ran out, after ${n} steps.`,
     early_stop: `Ended early at step ${n}: held-out bits per byte had stopped improving for ${c.patience} ` +
                 "evaluations in a row (early stop).",
+    plateau: `Ended at step ${n}, sooner than planned: held-out bits per byte stopped improving at the peak ` +
+             "learning rate, so the run went back to its best weights and brought the learning rate down from there.",
     steps: `Ended: all ${n} steps done.`,
     stopped: `Stopped by you at step ${n}; Resume continues from the last checkpoint.`,
   }[job.end_reason] || `Ended at step ${n}.`;
@@ -148,7 +150,7 @@ function progressLine(job) {
   if (!isActive(job)) return `step ${step} / ${total}${speed}`;
   const left = job.eta_s != null ? ` · ${fmt.secs(job.eta_s)} left` : "";
   if (!isBudget(job)) return `step ${step} / ${total}${speed}${left}`;
-  const budget = job.config.minutes * 60;
+  const budget = job.budget_s ?? job.config.minutes * 60;  // a plateau brings the end in (budget_s)
   const clock = job.elapsed_s == null ? "starting"
     : `${fmt.clock(job.elapsed_s)} / ${fmt.clock(budget)} of the time budget`;
   return clock +
@@ -163,7 +165,8 @@ function renderStatus(job) {
   const what = job.adapter ? `${job.model}, LoRA adapter ${job.adapter}` : job.model;
   $("#job-title").textContent = job.model ? `${what} on ${job.books.join(", ")}` : "no training job yet";
   const budget = isBudget(job) && job.elapsed_s != null && active;
-  $("#job-progress").value = budget ? job.elapsed_s / (job.config.minutes * 60) : job.total ? job.step / job.total : 0;
+  $("#job-progress").value = budget ? job.elapsed_s / (job.budget_s ?? job.config.minutes * 60)
+                                     : job.total ? job.step / job.total : 0;
   $("#job-line").textContent = idle ? "" : progressLine(job);
   $("#job-end").hidden = idle || active;
   $("#job-end").textContent = idle || active ? "" : endReason(job);
@@ -207,7 +210,7 @@ function logLine(e) {
     case "stop_requested": return `${t} stop requested: finishing the current step`;
     case "stopped": return `${t} stopped at step ${e.step}/${e.total}; checkpoint saved, Resume continues from here`;
     case "done": return `${t} done: ${e.step} steps` + (e.end_reason === "budget" ? ", the time budget ran out" :
-      e.end_reason === "early_stop" ? ", stopped early" : "") +
+      e.end_reason === "early_stop" ? ", stopped early" : e.end_reason === "plateau" ? ", ended after a plateau's decay" : "") +
       `; best held-out bits per byte ${fmt.num(e.best && e.best[0])}` + (e.best ? ` (step ${e.best[1]})` : "");
     case "failed": return `${t} failed: ${e.error}`;
     case "warning": return `${t} warning: ${e.message}`;

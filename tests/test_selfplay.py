@@ -235,13 +235,16 @@ def fake_curve(monkeypatch, curve, repeats):
 # val falls to 2.00 at step 4, then climbs more than 1 % for 3 evaluations: the plateau at step 10
 CURVE = {2: 2.5, 4: 2.0, 6: 2.1, 8: 2.1, 10: 2.1, 12: 2.015, 14: 2.005, 16: 2.3, 18: 2.3, 20: 2.3}
 REPEATS = {2: 0.5, 4: 0.4, 6: 0.4, 8: 0.4, 10: 0.4, 12: 0.1, 14: 0.2, 16: 0.0, 18: 0.0, 20: 0.0}
+# self-play from the plateau on; a cosine, so the plateau is not in WSD's flat phase (where it would
+# start the decay first: tests/test_trainer.py)
+PLATEAU = dict(selfplay_every=3, selfplay_start=1.0, schedule="cosine")
 
 
 def test_a_plateau_switches_the_run_into_selfplay_and_keep_best_weighs_repeats(store, book, monkeypatch):
     fake_curve(monkeypatch, CURVE, REPEATS)
     events = []
     store.create_model("m", tiny_config())
-    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, selfplay_every=3, selfplay_start=1.0)
+    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, **PLATEAU)
     out = train(store, "m", [book], tc, on_event=events.append)
     rows = {r["step"]: r for r in store.metrics("m")}
     assert all("loss" in rows[s] and "selfplay" not in rows[s] for s in range(1, 11))  # supervised until the plateau
@@ -258,7 +261,7 @@ def test_the_cli_progress_bar_follows_a_run_through_the_plateau(store, book, mon
     fake_curve(monkeypatch, CURVE, REPEATS)
     store.create_model("m", tiny_config())
     with cli.ProgressBar() as bar:
-        train(store, "m", [book], quick_train_config(steps=40, eval_every=2, selfplay_every=3, selfplay_start=1.0),
+        train(store, "m", [book], quick_train_config(steps=40, eval_every=2, **PLATEAU),
               on_event=bar.update)
     assert "plateau at step 10" in capsys.readouterr().out
 
@@ -277,14 +280,14 @@ def test_the_plateau_goes_back_to_the_kept_weights(store, book, monkeypatch):
                      any(not torch.equal(now[k], last[k]) for k in kept)))
     monkeypatch.setattr(azr_trainer.Trainer, "switch_to_selfplay", spy)
     store.create_model("m", tiny_config())
-    train(store, "m", [book], quick_train_config(steps=40, eval_every=2, selfplay_every=3, selfplay_start=1.0))
+    train(store, "m", [book], quick_train_config(steps=40, eval_every=2, **PLATEAU))
     assert seen == [(4, True, True)]  # step 4's weights, not step 10's
 
 
 def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
     """Stop at step 13, after the switch at 10, and resume: every later row is the same."""
     fake_curve(monkeypatch, CURVE, REPEATS)
-    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, selfplay_every=3, selfplay_start=1.0)
+    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, **PLATEAU)
     store.create_model("whole", tiny_config())
     train(store, "whole", [book], tc)
     store.create_model("split", tiny_config())

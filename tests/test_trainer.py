@@ -2,6 +2,7 @@
 
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,9 +13,9 @@ from app import runs
 from app.records import new_run
 from azr_trainer import TrainConfig
 from muon import make_optimizer
-from schedule import lr_at
+from schedule import at_peak, decay_now, lr_at, lr_share
 from conftest import quick_train_config, tiny_config
-from files import CorruptFile, load_tensors
+from files import CorruptFile, load_tensors, weights_of
 from model import GPT
 from app.runs import resume, train
 
@@ -102,6 +103,18 @@ def test_wsd_warms_up_holds_the_peak_then_decays_to_the_floor():
     assert all(a > b for a, b in zip(lrs[80:], lrs[81:])) and lrs[100] == pytest.approx(1e-4)
 
 
+def test_decay_now_makes_the_run_so_far_the_flat_part_of_a_shorter_run():
+    tc = TrainConfig(steps=1000, warmup_steps=10, schedule="wsd")
+    assert at_peak(400, tc) and not at_peak(5, tc) and not at_peak(850, tc)
+    assert not at_peak(400, replace(tc, schedule="cosine"))  # a cosine is always coming down
+    short = decay_now(400, tc)
+    assert short.steps == 500 and lr_share(400, short) == 1 and not at_peak(401, short)
+    assert lr_share(450, short) == pytest.approx(0.55)  # halfway down to the floor
+    # in a time budget: 40 % of 10 minutes spent, so the run becomes 5 minutes with its decay from 80 %
+    timed = decay_now(400, replace(tc, minutes=10), time_share=0.4)
+    assert timed.minutes == pytest.approx(5) and at_peak(400, tc, 0.4) and not at_peak(400, timed, 0.8)
+
+
 def test_weight_decay_only_on_matrices():
     opt = make_optimizer(GPT(tiny_config()), TrainConfig(optimizer="adamw"))
     decay, no_decay = opt.param_groups
@@ -170,16 +183,71 @@ def test_a_new_run_never_resumes_from_an_old_runs_checkpoint(store, book):
     assert second_run == list(range(1, 21))  # steps 1-3, then 4-20 from the restart: not 11-20 of the old run
 
 
+def fake_scores(monkeypatch, scores):
+    """Trainer.evaluate answers with the next of `scores`: a hand-made val curve."""
+    scores = iter(scores)
+    monkeypatch.setattr(azr_trainer.Trainer, "evaluate",
+                        lambda self: {"val_loss": 1.0, "val_ppl": 2.7, "val_bpb": next(scores)})
+
+
 def test_early_stopping_ends_a_run_that_stopped_improving(store, book, monkeypatch):
-    scores = iter([3.0, 2.0, 2.5, 2.6, 2.7, 1.0])  # no better than step 20 for three evaluations
-    monkeypatch.setattr(azr_trainer.Trainer, "evaluate", lambda self: {"val_loss": 1.0, "val_ppl": 2.7, "val_bpb": next(scores)})
+    fake_scores(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7, 1.0])  # no better than step 20 for three evaluations
     store.create_model("m", tiny_config())
     events = []
-    summary = train(store, "m", [book], quick_train_config(steps=100, patience=3), on_event=events.append)
+    # a cosine: the learning rate is already coming down, so the plateau is the end
+    summary = train(store, "m", [book], quick_train_config(steps=100, patience=3, schedule="cosine"),
+                    on_event=events.append)
     assert summary["status"] == "done" and summary["step"] == 50 and summary["best"] == [2.0, 20]
     assert summary["end_reason"] == "early_stop" and events[-1]["end_reason"] == "early_stop"
     assert any(e["type"] == "info" and "early stop at step 50" in e["message"] for e in events)
     assert store.lineage("m")["runs"][-1]["steps"] == 50
+
+
+def test_a_plateau_at_the_peak_learning_rate_starts_the_decay(store, book, monkeypatch):
+    """WSD's flat phase: a plateau at step 50 takes the run back to step 20's weights and brings the
+    learning rate down from there, over the last 20 % of a run now 63 steps long."""
+    fake_scores(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7, 1.9, 1.8])
+    store.create_model("m", tiny_config())
+    events, kept_at_plateau = [], []
+    decay = azr_trainer.Trainer.decay_from_plateau
+
+    def spy(self, budget):
+        decay(self, budget)
+        kept = load_tensors(self.folder.ckpt_dir / "best.safetensors")[0]
+        now = weights_of(self.model, trainable_only=True)
+        kept_at_plateau.append(all(torch.equal(now[k], kept[k]) for k in kept))
+    monkeypatch.setattr(azr_trainer.Trainer, "decay_from_plateau", spy)
+    tc = quick_train_config(steps=100, patience=3, schedule="wsd")
+    summary = train(store, "m", [book], tc, on_event=events.append)
+    assert kept_at_plateau == [True]
+    assert any(e["type"] == "info" and "plateau at step 50" in e["message"] and "step 20" in e["message"]
+               and "ends at step 63" in e["message"] for e in events)
+    assert summary["step"] == 63 and summary["end_reason"] == "plateau" and summary["best"] == [1.8, 63]
+    lrs = [r["lr"] for r in store.metrics("m")]
+    assert lrs[5:51] == [tc.learning_rate] * 46  # the peak until the plateau
+    assert all(a > b for a, b in zip(lrs[51:], lrs[52:]))  # then down, step by step
+    assert lrs[-1] < tc.learning_rate * 0.2
+
+
+def test_exact_resume_after_a_plateau_started_the_decay(store, book, monkeypatch):
+    """Stop at step 55, after the plateau at 50, and resume: the shortened run, row for row."""
+    curve = [3.0, 2.0, 2.5, 2.6, 2.7, 1.9, 1.8]
+    tc = quick_train_config(steps=100, patience=3, schedule="wsd", checkpoint_every=5)
+    fake_scores(monkeypatch, curve)
+    store.create_model("whole", tiny_config())
+    train(store, "whole", [book], tc)
+    fake_scores(monkeypatch, curve)
+    store.create_model("split", tiny_config())
+    (store.model_dir("split") / "tokenizer.json").write_bytes((store.model_dir("whole") / "tokenizer.json").read_bytes())
+    seen = []
+    out = train(store, "split", [book], tc, on_event=seen.append,
+                should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 55)
+    assert out["status"] == "stopped" and out["step"] == 55
+    assert resume(store, "split")["end_reason"] == "plateau"
+
+    def rows(name):
+        return [(r["step"], r["loss"], r["lr"]) for r in store.metrics(name)]
+    assert rows("split") == rows("whole") and rows("whole")[-1][0] == 63
 
 
 def test_early_stopping_waits_out_a_plateau(store, book, monkeypatch):
