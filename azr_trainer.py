@@ -106,7 +106,8 @@ class TrainConfig:
     minutes: float = setting(0.0, "train for this much wall-clock time instead of `steps`: the learning-rate "
                                   "schedule follows the clock and ends with it (0 = off)", 0.0, 1e6)
     patience: int = setting(3, f"stop once val bits/byte has been over {STOP_RISE * 100:g} percent above its best for "
-                                f"this many evaluations in a row (0 = never)", 0, 10_000)
+                                f"this many evaluations in a row (0 = never); in wsd's flat phase, go back to the best "
+                                f"weights and start the decay instead", 0, 10_000)
     keep_best: bool = setting(True, "finish with the weights of the best evaluation")
     val_fraction: float = setting(0.1, "share of the book held out for validation", 0.01, 0.5)
     sample_tokens: int = setting(32, "at each evaluation, continue the sample prompt by this many tokens (0 = off)", 0, 256)

@@ -250,6 +250,22 @@ def test_exact_resume_after_a_plateau_started_the_decay(store, book, monkeypatch
     assert rows("split") == rows("whole") and rows("whole")[-1][0] == 63
 
 
+def test_a_plateau_in_a_time_budget_brings_its_end_in(store, book, monkeypatch):
+    """The same in a 12-second budget: the plateau at step 50 comes a few seconds in, and the run
+    ends at a quarter more than the time it had run (loosely: a behaviour, not a timing test)."""
+    fake_scores(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7] + [1.9] * 10**4)
+    store.create_model("m", tiny_config())
+    events = []
+    tc = quick_train_config(steps=10**6, minutes=0.2, patience=3, schedule="wsd", checkpoint_every=10**6)
+    summary = train(store, "m", [book], tc, on_event=events.append)
+    steps = [e for e in events if e["type"] == "step"]
+    at_plateau = next(e for e in steps if e["step"] == 50)
+    assert summary["end_reason"] == "plateau" and steps[-1]["budget_s"] < 12
+    assert steps[-1]["elapsed_s"] == pytest.approx(at_plateau["elapsed_s"] / 0.8, abs=1.0)
+    meta = load_tensors(sorted(store.checkpoint_dir("m").glob("step_*.safetensors"))[-1])[1]
+    assert meta["minutes"] * 60 == pytest.approx(steps[-1]["budget_s"], abs=0.1)  # a resume keeps the new end
+
+
 def test_early_stopping_waits_out_a_plateau(store, book, monkeypatch):
     # within 1 % of the best (2.0) for six evaluations, then a new best: what a high learning rate
     # looks like before the cosine comes down; one clear rise (2.1) in between is not three in a row
