@@ -156,7 +156,9 @@ def run_numbers(store):
     sp = [r["selfplay"] for r in rows if "selfplay" in r]
     only = [r["step"] for r in rows if "selfplay" in r and "loss" not in r]
     kept = store.lineage("m")["runs"][-1]["best"]
+    peak = max(r["lr"] for r in rows)  # the decay begins after the last step at the peak (a plateau brings it in)
     return {"steps": rows[-1]["step"], "selfplay_steps": len(sp), "plateau_step": only[0] - 1 if only else None,
+            "decay_step": max(r["step"] for r in rows if r["lr"] == peak),
             "kept_step": kept[1] if kept else None, **trend(sp)}
 
 
@@ -422,7 +424,7 @@ def table(out):
     base = "supervised"
     head = "| metric | real text | " + " | ".join(arms) + " | " + " | ".join(f"Δ {a} (paired)" for a in arms if a != base) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(arms) - 1)]
-    for k in ["steps", "selfplay_steps", "plateau_step", "kept_step", "seconds", "s_per_sup_step", "s_per_sp_step"] + METRICS:
+    for k in ["steps", "selfplay_steps", "decay_step", "plateau_step", "kept_step", "seconds", "s_per_sup_step", "s_per_sp_step"] + METRICS:
         real = next((f"{np.mean([s['real'][r] for s in seeds]):.4f}" for r in seeds[0]["real"] if k.endswith(r)), "")
         vals = {a: [s["arms"][a].get(k) for s in seeds] for a in arms}
         cells = [pm(vals[a]) for a in arms]
