@@ -11,10 +11,10 @@ the learning rate is still at warmup-stable-decay's peak: then the run goes back
 and the decay starts (schedule.py says why).
 
 Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
-It begins when supervised learning stops paying: where early stopping would end the run, the run
-goes back to its kept weights and goes on with self-play steps only; or, if that never comes, for
-the tail of the run from `selfplay_start` on, one self-play step after every `selfplay_every`
-supervised steps (selfplay.py's docstring says why).
+It begins when supervised learning stops paying: in the tail of the run, from `selfplay_start` on
+(which a plateau at the peak learning rate brings in with the decay), one self-play step after
+every `selfplay_every` supervised steps; and where early stopping would end the run, the run goes
+back to its kept weights and goes on with self-play steps only (selfplay.py's docstring says why).
 
 Exact resume: a checkpoint holds everything the future depends on (checkpoint.py), so stopping at
 step k and resuming reproduces the uninterrupted run's loss at every later step, bit for bit. A

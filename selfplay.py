@@ -11,9 +11,10 @@ with Unlikelihood Training", §6) applied sequence-level unlikelihood as a short
 already converged model, and its perplexity did not get worse; mixed in from early on, a self-play
 step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) starts
 it at the plateau, where early stopping would end the run: back to the kept weights, then self-play
-steps only, for what is left of the budget. A run that never plateaus gets it in its tail (from
-`selfplay_start` on, one self-play step after every `selfplay_every` supervised steps), where the
-learning rate is low and a supervised step buys little. Keep-best then chooses, among the weights
+steps only, for what is left of the budget. Every run gets it in its tail (from `selfplay_start`
+on, one self-play step after every `selfplay_every` supervised steps), where the learning rate is
+low and a supervised step buys little; a plateau at the peak learning rate, which starts the decay
+early (schedule.py), brings that tail in with it. Keep-best then chooses, among the weights
 whose val bits/byte is within early stopping's tolerance of the best, the ones whose greedy text
 repeats least on fixed val prompts (`greedy_repeats`).
 
