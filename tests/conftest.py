@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from azr_trainer import TrainConfig  # noqa: E402
-from app.runs import train  # noqa: E402
+from app.runs import resume, train  # noqa: E402
 from model import ModelConfig  # noqa: E402
 from app.store import Store  # noqa: E402
 
@@ -29,6 +29,22 @@ def quick_train_config(**changes):
     opts = dict(steps=20, batch_size=8, eval_every=10, eval_batches=2, checkpoint_every=10,
                 warmup_steps=5, precision="fp32", device="cpu")
     return TrainConfig(**{**opts, **changes})
+
+
+def stop_and_resume(store, book, tc, stop_at, before=lambda: None):
+    """The two runs of an exact-resume check: model "whole" trains through; "split", with the same
+    tokenizer, stops after `stop_at` steps and resumes. `before` runs ahead of each run (a hand-made
+    val curve starting again) -> (split's summary when it stopped, its summary after the resume)."""
+    before()
+    store.create_model("whole", tiny_config())
+    train(store, "whole", [book], tc)
+    before()
+    store.create_model("split", tiny_config())
+    (store.model_dir("split") / "tokenizer.json").write_bytes((store.model_dir("whole") / "tokenizer.json").read_bytes())
+    seen = []
+    stopped = train(store, "split", [book], tc, on_event=seen.append,
+                    should_stop=lambda: sum(e["type"] == "step" for e in seen) >= stop_at)
+    return stopped, resume(store, "split")
 
 
 @pytest.fixture

@@ -16,11 +16,11 @@ import config
 import schedule
 from azr_trainer import TrainConfig, selfplay_due
 from keep_best import STOP_RISE, kept_better
-from conftest import quick_train_config, tiny_config
+from conftest import quick_train_config, stop_and_resume, tiny_config
 from files import load_tensors, weights_of
 from generate import rollouts
 from model import GPT
-from app.runs import resume, train
+from app.runs import train
 from selfplay import (Proposer, SelfPlay, SelfPlayConfig, banned_next, book_allowance, learnability, mark_repeats,
                       pair_loss)
 
@@ -173,15 +173,8 @@ def test_a_selfplay_step_lowers_the_probability_of_a_looping_continuation():
 def test_exact_resume_with_selfplay_on(store, book):
     """Stop at step 5 (self-play ran at 2 and 4) and resume: every later number is identical."""
     tc = quick_train_config(steps=8, selfplay_every=2, selfplay_start=0.0, checkpoint_every=4, eval_every=4)
-    store.create_model("whole", tiny_config())
-    train(store, "whole", [book], tc)
-    store.create_model("split", tiny_config())
-    tok = store.model_dir("whole") / "tokenizer.json"
-    (store.model_dir("split") / "tokenizer.json").write_bytes(tok.read_bytes())
-    seen = []
-    out = train(store, "split", [book], tc, on_event=seen.append, should_stop=lambda: len(seen) > 5)
-    assert out["status"] == "stopped" and out["step"] == 5
-    resume(store, "split")
+    stopped, _ = stop_and_resume(store, book, tc, 5)
+    assert stopped["status"] == "stopped" and stopped["step"] == 5
 
     def rows(name):
         return {r["step"]: (r["loss"], r.get("val_bpb"), r.get("selfplay")) for r in store.metrics(name)}
@@ -288,15 +281,8 @@ def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
     """Stop at step 13, after the switch at 10, and resume: every later row is the same."""
     fake_curve(monkeypatch, CURVE, REPEATS)
     tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, **PLATEAU)
-    store.create_model("whole", tiny_config())
-    train(store, "whole", [book], tc)
-    store.create_model("split", tiny_config())
-    (store.model_dir("split") / "tokenizer.json").write_bytes((store.model_dir("whole") / "tokenizer.json").read_bytes())
-    seen = []
-    out = train(store, "split", [book], tc, on_event=seen.append,
-                should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 13)
-    assert out["status"] == "stopped" and out["step"] == 13
-    assert resume(store, "split")["step"] == 20
+    stopped, resumed = stop_and_resume(store, book, tc, 13)
+    assert stopped["status"] == "stopped" and stopped["step"] == 13 and resumed["step"] == 20
 
     def rows(name):
         return {r["step"]: (r.get("loss"), r.get("selfplay")) for r in store.metrics(name)}

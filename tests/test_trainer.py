@@ -14,7 +14,7 @@ from app.records import new_run
 from azr_trainer import TrainConfig
 from muon import make_optimizer
 from schedule import at_peak, decay_now, lr_at, lr_share
-from conftest import quick_train_config, tiny_config
+from conftest import quick_train_config, stop_and_resume, tiny_config
 from files import CorruptFile, load_tensors, weights_of
 from model import GPT
 from app.runs import resume, train
@@ -231,19 +231,10 @@ def test_a_plateau_at_the_peak_learning_rate_starts_the_decay(store, book, monke
 
 def test_exact_resume_after_a_plateau_started_the_decay(store, book, monkeypatch):
     """Stop at step 55, after the plateau at 50, and resume: the shortened run, row for row."""
-    curve = [3.0, 2.0, 2.5, 2.6, 2.7, 1.9, 1.8]
     tc = quick_train_config(steps=100, patience=3, schedule="wsd", checkpoint_every=5)
-    fake_scores(monkeypatch, curve)
-    store.create_model("whole", tiny_config())
-    train(store, "whole", [book], tc)
-    fake_scores(monkeypatch, curve)
-    store.create_model("split", tiny_config())
-    (store.model_dir("split") / "tokenizer.json").write_bytes((store.model_dir("whole") / "tokenizer.json").read_bytes())
-    seen = []
-    out = train(store, "split", [book], tc, on_event=seen.append,
-                should_stop=lambda: sum(e["type"] == "step" for e in seen) >= 55)
-    assert out["status"] == "stopped" and out["step"] == 55
-    assert resume(store, "split")["end_reason"] == "plateau"
+    stopped, resumed = stop_and_resume(store, book, tc, 55,
+                                       before=lambda: fake_scores(monkeypatch, [3.0, 2.0, 2.5, 2.6, 2.7, 1.9, 1.8]))
+    assert stopped["status"] == "stopped" and stopped["step"] == 55 and resumed["end_reason"] == "plateau"
 
     def rows(name):
         return [(r["step"], r["loss"], r["lr"]) for r in store.metrics(name)]
