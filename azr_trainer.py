@@ -242,20 +242,8 @@ class Trainer:
             clock = {"elapsed_s": round(budget.elapsed(), 1), "budget_s": budget.seconds} if budget else {}
             emit({"type": "step", "total": self.tc.steps, **row, **clock})
             if self._evaluated(self.step) and distributed.broadcast(self.best.early_stop(self.tc.patience)):
-                if at_peak(self.step, self.tc, self.time_share):  # a plateau at the peak lr: the decay, not the end
-                    kept = self.best.kept[1]
-                    self.decay_from_plateau(budget)
-                    end = f"{budget.seconds / 60:.1f} minutes" if budget else f"step {self.tc.steps}"
-                    emit({"type": "info", "message": f"plateau at step {self.step} at the peak learning rate: back to "
-                                                     f"the weights of step {kept}; the learning rate comes down from "
-                                                     f"here, and the run ends at {end}"})
+                if self._past_plateau(budget, emit):
                     self.save_checkpoint()  # a resume must not replay it: best.safetensors moves on
-                    continue
-                if self.selfplay and self.selfplay_from is None:  # a plateau: self-play instead of the end
-                    self.switch_to_selfplay()
-                    emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
-                                                     f"{self.best.kept[1]}, self-play steps from here on"})
-                    self.save_checkpoint()  # a resume must not replay the switch: best.safetensors moves on
                     continue
                 emit({"type": "info", "message": f"early stop at step {self.step}: val bits/byte has been more than "
                                                  f"{STOP_RISE:.0%} above its best for {self.tc.patience} evaluations "
@@ -310,6 +298,24 @@ class Trainer:
             row["sample"] = self.sample(self.model)
         if self.best.track(row["val_bpb"], self.step, row.get("greedy_repeats")) and self.tc.keep_best:
             keep_best.save_kept(self.folder.ckpt_dir, self.model, self.step)
+
+    def _past_plateau(self, budget, emit):
+        """Early stopping fired: go on past the plateau where something is left to try -> whether the
+        run goes on. At warmup-stable-decay's peak: the decay; then, with self-play on, self-play steps."""
+        kept = self.best.kept[1]
+        if at_peak(self.step, self.tc, self.time_share):
+            self.decay_from_plateau(budget)
+            end = f"{budget.seconds / 60:.1f} minutes" if budget else f"step {self.tc.steps}"
+            emit({"type": "info", "message": f"plateau at step {self.step} at the peak learning rate: back to the "
+                                             f"weights of step {kept}; the learning rate comes down from here, and "
+                                             f"the run ends at {end}"})
+        elif self.selfplay and self.selfplay_from is None:
+            self.switch_to_selfplay()
+            emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step {kept}, "
+                                             f"self-play steps from here on"})
+        else:
+            return False
+        return True
 
     def decay_from_plateau(self, budget):
         """A plateau at warmup-stable-decay's peak: go back to the kept weights and bring the learning

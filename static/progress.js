@@ -126,6 +126,8 @@ async function showSelfplayExample(job) {
 }
 
 const isBudget = job => Boolean(job.config && job.config.minutes);
+// the budget in seconds: the run's own (budget_s: a plateau brings the end in), else the one asked for
+const budgetSeconds = job => job.budget_s ?? job.config.minutes * 60;
 
 // why the run ended, in words: the job's end_reason (azr_trainer.Trainer.run) or its state
 function endReason(job) {
@@ -150,7 +152,7 @@ function progressLine(job) {
   if (!isActive(job)) return `step ${step} / ${total}${speed}`;
   const left = job.eta_s != null ? ` · ${fmt.secs(job.eta_s)} left` : "";
   if (!isBudget(job)) return `step ${step} / ${total}${speed}${left}`;
-  const budget = job.budget_s ?? job.config.minutes * 60;  // a plateau brings the end in (budget_s)
+  const budget = budgetSeconds(job);
   const clock = job.elapsed_s == null ? "starting"
     : `${fmt.clock(job.elapsed_s)} / ${fmt.clock(budget)} of the time budget`;
   return clock +
@@ -165,8 +167,7 @@ function renderStatus(job) {
   const what = job.adapter ? `${job.model}, LoRA adapter ${job.adapter}` : job.model;
   $("#job-title").textContent = job.model ? `${what} on ${job.books.join(", ")}` : "no training job yet";
   const budget = isBudget(job) && job.elapsed_s != null && active;
-  $("#job-progress").value = budget ? job.elapsed_s / (job.budget_s ?? job.config.minutes * 60)
-                                     : job.total ? job.step / job.total : 0;
+  $("#job-progress").value = budget ? job.elapsed_s / budgetSeconds(job) : job.total ? job.step / job.total : 0;
   $("#job-line").textContent = idle ? "" : progressLine(job);
   $("#job-end").hidden = idle || active;
   $("#job-end").textContent = idle || active ? "" : endReason(job);
