@@ -77,6 +77,7 @@ class ABConfig:
     book: str
     minutes: float = 3.0  # wall time per arm and seed
     seeds: int = 1
+    first_seed: int = 0  # the seeds are first_seed, first_seed + 1, ...: a later run adds seeds to an earlier one
     jobs: int = 1  # seeds trained at once, one process (one thread) each
     arms: str = "supervised,selfplay"  # also selfplay@key=value;... variants (SelfPlayConfig fields, every, start)
     every: int = 3  # a self-play step replaces every `every`-th step of the self-play arm
@@ -99,7 +100,7 @@ def main(argv=None):
     args = vars(p.parse_args(argv))
     ab = ABConfig(**{f.name: args[f.name] for f in fields(ABConfig)})
     sp_cfg = parse_overrides(args["set"], SelfPlayConfig())
-    seeds = list(range(ab.seeds))
+    seeds = list(range(ab.first_seed, ab.first_seed + ab.seeds))
     if args["user_path"]:
         per_seed = [user_path(ab, s) for s in seeds]
     elif ab.jobs > 1:
