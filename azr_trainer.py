@@ -95,8 +95,9 @@ class TrainConfig:
     compile: str = setting("auto", "torch.compile the training step (auto: if a probe of a few steps finds it "
                                    "faster here)", choices=("auto", "on", "off"))
     selfplay_every: int = setting(0, "self-play against greedy loops (0 = off): from selfplay_start on, one self-play "
-                                        "step after every N supervised steps; where early stopping would end the run, "
-                                        "it goes back to its kept weights and takes self-play steps only. Time with "
+                                        "step after every N supervised steps; where early stopping would end a run whose "
+                                        "decay has begun, it goes back to its kept weights and takes self-play steps "
+                                        "only. Time with "
                                         "--steps N: a self-play step costs a supervised step's update plus decoding its "
                                         "rollouts token by token; in the tail one comes on top of every "
                                         "selfplay_every-th step, after a plateau they replace the steps left",

@@ -75,6 +75,7 @@ class SelfPlayConfig:
     new_tokens: int = 48  # n (capped at max_seq_len - P)
     ngram: int = 4  # a token that completes a repeated 4-gram is a repeat
     alpha: float = 1.0  # weight of the self-play loss
+    updates: int = 1  # optimizer steps on each batch of rollouts: decoding costs the most, later updates reuse it
     explore: float = 0.5  # chance of a fresh uniform context instead of a buffer pick
     buffer_size: int = 64
     max_visits: int = 4  # a context leaves the buffer after this many rollouts
@@ -105,7 +106,9 @@ class SelfPlay:
         marks = wanted >= 0  # (R, n): the decision points
         failed = marks.any(1).tolist()
         self.proposer.update(starts, failed)
-        m = self._update(prompts, outs, marks, wanted)
+        m = self._update(prompts, outs, marks, wanted)  # the numbers of the first update, on fresh rollouts
+        for _ in range(self.cfg.updates - 1):
+            self._update(prompts, outs, marks, wanted)
         self.n_steps += 1
         repeat_rate = marks.float().mean().item()
         m.update(repeat_rate=repeat_rate, reward=1.0 - repeat_rate, looping=float(np.mean(failed)),

@@ -1,5 +1,5 @@
 """Where the time goes (`python -m bench profile`): torch.profiler's top ops for training steps and
-for batch-1 generation, with the optimizer's share of a step."""
+for batch-1 generation, with the optimizer's share of a step, and a self-play step by parts."""
 
 import tempfile
 import time
@@ -12,7 +12,7 @@ from generate import SamplingConfig, generate_ids
 from hardware import autocast, pick_device
 from model import GPT, PRESETS
 from app.store import Store
-from bench.common import EXAMPLE_BOOK, make_trainer, pick_precisions
+from bench.common import EXAMPLE_BOOK, make_trainer, pick_precisions, timed
 from bench.speed import SHAPES, trainer_step
 
 
@@ -28,6 +28,7 @@ def run_profile(args):
             for prec in pick_precisions(device, args.precisions):
                 for opt in args.optimizers.split(","):
                     profile_train(store, name, prec, opt, device, args.compile or "on")
+                profile_selfplay(store, name, PRESETS[name], prec, device)
                 model = GPT(replace(PRESETS[name], max_seq_len=256)).to(device)
                 sc = SamplingConfig(max_new_tokens=200, seed=0)
                 prompt = torch.zeros(1, 16, dtype=torch.long, device=device)
@@ -53,6 +54,42 @@ def profile_train(store, preset, prec, optimizer, device, compile_):
     opt_s = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("Optimizer.step#")) / 5e6
     print(f"optimizer step: {opt_s * 1e3:.1f} ms of a {step_s * 1e3:.1f} ms step "
           f"({opt_s / step_s:.1%}; the step timed without the profiler)")
+
+
+def profile_selfplay(store, preset, cfg, prec, device, warm=200, steps=10):
+    """A self-play step by parts against a supervised step, on the user's path (TrainConfig's
+    defaults but self-play on, eager): the model first trains `warm` steps on the book, so its
+    rollouts loop the way a trained model's do, then `steps` of each kind, timed alternately.
+    -> the medians in ms: supervised, self-play and the self-play step's parts."""
+    tc = TrainConfig(selfplay_every=3, precision=prec, device=str(device), compile="off")
+    step = trainer_step(make_trainer(store, f"{preset}-{prec}-selfplay", cfg, tc))
+    for _ in range(warm):
+        step()
+    sp, parts = step.trainer.selfplay, {"roll out": [], "update": []}
+    for part, name in (("roll out", "roll_out"), ("update", "_update")):
+        setattr(sp, name, timed_part(getattr(sp, name), parts[part]))
+    sup, whole = [], []
+    for _ in range(steps):
+        sup.append(timed(step))
+        whole.append(timed(sp.step))
+    ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in {"supervised": sup, "self-play": whole, **parts}.items()}  # medians
+    c = sp.cfg
+    print(f"\n### self-play step {preset} {prec}: {c.rollouts} rollouts of {sp.n} tokens after {sp.P}, "
+          f"after {warm} supervised steps of {tc.batch_size} x {step.trainer.T}; medians of {steps}")
+    print(f"supervised step {ms['supervised']:.1f} ms; self-play step {ms['self-play']:.1f} ms = "
+          f"{ms['self-play'] / ms['supervised']:.2f} supervised steps: " + ", ".join(f"{k} {ms[k]:.1f} ms" for k in parts) +
+          f", the rest (proposer, bookkeeping) {ms['self-play'] - sum(ms[k] for k in parts):.1f} ms")
+    print(top_ops(sp.step, rows=8))
+    return ms
+
+
+def timed_part(f, into):
+    def part(*args):
+        t = time.perf_counter()
+        out = f(*args)
+        into.append(time.perf_counter() - t)
+        return out
+    return part
 
 
 def top_ops(f, warmup=None, rows=12, with_prof=False):

@@ -1,8 +1,8 @@
 """A/B: supervised-only vs supervised + self-play (selfplay.py) at equal wall-clock time.
 
-Both arms start from the same initial weights with the same tokenizer and trainer settings
-(small preset, lr 5e-4, batch 16, warm-up 5 % of the budget, cosine; fp32, no torch.compile in
-either arm: on this CPU eager bf16 steps are ~1.8x slower than fp32 ones). The arms live in ONE
+Both arms start from the same initial weights with the same tokenizer and the trainer's defaults
+(the small preset; TrainConfig's optimizer, schedule and batch; fp32 and no torch.compile in
+either arm, so neither gets a speed-up the other lacks). The arms live in ONE
 process and alternate step by step, the next step always going to the arm that has used less
 wall time (time.perf_counter), so a neighbour's load hits both alike. The lr follows each arm's
 share of the budget spent, so both warm up and decay over the same time however many steps each

@@ -215,3 +215,12 @@ def test_probing_and_compiling_count_against_a_minutes_budget(tmp_path, monkeypa
     trainer = Trainer(GPT(tiny_config()), data, torch.ones(512), tc, tmp_path / "ckpt", tmp_path / "m.jsonl",
                       new_run(["b"], tc))
     assert trainer.run()["step"] == 1
+
+
+def test_the_selfplay_profile_times_a_step_by_its_parts(store, book, capsys):
+    """`python -m bench profile`'s self-play rows: a step's roll out and update, beside a supervised step."""
+    from bench.profile import profile_selfplay
+    ms = profile_selfplay(store, "tiny", tiny_config(), "fp32", torch.device("cpu"), warm=2, steps=3)
+    assert all(0 < ms[part] < ms["self-play"] for part in ("roll out", "update"))  # each part lies inside its step
+    out = capsys.readouterr().out
+    assert "self-play step tiny fp32: 16 rollouts" in out and "supervised steps: roll out" in out

@@ -112,6 +112,16 @@ def test_a_step_logs_its_numbers_and_changes_the_weights():
     assert any(not torch.equal(v, before[k]) for k, v in h.model.state_dict().items())
 
 
+def test_several_updates_reuse_one_batch_of_rollouts():
+    h = Harness(updates=3)
+    rolled, losses, step = [], [], h.sp.optimizer_step
+    h.sp.roll_out = lambda prompts, f=h.sp.roll_out: rolled.append(1) or f(prompts)
+    h.sp.optimizer_step = lambda loss: losses.append(loss.item()) or step(loss)
+    h.sp.step()
+    assert len(rolled) == 1 and len(losses) == 3
+    assert losses[2] < losses[0]  # the same decision points, pushed further each time
+
+
 def test_resume_from_state_continues_bit_for_bit():
     a = Harness()
     for _ in range(3):
