@@ -9,14 +9,16 @@ it another choice in exactly those places.
 When: once supervised learning has stopped paying. Welleck et al. 2020 ("Neural Text Generation
 with Unlikelihood Training", §6) applied sequence-level unlikelihood as a short fine-tune of an
 already converged model, and its perplexity did not get worse; mixed in from early on, a self-play
-step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) starts
-it at the plateau, where early stopping would end the run: back to the kept weights, then self-play
-steps only, for what is left of the budget. Every run gets it in its tail (from `selfplay_start`
-on, one self-play step after every `selfplay_every` supervised steps), where the learning rate is
-low and a supervised step buys little; a plateau at the peak learning rate, which starts the decay
-early (schedule.py), brings that tail in with it. Keep-best then chooses, among the weights
-whose val bits/byte is within early stopping's tolerance of the best, the ones whose greedy text
-repeats least on fixed val prompts (`greedy_repeats`).
+step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) gives it
+the time supervised steps leave unused. A plateau at the peak learning rate starts the decay early
+(schedule.py) and so ends the run before its plan: self-play steps take the rest of the plan, at
+the schedule's lowest learning rate, from the kept weights at the end of the decay. A plateau once
+the decay has begun, where early stopping would end the run, does the same: back to the kept
+weights, then self-play steps only. Every run also gets a few in its tail (from `selfplay_start`
+on, one self-play step after every `selfplay_every` supervised steps), which the decay a plateau
+starts brings in with it. Keep-best then chooses, among the weights whose val bits/byte is within
+early stopping's tolerance of the best, the ones whose greedy text repeats least on fixed val
+prompts (`greedy_repeats`).
 
 One self-play step:
 
@@ -75,7 +77,6 @@ class SelfPlayConfig:
     new_tokens: int = 48  # n (capped at max_seq_len - P)
     ngram: int = 4  # a token that completes a repeated 4-gram is a repeat
     alpha: float = 1.0  # weight of the self-play loss
-    updates: int = 1  # optimizer steps on each batch of rollouts: decoding costs the most, later updates reuse it
     explore: float = 0.5  # chance of a fresh uniform context instead of a buffer pick
     buffer_size: int = 64
     max_visits: int = 4  # a context leaves the buffer after this many rollouts
@@ -106,9 +107,7 @@ class SelfPlay:
         marks = wanted >= 0  # (R, n): the decision points
         failed = marks.any(1).tolist()
         self.proposer.update(starts, failed)
-        m = self._update(prompts, outs, marks, wanted)  # the numbers of the first update, on fresh rollouts
-        for _ in range(self.cfg.updates - 1):
-            self._update(prompts, outs, marks, wanted)
+        m = self._update(prompts, outs, marks, wanted)
         self.n_steps += 1
         repeat_rate = marks.float().mean().item()
         m.update(repeat_rate=repeat_rate, reward=1.0 - repeat_rate, looping=float(np.mean(failed)),
