@@ -309,17 +309,16 @@ class Trainer:
     def _past_plateau(self, budget, emit):
         """Early stopping fired: go on past the plateau where something is left to try -> whether the
         run goes on. At warmup-stable-decay's peak: the decay; then, with self-play on, self-play steps."""
-        kept = self.best.kept[1]
         if self.decay_from is None and at_peak(self.step, self.tc, self.time_share):
-            self.decay_from_plateau(budget)
+            self.decay_from_plateau(budget)  # (DDP: after it, every rank knows the kept step, not only rank 0)
             end = f"{budget.seconds / 60:.1f} minutes" if budget else f"step {self.tc.steps}"
             emit({"type": "info", "message": f"plateau at step {self.step} at the peak learning rate: back to the "
-                                             f"weights of step {kept}; the learning rate comes down from here, and "
-                                             f"the run ends at {end}"})
+                                             f"weights of step {self.best.kept[1]}; the learning rate comes down "
+                                             f"from here, and the run ends at {end}"})
         elif self.selfplay and self.selfplay_from is None:
             self.switch_to_selfplay()
-            emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step {kept}, "
-                                             f"self-play steps from here on"})
+            emit({"type": "info", "message": f"plateau at step {self.step}: back to the weights of step "
+                                             f"{self.best.kept[1]}, self-play steps from here on"})
         else:
             return False
         return True
@@ -339,7 +338,7 @@ class Trainer:
         nothing left to give there (selfplay.py's docstring says why this is the place) -> whether
         the run goes on."""
         steps, minutes = self.plan
-        left = budget.elapsed() < minutes * 60 if budget else self.step < steps
+        left = distributed.broadcast(budget.elapsed() < minutes * 60) if budget else self.step < steps  # DDP: rank 0's clock
         if not (self.selfplay and self.decay_from is not None and self.selfplay_from is None and left):
             return False
         self.switch_to_selfplay()
@@ -347,7 +346,7 @@ class Trainer:
         self.tc = replace(self.tc, steps=steps, minutes=minutes)
         if budget:
             budget.seconds = minutes * 60
-            self.tc = replace(self.tc, steps=budget.steps_at_pace(self.step, steps))
+            self.tc = replace(self.tc, steps=distributed.broadcast(budget.steps_at_pace(self.step, steps)))
         end = f"{minutes:g} minutes" if budget else f"step {steps}"
         emit({"type": "info", "message": f"the decay ended at step {self.step}: back to the weights of step "
                                          f"{self.best.kept[1]}, self-play steps at the lowest learning rate until {end}"})

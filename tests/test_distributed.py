@@ -30,7 +30,8 @@ FLAGS = [a for k, v in OPTS.items() for a in (f"--{k.replace('_', '-')}", str(v)
 # cli.py under torchrun, with two instruments for the tests, each switched on by a variable:
 # AZR_TEST_WRITES=DIR logs what this rank writes (Python's audit events, PEP 578) to DIR/rankN.log;
 # AZR_TEST_FAULT=kill:R:S or raise:R:S makes rank R die by SIGKILL, or raise, at its step S;
-# AZR_TEST_WEIGHTS=DIR saves each rank's weights at the end of its run to DIR/rankN.pt.
+# AZR_TEST_WEIGHTS=DIR saves each rank's weights at the end of its run to DIR/rankN.pt;
+# AZR_TEST_CURVE='{"step": val_bpb, ...}' makes rank 0's evaluations a hand-made val curve.
 WORKER = """
 import os, signal, sys
 sys.path.insert(0, os.getcwd())
@@ -72,6 +73,10 @@ if os.environ.get("AZR_TEST_WEIGHTS"):  # every rank saves its weights at the en
         torch.save(self.model.state_dict(), os.path.join(os.environ["AZR_TEST_WEIGHTS"], f"rank{rank}.pt"))
         return out
     azr_trainer.Trainer.run = run_and_save
+if os.environ.get("AZR_TEST_CURVE"):
+    import json
+    curve = {int(k): v for k, v in json.loads(os.environ["AZR_TEST_CURVE"]).items()}
+    azr_trainer.Trainer.evaluate = lambda self, max_windows=None: {"val_loss": 1.0, "val_bpb": curve[self.step]}
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -198,6 +203,23 @@ def test_self_play_on_two_processes_rolls_out_apart_and_keeps_the_weights_equal(
     tensors, meta = load_tensors(store.checkpoint_dir("sp") / "step_00000008.safetensors")
     assert "selfplay" in meta and "selfplay1" in meta  # each rank's proposer, for an exact resume
     assert not torch.equal(tensors["selfplay.rng"], tensors["selfplay1.rng"])
+
+
+def test_the_plateaus_decay_and_the_selfplay_after_it_on_two_processes(two_ranks, tmp_path):
+    """A plateau at the peak (step 8, rank 0's evaluations) starts the decay on both ranks; the decay
+    ends at 10 and self-play takes the steps left, both ranks alike (keep-best off, as above)."""
+    store, _, _ = two_ranks
+    store.create_model("pl", tiny_config())
+    curve = {2: 2.5, 4: 2.0, 6: 2.1, 8: 2.1, 10: 1.9, 12: 1.9, 14: 1.9, 16: 1.9}
+    out = torchrun(tmp_path, store.home, "train", "pl", "--book", "book", *FLAGS, "--steps", "16", "--eval-every",
+                   "2", "--patience", "2", "--schedule", "wsd", "--selfplay-every", "3", "--no-keep-best",
+                   AZR_TEST_WEIGHTS=str(tmp_path), AZR_TEST_CURVE=json.dumps(curve))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "plateau at step 8" in out.stdout and "the decay ended at step 10" in out.stdout
+    rows = {r["step"]: r for r in store.metrics("pl")}
+    assert sorted(rows) == list(range(1, 17)) and all("loss" not in rows[s] for s in range(11, 17))
+    w0, w1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
 def test_resuming_on_another_number_of_processes_says_it_is_not_bit_exact(two_ranks):
