@@ -152,7 +152,8 @@ def user_path(ab, seed):
 
 
 def run_numbers(store):
-    """Steps, self-play steps, the plateau and the kept step of model m's run, from its metrics."""
+    """Steps, self-play steps, the plateau, the kept step and every evaluation ([step, val bits/byte,
+    greedy repeats]) of model m's run, from its metrics."""
     rows = store.metrics("m")
     sp = [r["selfplay"] for r in rows if "selfplay" in r]
     only = [r["step"] for r in rows if "selfplay" in r and "loss" not in r]
@@ -160,7 +161,8 @@ def run_numbers(store):
     peak = max(r["lr"] for r in rows)  # the decay begins after the last step at the peak (a plateau brings it in)
     return {"steps": rows[-1]["step"], "selfplay_steps": len(sp), "plateau_step": only[0] - 1 if only else None,
             "decay_step": max(r["step"] for r in rows if r["lr"] == peak),
-            "kept_step": kept[1] if kept else None, **trend(sp)}
+            "kept_step": kept[1] if kept else None, **trend(sp),
+            "evals": [[r["step"], r["val_bpb"], r.get("greedy_repeats")] for r in rows if "val_bpb" in r]}
 
 
 def evaluate_models(stores, spent, ab, seed):
