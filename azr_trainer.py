@@ -13,9 +13,8 @@ and the decay starts (schedule.py says why).
 Self-play (selfplay.py) lets the model learn from its own greedy continuations where they loop.
 It begins when supervised learning stops paying: in the tail of the run, from `selfplay_start` on
 (which a plateau at the peak learning rate brings in with the decay), one self-play step after
-every `selfplay_every` supervised steps; and where a plateau's decay or early stopping would end the
-run before its plan, the run goes back to its kept weights and goes on with self-play steps only
-(selfplay.py's docstring says why).
+every `selfplay_every` supervised steps; and where early stopping would end the run, the run goes
+back to its kept weights and goes on with self-play steps only (selfplay.py's docstring says why).
 
 Exact resume: a checkpoint holds everything the future depends on (checkpoint.py), so stopping at
 step k and resuming reproduces the uninterrupted run's loss at every later step, bit for bit. A
@@ -101,7 +100,7 @@ class TrainConfig:
                                         "only. Time with "
                                         "--steps N: a self-play step costs a supervised step's update plus decoding its "
                                         "rollouts token by token; in the tail one comes on top of every "
-                                        "selfplay_every-th step, after a plateau they take the rest of the plan",
+                                        "selfplay_every-th step, after a plateau they replace the steps left",
                                   0, 100_000)
     selfplay_start: float = setting(0.8, "with self-play on: the share of the steps after which it begins, if no "
                                          "plateau starts it earlier", 0.0, 1.0)
@@ -166,10 +165,8 @@ class Trainer:
             self.selfplay = SelfPlay(model, self.stepper.optimizer_step, data["train"], self.precision,
                                      tc.seed + distributed.rank())
         self.time_share = None  # in a time budget, the share of it spent: the schedule's clock (lr_share)
-        self.plan = (tc.steps, tc.minutes)  # the length asked for: a plateau's decay may end the run sooner
         self.decay_from = None  # the step where a plateau at the peak learning rate started the decay
         self.selfplay_from = None  # the step where a plateau switched the run into self-play steps only
-        self.decay_end = None  # the step where that decay ended and self-play took the rest of the plan
         self.best = Best()  # the best evaluation, the kept one (best.safetensors), early stopping's count
 
     @property
@@ -223,7 +220,7 @@ class Trainer:
         -> (status, end_reason): done or stopped, and why, for the page."""
         budget = Budget(self.tc.minutes, self.run_info, self.step) if self.tc.minutes else None
         t_start, step_start = time.time(), self.step
-        while self.step < self.tc.steps or self._rest_to_selfplay(budget, emit):
+        while self.step < self.tc.steps:
             if budget:  # DDP: rank 0's clock, so that every rank steps at the same learning rate
                 self.time_share = distributed.broadcast(budget.share())
             try:
@@ -255,15 +252,12 @@ class Trainer:
                 return "done", "early_stop"
             if self.step % self.tc.checkpoint_every == 0 and self.step < self.tc.steps:
                 self.save_checkpoint()
-        return "done", "plateau" if self.decay_end is None and self.decay_from is not None else \
-            "budget" if budget else "steps"
+        return "done", "plateau" if self.decay_from is not None else "budget" if budget else "steps"
 
     def _one_step(self):
         """A supervised step, then self-play and evaluation when they are due -> its metrics row.
         After a plateau the step is a self-play step alone (its row has no supervised loss)."""
         t0, share = time.time(), lr_share(self.step, self.tc, self.time_share)  # by the step, or the clock
-        if self.decay_end is not None:  # past the end of the decay: the schedule's lowest rate
-            share = self.tc.min_lr_ratio
         if self.selfplay_from is None:
             row = self.stepper.train_step(share, self.should_stop)
         else:
@@ -309,7 +303,7 @@ class Trainer:
     def _past_plateau(self, budget, emit):
         """Early stopping fired: go on past the plateau where something is left to try -> whether the
         run goes on. At warmup-stable-decay's peak: the decay; then, with self-play on, self-play steps."""
-        if self.decay_from is None and at_peak(self.step, self.tc, self.time_share):
+        if at_peak(self.step, self.tc, self.time_share):
             self.decay_from_plateau(budget)  # (DDP: after it, every rank knows the kept step, not only rank 0)
             end = f"{budget.seconds / 60:.1f} minutes" if budget else f"step {self.tc.steps}"
             emit({"type": "info", "message": f"plateau at step {self.step} at the peak learning rate: back to the "
@@ -332,27 +326,6 @@ class Trainer:
         if budget:
             budget.seconds = self.tc.minutes * 60
 
-    def _rest_to_selfplay(self, budget, emit):
-        """The decay a plateau brought in has ended, before the plan. With self-play on, the rest of
-        the plan is self-play steps at the schedule's lowest learning rate: supervised steps have
-        nothing left to give there (selfplay.py's docstring says why this is the place) -> whether
-        the run goes on."""
-        steps, minutes = self.plan
-        left = distributed.broadcast(budget.elapsed() < minutes * 60) if budget else self.step < steps  # DDP: rank 0's clock
-        if not (self.selfplay and self.decay_from is not None and self.selfplay_from is None and left):
-            return False
-        self.switch_to_selfplay()
-        self.decay_end = self.step
-        self.tc = replace(self.tc, steps=steps, minutes=minutes)
-        if budget:
-            budget.seconds = minutes * 60
-            self.tc = replace(self.tc, steps=distributed.broadcast(budget.steps_at_pace(self.step, steps)))
-        end = f"{minutes:g} minutes" if budget else f"step {steps}"
-        emit({"type": "info", "message": f"the decay ended at step {self.step}: back to the weights of step "
-                                         f"{self.best.kept[1]}, self-play steps at the lowest learning rate until {end}"})
-        self.save_checkpoint()
-        return True
-
     def switch_to_selfplay(self):
         """The plateau: supervised steps stopped paying. Go back to the kept weights and go on with
         self-play steps; if they cost likelihood, early stopping ends the run as it would have here."""
@@ -363,8 +336,7 @@ class Trainer:
     def save_checkpoint(self):
         """Everything the run's future depends on, in one file, then run.json (DDP: every rank calls it)."""
         loop = {"run_id": self.run_info.run_id, **asdict(self.best), "steps": self.tc.steps, "minutes": self.tc.minutes,
-                "plan": list(self.plan), "decay_from": self.decay_from, "selfplay_from": self.selfplay_from,
-                "decay_end": self.decay_end}  # what the loop decided so far
+                "decay_from": self.decay_from, "selfplay_from": self.selfplay_from}  # what the loop decided so far
         s = self.stepper
         checkpoint.save_run(self.folder.ckpt_dir, self.step, loop, self.model, s.optimizer, s.scaler, s.batch_gen,
                             self.selfplay, self.tc.keep_checkpoints)
@@ -379,7 +351,6 @@ class Trainer:
             path, tensors, meta, skipped = found
             self.step, self.best = meta["step"], Best.from_meta(meta)
             self.decay_from, self.selfplay_from = meta.get("decay_from"), meta.get("selfplay_from")
-            self.plan, self.decay_end = tuple(meta.get("plan", self.plan)), meta.get("decay_end")
             # a budget run's fitted steps; a plateau's shortened run
             self.tc = replace(self.tc, steps=meta.get("steps", self.tc.steps), minutes=meta.get("minutes", self.tc.minutes))
             s = self.stepper

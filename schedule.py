@@ -105,12 +105,7 @@ class Budget:
         if done < 10 or done % 10:
             return steps
         self.marks.append((step, time.time()))
-        return self.steps_at_pace(step, steps)
-
-    def steps_at_pace(self, step, unknown):
-        """The run's length after `step` if the time left goes at the recent pace (`unknown` while
-        there is no pace yet)."""
         if len(self.marks) < 2:
-            return unknown
+            return steps
         (s0, t0), (s1, t1) = self.marks[0], self.marks[-1]
         return step + max(1, int((self.seconds - self.elapsed()) / ((t1 - t0) / (s1 - s0))))

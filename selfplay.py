@@ -9,16 +9,14 @@ it another choice in exactly those places.
 When: once supervised learning has stopped paying. Welleck et al. 2020 ("Neural Text Generation
 with Unlikelihood Training", §6) applied sequence-level unlikelihood as a short fine-tune of an
 already converged model, and its perplexity did not get worse; mixed in from early on, a self-play
-step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) gives it
-the time supervised steps leave unused. A plateau at the peak learning rate starts the decay early
-(schedule.py) and so ends the run before its plan: self-play steps take the rest of the plan, at
-the schedule's lowest learning rate, from the kept weights at the end of the decay. A plateau once
-the decay has begun, where early stopping would end the run, does the same: back to the kept
-weights, then self-play steps only. Every run also gets a few in its tail (from `selfplay_start`
-on, one self-play step after every `selfplay_every` supervised steps), which the decay a plateau
-starts brings in with it. Keep-best then chooses, among the weights whose val bits/byte is within
-early stopping's tolerance of the best, the ones whose greedy text repeats least on fixed val
-prompts (`greedy_repeats`).
+step costs a supervised step that the model still needed. So the trainer (azr_trainer.py) starts
+it at the plateau, where early stopping would end the run: back to the kept weights, then self-play
+steps only, for what is left of the budget. Every run gets it in its tail (from `selfplay_start`
+on, one self-play step after every `selfplay_every` supervised steps), where the learning rate is
+low and a supervised step buys little; a plateau at the peak learning rate, which starts the decay
+early (schedule.py), brings that tail in with it. Keep-best then chooses, among the weights
+whose val bits/byte is within early stopping's tolerance of the best, the ones whose greedy text
+repeats least on fixed val prompts (`greedy_repeats`).
 
 One self-play step:
 

@@ -3,7 +3,7 @@ rollouts, one step through the narrow interface, exact resume, and in the traine
 switch, keep-best by greedy repeats, resume across the switch."""
 
 import copy
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import fields
 
 import numpy as np
@@ -289,58 +289,6 @@ def test_exact_resume_after_the_plateau_switch(store, book, monkeypatch):
     assert rows("split") == rows("whole")
     a, b = store.load_model("split").state_dict(), store.load_model("whole").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-# warmup-stable-decay: the plateau at step 10 (the peak) starts the decay, which ends at 13 = 10 / 0.8;
-# self-play steps take the rest of the 40 steps. Step 18 is within 1 % of the best (13) and loops least.
-WSD_CURVE = {2: 2.5, 4: 2.0, 6: 2.1, 8: 2.1, 10: 2.1, 12: 1.95, 13: 1.9, 14: 1.91, 16: 1.92, 18: 1.905,
-             **{s: 1.91 for s in range(20, 41, 2)}}
-WSD_REPEATS = {**dict.fromkeys(range(2, 14), 0.5), 14: 0.4, 16: 0.3, 18: 0.1, **dict.fromkeys(range(20, 41, 2), 0.2)}
-REST = dict(selfplay_every=3, schedule="wsd")
-
-
-def test_after_the_decay_a_plateau_brought_in_selfplay_takes_the_rest_of_the_plan(store, book, monkeypatch):
-    fake_curve(monkeypatch, WSD_CURVE, WSD_REPEATS)
-    events = []
-    store.create_model("m", tiny_config())
-    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, **REST)
-    out = train(store, "m", [book], tc, on_event=events.append)
-    rows = {r["step"]: r for r in store.metrics("m")}
-    assert all("loss" in rows[s] for s in range(1, 14))  # supervised to the end of the decay...
-    assert "selfplay" in rows[12]  # ... with self-play in its tail (from 80 % of the 13 steps)
-    assert all("loss" not in rows[s] and "selfplay" in rows[s] for s in range(14, 41))  # then self-play only
-    assert {rows[s]["lr"] for s in range(14, 41)} == {tc.learning_rate * tc.min_lr_ratio}  # at the lowest rate
-    assert any(e["type"] == "info" and "the decay ended at step 13" in e["message"] and "until step 40" in e["message"]
-               for e in events)
-    assert out["step"] == 40 and out["end_reason"] == "steps" and out["best"] == [1.905, 18]
-
-
-def test_exact_resume_in_the_selfplay_after_the_decay(store, book, monkeypatch):
-    """Stop at step 16, after the decay ended at 13, and resume: every later row is the same."""
-    fake_curve(monkeypatch, WSD_CURVE, WSD_REPEATS)
-    tc = quick_train_config(steps=40, eval_every=2, checkpoint_every=4, **REST)
-    stopped, resumed = stop_and_resume(store, book, tc, 16)
-    assert stopped["step"] == 16 and resumed["step"] == 40
-
-    def rows(name):
-        return {r["step"]: (r.get("loss"), r.get("selfplay"), r["lr"]) for r in store.metrics(name)}
-    assert rows("split") == rows("whole")
-
-
-def test_in_a_time_budget_selfplay_after_the_decay_runs_to_the_budgets_end(store, book, monkeypatch):
-    """A 12-second budget whose plateau at step 50 brings the decay in: self-play steps take the
-    seconds left after it, so the run ends with the budget (loosely: a behaviour, not a timing test)."""
-    curve = defaultdict(lambda: 1.9, {10: 3.0, 20: 2.0, 30: 2.5, 40: 2.6, 50: 2.7})
-    fake_curve(monkeypatch, curve, defaultdict(lambda: 0.3))
-    store.create_model("m", tiny_config())
-    events = []
-    tc = quick_train_config(steps=10**6, minutes=0.2, patience=3, checkpoint_every=10**6, **REST)
-    out = train(store, "m", [book], tc, on_event=events.append)
-    steps = [e for e in events if e["type"] == "step"]
-    end = next(e for e in events if e["type"] == "info" and "the decay ended" in e["message"])
-    assert out["end_reason"] == "budget" and steps[-1]["budget_s"] == 12
-    assert steps[-1]["elapsed_s"] == pytest.approx(12, abs=1.0)
-    assert "loss" not in steps[-1] and "until 0.2 minutes" in end["message"]
 
 
 def test_cli_and_api_defaults_are_trainconfigs():
