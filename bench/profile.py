@@ -72,13 +72,13 @@ def profile_selfplay(store, preset, cfg, prec, device, warm=200, steps=10):
     for _ in range(steps):
         sup.append(timed(step))
         whole.append(timed(sp.step))
+    parts["the rest (proposer, bookkeeping)"] = [w - r - u for w, r, u in zip(whole, *parts.values())]  # step by step
     ms = {k: 1e3 * sorted(v)[len(v) // 2] for k, v in {"supervised": sup, "self-play": whole, **parts}.items()}  # medians
     c = sp.cfg
     print(f"\n### self-play step {preset} {prec}: {c.rollouts} rollouts of {sp.n} tokens after {sp.P}, "
           f"after {warm} supervised steps of {tc.batch_size} x {step.trainer.T}; medians of {steps}")
     print(f"supervised step {ms['supervised']:.1f} ms; self-play step {ms['self-play']:.1f} ms = "
-          f"{ms['self-play'] / ms['supervised']:.2f} supervised steps: " + ", ".join(f"{k} {ms[k]:.1f} ms" for k in parts) +
-          f", the rest (proposer, bookkeeping) {ms['self-play'] - sum(ms[k] for k in parts):.1f} ms")
+          f"{ms['self-play'] / ms['supervised']:.2f} supervised steps: " + ", ".join(f"{k} {ms[k]:.1f} ms" for k in parts))
     print(top_ops(sp.step, rows=8))
     return ms
 

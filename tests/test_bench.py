@@ -222,5 +222,6 @@ def test_the_selfplay_profile_times_a_step_by_its_parts(store, book, capsys):
     from bench.profile import profile_selfplay
     ms = profile_selfplay(store, "tiny", tiny_config(), "fp32", torch.device("cpu"), warm=2, steps=3)
     assert all(0 < ms[part] < ms["self-play"] for part in ("roll out", "update"))  # each part lies inside its step
+    assert ms["the rest (proposer, bookkeeping)"] >= 0
     out = capsys.readouterr().out
     assert "self-play step tiny fp32: 16 rollouts" in out and "supervised steps: roll out" in out
