@@ -97,10 +97,9 @@ class TrainConfig:
     selfplay_every: int = setting(0, "self-play against greedy loops (0 = off): from selfplay_start on, one self-play "
                                         "step after every N supervised steps; where early stopping would end a run whose "
                                         "decay has begun, it goes back to its kept weights and takes self-play steps "
-                                        "only. Time with "
-                                        "--steps N: a self-play step costs a supervised step's update plus decoding its "
-                                        "rollouts token by token; in the tail one comes on top of every "
-                                        "selfplay_every-th step, after a plateau they replace the steps left",
+                                        "only. Time with --steps N: a self-play step costs a supervised step's update "
+                                        "plus decoding its rollouts token by token; in the tail one comes on top of "
+                                        "every selfplay_every-th step, after a plateau they replace the steps left",
                                   0, 100_000)
     selfplay_start: float = setting(0.8, "with self-play on: the share of the steps after which it begins, if no "
                                          "plateau starts it earlier", 0.0, 1.0)

@@ -2,9 +2,9 @@
 
 Both arms start from the same initial weights with the same tokenizer and the trainer's defaults
 (the small preset; TrainConfig's optimizer, schedule and batch; fp32 and no torch.compile in
-either arm, so neither gets a speed-up the other lacks). The arms live in ONE
-process and alternate step by step, the next step always going to the arm that has used less
-wall time (time.perf_counter), so a neighbour's load hits both alike. The lr follows each arm's
+either arm, so neither gets a speed-up the other lacks). The arms live in ONE process and
+alternate step by step, the next step always going to the arm that has used less wall time
+(time.perf_counter), so a neighbour's load hits both alike. The lr follows each arm's
 share of the budget spent, so both warm up and decay over the same time however many steps each
 one fits in. In the self-play arm, once `start` of the budget is spent, every `every`-th step is a
 self-play step instead of a supervised one.
